@@ -1,1 +1,6 @@
+//! Test kit for pv-bridge. Depends on nothing of the engine, so that the engine is
+//! tested against independent implementations of the protocols it speaks.
+//!
+//! - [`sim`]: pv-sim, a protocol-faithful simulation of Pantavisor's pv-ctrl.
 
+pub mod sim;

@@ -1,0 +1,915 @@
+//! The simulated Pantavisor: running revision, containers, the one-slot command
+//! queue consumed on each tick, the update state machine and garbage collection.
+//! Everything here is synchronous; the async layer in `mod.rs` calls it under a lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::revision::{Outcome, Rev, transition};
+use super::store::{MetaKind, Store};
+use super::wire::Reply;
+use super::{Generation, SimConfig, factory};
+
+pub const MSG_BUSY: &str = "A command is already in progress. Try again";
+pub const MSG_UPDATING: &str = "Cannot do this operation while update is ongoing";
+
+/// Command ops in Pantavisor's enum order (`ctrl/ctrl_cmd.h`); `op` prefixes are
+/// matched against them in this order.
+const OPS_GEN2: [&str; 15] = [
+    "UPDATE_METADATA",
+    "REBOOT_DEVICE",
+    "POWEROFF_DEVICE",
+    "TRY_ONCE",
+    "LOCAL_RUN",
+    "MAKE_FACTORY",
+    "RUN_GC",
+    "ENABLE_SSH",
+    "DISABLE_SSH",
+    "GO_REMOTE",
+    "DEFER_REBOOT",
+    "LOCAL_RUN_COMMIT",
+    "LOCAL_APPLY",
+    "XCONNECT_GRAPH",
+    "UNCLAIM",
+];
+/// Pantavisor 020–023 knows the first twelve.
+const OPS_GEN1: usize = 12;
+
+/// What the device asks its runner to do after a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    Reboot,
+    Poweroff,
+}
+
+#[derive(Debug, Clone)]
+struct Cmd {
+    op: &'static str,
+    payload: String,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Waiting for every status goal; `never` simulates a goal that is not reached.
+    Goals { deadline: Instant, never: bool },
+    Testing { until: Instant },
+    Fail { at: Instant, msg: String },
+    /// The reboot into the new revision is pending.
+    Rebooting,
+}
+
+#[derive(Debug, Clone)]
+struct Update {
+    rev: String,
+    reboot: bool,
+    restarted: BTreeSet<String>,
+    objects: BTreeSet<String>,
+    phase: Phase,
+}
+
+/// Runtime state of one container.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub status: &'static str,
+    pub user_stopped: bool,
+}
+
+pub struct Device {
+    cfg: SimConfig,
+    store: Store,
+    booted: Instant,
+    running: String,
+    rev: Rev,
+    containers: BTreeMap<String, Runtime>,
+    slot: Option<Cmd>,
+    update: Option<Update>,
+    ssh: Option<bool>,
+    loaded: BTreeSet<(String, String)>,
+    daemons: BTreeMap<&'static str, i64>,
+    log_credit: f64,
+    log_seq: u64,
+    last_log: Instant,
+}
+
+/// A progress object, byte for byte as Pantavisor writes it
+/// (`update/update_progress.c: _ser_progress`).
+pub fn progress_json(status: &str, msg: &str) -> String {
+    progress_with_logs(status, msg, None)
+}
+
+fn progress_with_logs(status: &str, msg: &str, logs: Option<&str>) -> String {
+    let pct = match status {
+        "NEW" => 0,
+        "QUEUED" => 5,
+        "DOWNLOADING" => 25,
+        "INPROGRESS" => 50,
+        "TESTING" => 75,
+        _ => 100,
+    };
+    let q = |s: &str| Value::String(s.to_owned()).to_string();
+    let logs = logs.map(|l| format!(",\"logs\":{}", q(l))).unwrap_or_default();
+    format!(
+        "{{\"status\":{},\"status-msg\":{},\"progress\":{pct},\"retries\":0{logs}}}",
+        q(status),
+        q(msg)
+    )
+}
+
+fn is_final(p: &Value) -> bool {
+    matches!(
+        p.get("status").and_then(Value::as_str),
+        Some("DONE" | "UPDATED" | "ERROR" | "WONTGO")
+    )
+}
+
+fn sha256_file(path: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Some(hex(&h.finalize()))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Device {
+    /// Boots the device from its storage, creating the factory revision first if
+    /// the storage is new.
+    pub fn boot(cfg: SimConfig) -> io::Result<Device> {
+        let store = Store::new(&cfg.storage);
+        store.init()?;
+        let mut boot = match store.boot()? {
+            Some(b) => b,
+            None => factory::create(&store)?,
+        };
+        let now = Instant::now();
+        let mut dev = Device {
+            store,
+            booted: now,
+            running: String::new(),
+            rev: Rev {
+                doc: Default::default(),
+            },
+            containers: BTreeMap::new(),
+            slot: None,
+            update: None,
+            ssh: None,
+            loaded: BTreeSet::new(),
+            daemons: [("hwrngd", 0), ("pv-xconnect", 412)].into_iter().collect(),
+            log_credit: 0.0,
+            log_seq: 0,
+            last_log: now,
+            cfg,
+        };
+        // The bootloader: try a pending revision once; after a try that did not
+        // commit, fall back to the last DONE revision.
+        let mut trying = None;
+        match boot.try_rev.clone() {
+            Some(t) if !boot.tried => {
+                boot.tried = true;
+                dev.store.set_boot(&boot)?;
+                trying = Some(t);
+            }
+            Some(t) => {
+                if dev.store.progress(&t).is_some_and(|p| !is_final(&p)) {
+                    dev.store
+                        .set_progress(&t, &progress_json("ERROR", "Unexpected rollback"))?;
+                    dev.log("ERROR", "updater", &format!("revision {t} failed to commit: Unexpected rollback"));
+                }
+                boot.try_rev = None;
+                boot.tried = false;
+                dev.store.set_boot(&boot)?;
+            }
+            None => {}
+        }
+        let target = trying.clone().unwrap_or_else(|| boot.rev.clone());
+        let rev = dev
+            .store
+            .state_json(&target)
+            .and_then(|j| Rev::parse(&j).ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("cannot boot: revision {target} has no valid state JSON"),
+                )
+            })?;
+        dev.running = target.clone();
+        dev.rev = rev;
+        dev.store.set_current(&target)?;
+        dev.containers = dev
+            .rev
+            .platforms()
+            .values()
+            .map(|p| (p.name.clone(), initial(&p.goal)))
+            .collect();
+        dev.log("INFO", "pantavisor", &format!("booted revision {target}"));
+        if let Some(t) = trying {
+            dev.set_progress(&t, "INPROGRESS", "Trying new revision")?;
+            let objects: BTreeSet<String> =
+                dev.rev.objects().iter().map(|(_, s)| s.to_string()).collect();
+            let bad = dev.rev.objects().into_iter().find(|(_, sha)| {
+                sha256_file(&dev.store.object(sha)).as_deref() != Some(*sha)
+            });
+            let phase = if let Some((path, _)) = bad {
+                dev.log("ERROR", "storage", &format!("object {path} failed validation"));
+                Phase::Fail {
+                    at: now,
+                    msg: "Object validation went wrong".into(),
+                }
+            } else {
+                dev.phase_for(&dev.rev.outcome(), now)
+            };
+            dev.update = Some(Update {
+                rev: t,
+                reboot: true,
+                restarted: dev.containers.keys().cloned().collect(),
+                objects,
+                phase,
+            });
+        }
+        dev.refresh_device_meta();
+        Ok(dev)
+    }
+
+    fn phase_for(&self, outcome: &Outcome, now: Instant) -> Phase {
+        match outcome {
+            Outcome::Error => Phase::Fail {
+                at: now + self.cfg.tick,
+                msg: "A container could not be started".into(),
+            },
+            Outcome::GoalTimeout => Phase::Goals {
+                deadline: now + self.cfg.goals_timeout,
+                never: true,
+            },
+            _ => Phase::Goals {
+                deadline: now + self.cfg.goals_timeout,
+                never: false,
+            },
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn running(&self) -> &str {
+        &self.running
+    }
+
+    pub fn update_active(&self) -> bool {
+        self.update.is_some()
+    }
+
+    fn tsec(&self) -> u64 {
+        self.booted.elapsed().as_secs()
+    }
+
+    /// Appends to `pantavisor/pantavisor.log` in Pantavisor's line format.
+    pub fn log(&self, level: &str, module: &str, msg: &str) {
+        let line = format!("[pantavisor] {} {level}\t -- [{module}]: {msg}\n", self.tsec());
+        self.store
+            .append_log(&self.running, "pantavisor", "pantavisor.log", &line);
+    }
+
+    fn set_progress(&self, rev: &str, status: &str, msg: &str) -> io::Result<()> {
+        self.log("INFO", "updater", &format!("revision {rev}: {status} {msg}"));
+        self.store.set_progress(rev, &progress_json(status, msg))
+    }
+
+    // --- ticks -------------------------------------------------------------------
+
+    /// One turn of Pantavisor's WAIT state: run the queued command, move the update
+    /// along, write logs. Returns a power action for the runner to carry out.
+    pub fn tick(&mut self, now: Instant) -> io::Result<Option<Power>> {
+        self.write_container_logs(now);
+        if let Some(cmd) = self.slot.take() {
+            if let Some(p) = self.execute(cmd)? {
+                return Ok(Some(p));
+            }
+        }
+        let Some(up) = self.update.clone() else {
+            self.refresh_device_meta();
+            return Ok(None);
+        };
+        let action = match up.phase {
+            Phase::Rebooting => Some(Power::Reboot),
+            Phase::Fail { at, ref msg } if now >= at => Some(self.fail(&up.rev, msg)?),
+            Phase::Fail { .. } => None,
+            Phase::Goals { deadline, never } => {
+                let reached = !never
+                    && self.rev.platforms().values().all(|p| {
+                        !(up.reboot || up.restarted.contains(&p.name))
+                            || p.goal != "READY"
+                            || self.containers.get(&p.name).is_some_and(|c| c.status == "READY")
+                    });
+                if reached {
+                    let msg = if up.reboot {
+                        "Awaiting to set rollback point if update is stable"
+                    } else {
+                        "Awaiting to see if update is stable"
+                    };
+                    self.set_progress(&up.rev, "TESTING", msg)?;
+                    self.set_phase(Phase::Testing {
+                        until: now + self.cfg.commit_delay,
+                    });
+                    None
+                } else if now >= deadline {
+                    Some(self.fail(&up.rev, "Status goal not reached")?)
+                } else {
+                    None
+                }
+            }
+            Phase::Testing { until } if now >= until => {
+                self.commit(&up)?;
+                None
+            }
+            Phase::Testing { .. } => None,
+        };
+        self.refresh_device_meta();
+        Ok(action)
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(u) = self.update.as_mut() {
+            u.phase = phase;
+        }
+    }
+
+    fn commit(&mut self, up: &Update) -> io::Result<()> {
+        let mut boot = self.store.boot()?.unwrap_or_default();
+        if up.reboot {
+            self.set_progress(&up.rev, "DONE", "Update finished, revision set as rollback point")?;
+            self.store.mark_done(&up.rev)?;
+            boot.rev = up.rev.clone();
+            boot.try_rev = None;
+            boot.tried = false;
+        } else {
+            self.set_progress(
+                &up.rev,
+                "UPDATED",
+                "Update finished, revision not set as rollback point",
+            )?;
+        }
+        self.store.set_boot(&boot)?;
+        self.update = None;
+        Ok(())
+    }
+
+    /// ERROR, then a reboot into the last DONE revision.
+    fn fail(&mut self, rev: &str, msg: &str) -> io::Result<Power> {
+        let tsec = self.tsec();
+        let logs = [
+            json!({"tsec": tsec, "tnano": 0, "plat": "pantavisor", "lvl": "ERROR", "src": "updater", "msg": msg}),
+            json!({"tsec": tsec, "tnano": 0, "plat": "pantavisor", "lvl": "INFO", "src": "updater", "msg": "rolling back"}),
+        ]
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+        let p = progress_with_logs("ERROR", msg, Some(&logs));
+        self.log("ERROR", "updater", &format!("revision {rev}: ERROR {msg}"));
+        self.store.set_progress(rev, &p)?;
+        let mut boot = self.store.boot()?.unwrap_or_default();
+        boot.try_rev = None;
+        boot.tried = false;
+        self.store.set_boot(&boot)?;
+        self.update = None;
+        Ok(Power::Reboot)
+    }
+
+    fn execute(&mut self, cmd: Cmd) -> io::Result<Option<Power>> {
+        self.log("INFO", "ctrl", &format!("processing command {} {:?}", cmd.op, cmd.payload));
+        match cmd.op {
+            "REBOOT_DEVICE" => return Ok(Some(Power::Reboot)),
+            "POWEROFF_DEVICE" => return Ok(Some(Power::Poweroff)),
+            "LOCAL_RUN" => return self.run(&cmd.payload, false),
+            "LOCAL_RUN_COMMIT" => return self.run(&cmd.payload, true),
+            "MAKE_FACTORY" => {
+                let src = if cmd.payload.is_empty() {
+                    self.running.clone()
+                } else {
+                    cmd.payload.clone()
+                };
+                if let Some(j) = self.store.state_json(&src) {
+                    self.store.put_state_json("0", &j)?;
+                    return self.run("0", false);
+                }
+                self.log("WARN", "ctrl", &format!("MAKE_FACTORY: revision {src} not found"));
+            }
+            "RUN_GC" => {
+                self.gc();
+            }
+            "ENABLE_SSH" => self.ssh = Some(true),
+            "DISABLE_SSH" => self.ssh = Some(false),
+            other => self.log("WARN", "ctrl", &format!("unknown command {other}")),
+        }
+        Ok(None)
+    }
+
+    /// `pv_update_run`: WONTGO, a reboot transition or a non-reboot transition.
+    fn run(&mut self, rev: &str, commit: bool) -> io::Result<Option<Power>> {
+        let Some(json) = self.store.state_json(rev) else {
+            if self.store.trail_exists(rev) {
+                self.set_progress(rev, "WONTGO", "State JSON not found")?;
+            }
+            self.log("ERROR", "updater", &format!("state JSON of {rev} not found"));
+            return Ok(None);
+        };
+        let new = match Rev::parse(&json) {
+            Ok(r) => r,
+            Err(_) => {
+                self.set_progress(rev, "WONTGO", "State JSON has bad format")?;
+                return Ok(None);
+            }
+        };
+        if let Outcome::Wontgo(msg) = new.outcome() {
+            self.set_progress(rev, "WONTGO", &msg)?;
+            return Ok(None);
+        }
+        let objects: Vec<(&str, &str)> = new.objects();
+        self.store.link_revision(rev, &objects, &new.jsons());
+        let object_set = objects.iter().map(|(_, s)| s.to_string()).collect();
+        let mut boot = self.store.boot()?.unwrap_or_default();
+        boot.try_rev = Some(rev.to_owned());
+        boot.tried = false;
+        self.store.set_boot(&boot)?;
+        let decision = if commit {
+            Err("LOCAL_RUN_COMMIT forces a reboot".to_owned())
+        } else {
+            transition(&self.rev, &new)
+        };
+        match decision {
+            Err(reason) => {
+                self.log("INFO", "updater", &format!("running {rev} requires reboot: {reason}"));
+                self.set_progress(rev, "INPROGRESS", "Rebooting")?;
+                self.update = Some(Update {
+                    rev: rev.to_owned(),
+                    reboot: true,
+                    restarted: BTreeSet::new(),
+                    objects: object_set,
+                    phase: Phase::Rebooting,
+                });
+                Ok(Some(Power::Reboot))
+            }
+            Ok(restarted) => {
+                self.set_progress(rev, "INPROGRESS", "Transitioning to new revision without rebooting")?;
+                let now = Instant::now();
+                let missing = objects
+                    .iter()
+                    .filter(|(p, _)| restarted.contains(super::revision::owner(p)))
+                    .any(|(_, sha)| !self.store.object(sha).is_file());
+                self.running = rev.to_owned();
+                self.store.set_current(rev)?;
+                let plats = new.platforms();
+                self.containers.retain(|n, _| plats.contains_key(n));
+                for p in plats.values() {
+                    if restarted.contains(&p.name) || !self.containers.contains_key(&p.name) {
+                        self.containers.insert(p.name.clone(), initial(&p.goal));
+                    }
+                }
+                let phase = if missing {
+                    Phase::Fail {
+                        at: now,
+                        msg: "A container could not be started".into(),
+                    }
+                } else {
+                    self.phase_for(&new.outcome(), now)
+                };
+                self.rev = new;
+                self.update = Some(Update {
+                    rev: rev.to_owned(),
+                    reboot: false,
+                    restarted,
+                    objects: object_set,
+                    phase,
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// Pantavisor's GC: drop every trail but the running, updating, last DONE (and
+    /// factory, if configured) ones, then every object no trail links.
+    pub fn gc(&mut self) -> u64 {
+        let boot = self.store.boot().ok().flatten().unwrap_or_default();
+        let mut keep: BTreeSet<String> = [self.running.clone(), boot.rev.clone()].into();
+        if let Some(u) = &self.update {
+            keep.insert(u.rev.clone());
+        }
+        if self.cfg.gc_keep_factory {
+            keep.insert("0".into());
+        }
+        for rev in self.store.revisions() {
+            if !keep.contains(&rev) {
+                let _ = self.store.remove_trail(&rev);
+                self.store.remove_logs(&rev);
+                self.log("INFO", "storage", &format!("removed revision {rev}"));
+            }
+        }
+        let protected = self.update.as_ref().map(|u| u.objects.clone()).unwrap_or_default();
+        let mut reclaimed = 0;
+        for (sha, (size, links)) in self.store.objects() {
+            if links <= 1 && !protected.contains(&sha) && std::fs::remove_file(self.store.object(&sha)).is_ok() {
+                reclaimed += size;
+            }
+        }
+        self.log("INFO", "storage", &format!("garbage collector reclaimed {reclaimed} bytes"));
+        reclaimed
+    }
+
+    fn write_container_logs(&mut self, now: Instant) {
+        let dt = now.duration_since(self.last_log).as_secs_f64();
+        self.last_log = now;
+        self.log_credit = (self.log_credit + dt * self.cfg.log_rate).min(10_000.0);
+        let running: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(_, c)| matches!(c.status, "STARTED" | "READY"))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let mut batches: BTreeMap<&str, String> = BTreeMap::new();
+        while self.log_credit >= 1.0 {
+            self.log_credit -= 1.0;
+            self.log_seq += 1;
+            let name = &running[(self.log_seq as usize) % running.len()];
+            batches
+                .entry(name)
+                .or_default()
+                .push_str(&format!("{name}: synthetic log line {} at {}s\n", self.log_seq, self.tsec()));
+        }
+        for (name, text) in batches {
+            self.store.append_log(&self.running, name, "lxc/console.log", &text);
+        }
+    }
+
+    fn refresh_device_meta(&self) {
+        let used = self.store.used_bytes();
+        let total = self.cfg.capacity;
+        let free = total.saturating_sub(used);
+        let reserved = total * 5 / 100;
+        let storage = json!({"total": total, "free": free, "reserved": reserved,
+                              "real_free": free.saturating_sub(reserved)});
+        let status = if self.update.is_some() { "UPDATING" } else { "READY" };
+        let version = match self.cfg.generation {
+            Generation::Gen1 => "023-sim-261126",
+            Generation::Gen2 => "029-sim-261126",
+        };
+        let entries: [(&str, String); 11] = [
+            ("pantavisor.arch", format!("{}/64/EL", std::env::consts::ARCH)),
+            ("pantavisor.version", version.into()),
+            ("pantavisor.dtmodel", "pv-sim".into()),
+            ("pantavisor.cpumodel", "pv-sim virtual cpu".into()),
+            ("pantavisor.revision", self.running.clone()),
+            ("pantavisor.mode", "local".into()),
+            ("pantavisor.status", status.into()),
+            ("pantavisor.uname", json!({"sysname": "Linux", "machine": std::env::consts::ARCH}).to_string()),
+            ("storage", storage.to_string()),
+            ("sysinfo", json!({"uptime": self.tsec(), "loads": [0, 0, 0], "procs": 42}).to_string()),
+            ("pantahub.claimed", "0".into()),
+        ];
+        for (k, v) in entries {
+            let _ = self.store.set_meta(MetaKind::Device, k, v.as_bytes());
+        }
+    }
+
+    // --- pv-ctrl operations --------------------------------------------------------
+
+    /// The platform a caller's process belongs to, or `None` (unknown caller).
+    pub fn caller_mgmt(&self, caller: &str) -> Option<bool> {
+        self.rev.platforms().get(caller).map(|p| p.mgmt)
+    }
+
+    /// `POST /commands` acceptance (`ctrl/ctrl_cmd.c: pv_ctrl_cmd_add`).
+    pub fn submit(&mut self, body: &[u8]) -> Reply {
+        match self.accept(body) {
+            Reply::Error { .. } if self.cfg.silent_command_refusals => Reply::Silence,
+            other => other,
+        }
+    }
+
+    fn accept(&mut self, body: &[u8]) -> Reply {
+        let gen1 = self.cfg.generation == Generation::Gen1;
+        if body.is_empty() {
+            return Reply::err(400, "No command found");
+        }
+        let bad = || Reply::err(400, "Command has bad format");
+        let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else {
+            return bad();
+        };
+        let (Some(Value::String(op)), Some(payload)) = (m.get("op"), m.get("payload")) else {
+            return bad();
+        };
+        let known = if gen1 { &OPS_GEN2[..OPS_GEN1] } else { &OPS_GEN2[..] };
+        let Some(op) = known.iter().copied().find(|name| name.starts_with(op.as_str())) else {
+            return bad();
+        };
+        let payload = match payload {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let refuse = |code: u16, text: &str, retry: Option<u32>| {
+            if gen1 {
+                Reply::err(409, text)
+            } else {
+                Reply::Error {
+                    code,
+                    text: text.into(),
+                    retry_after: retry,
+                    then_ok: false,
+                }
+            }
+        };
+        if op == "UPDATE_METADATA" {
+            return refuse(409, "Cannot do this operation while on local mode", None);
+        }
+        if self.update.is_some()
+            && matches!(
+                op,
+                "REBOOT_DEVICE" | "POWEROFF_DEVICE" | "LOCAL_RUN" | "LOCAL_RUN_COMMIT" | "MAKE_FACTORY" | "UNCLAIM"
+            )
+        {
+            return refuse(503, MSG_UPDATING, Some(600));
+        }
+        if op == "GO_REMOTE" {
+            return refuse(409, "Cannot do this operation when remote mode is disabled by config", None);
+        }
+        if op == "DEFER_REBOOT" {
+            return refuse(409, "Cannot do this operation when debug shell is not active", None);
+        }
+        if op == "UNCLAIM" {
+            return Reply::NoContent;
+        }
+        if self.slot.is_some() {
+            return refuse(503, MSG_BUSY, Some(120));
+        }
+        self.slot = Some(Cmd { op, payload });
+        Reply::Ok
+    }
+
+    /// `POST /signal`.
+    pub fn signal(&mut self, caller: &str, body: &[u8]) -> Reply {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let Some(kind) = v.get("type").and_then(Value::as_str) else {
+            return Reply::err(400, "Signal has bad format");
+        };
+        let goal_ready = self
+            .rev
+            .platforms()
+            .get(caller)
+            .is_some_and(|p| p.goal == "READY");
+        if kind != "ready" || !goal_ready {
+            return Reply::err(500, "Signal not expected from this platform");
+        }
+        if let Some(c) = self.containers.get_mut(caller) {
+            c.status = "READY";
+        }
+        self.log("INFO", "state", &format!("platform {caller} signalled ready"));
+        Reply::Ok
+    }
+
+    pub fn containers_json(&self) -> Value {
+        let gen2 = self.cfg.generation == Generation::Gen2;
+        let list: Vec<Value> = self
+            .rev
+            .platforms()
+            .values()
+            .map(|p| {
+                let rt = self.containers.get(&p.name).cloned().unwrap_or_else(|| initial(&p.goal));
+                let mut o = json!({
+                    "name": p.name, "group": p.group, "status": rt.status, "status_goal": p.goal,
+                    "restart_policy": if p.system { "system" } else { "container" },
+                    "roles": if p.mgmt { vec!["mgmt"] } else { vec![] },
+                });
+                if gen2 && p.auto_recovery {
+                    o["auto_recovery"] = json!({"policy": "on-failure", "max_retries": 5, "current_retries": 0,
+                        "stable_timeout": 30, "is_stable": "true", "backoff_policy": "reboot"});
+                }
+                if gen2 && !p.system {
+                    o["user_stopped"] = json!(if rt.user_stopped { "true" } else { "false" });
+                }
+                o
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    pub fn groups_json(&self) -> Value {
+        let plats = self.rev.platforms();
+        let mut groups: Vec<(String, String, bool)> = Vec::new();
+        for p in plats.values() {
+            if !groups.iter().any(|g| g.0 == p.group) {
+                groups.push((p.group.clone(), p.goal.clone(), p.system));
+            }
+        }
+        for (name, goal, system) in [("data", "MOUNTED", true), ("root", "STARTED", true), ("platform", "STARTED", true), ("app", "STARTED", false)] {
+            if !groups.iter().any(|g| g.0 == name) {
+                groups.push((name.into(), goal.into(), system));
+            }
+        }
+        Value::Array(
+            groups
+                .into_iter()
+                .map(|(name, goal, system)| {
+                    let mut g = json!({"name": name, "status_goal": goal,
+                        "restart_policy": if system { "system" } else { "container" }, "status": "READY"});
+                    if !system && self.cfg.generation == Generation::Gen2 {
+                        g["auto_recovery"] = json!({"max_retries": 5, "stable_timeout": 30, "backoff_policy": "reboot"});
+                    }
+                    g
+                })
+                .collect(),
+        )
+    }
+
+    /// `PUT /containers/<name>` (027+).
+    pub fn container_action(&mut self, name: &str, body: &[u8]) -> Reply {
+        let plats = self.rev.platforms();
+        let Some(p) = plats.get(name) else {
+            return Reply::err(404, "Container not found");
+        };
+        if p.system {
+            return Reply::err(403, "Container has restart_policy 'system' and cannot be controlled via API");
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(body) else {
+            return Reply::err(400, "Invalid JSON");
+        };
+        let Some(action) = v.get("action").and_then(Value::as_str) else {
+            return Reply::err(400, "Missing 'action' field");
+        };
+        let Some(rt) = self.containers.get_mut(name) else {
+            return Reply::err(404, "Container not found");
+        };
+        match action {
+            "stop" => {
+                rt.status = "STOPPED";
+                rt.user_stopped = true;
+            }
+            "start" => {
+                if !matches!(rt.status, "STOPPED" | "STOPPING" | "RECOVERING") {
+                    return Reply::err(400, "Container must be in STOPPED, STOPPING, or RECOVERING state to start");
+                }
+                *rt = initial(&p.goal);
+            }
+            "restart" => {
+                if !matches!(rt.status, "STARTED" | "READY" | "RECOVERING") {
+                    return Reply::err(400, "Container state does not allow restart");
+                }
+                *rt = initial(&p.goal);
+            }
+            _ => return Reply::err(400, "Invalid action. Use 'start', 'stop', or 'restart'"),
+        }
+        self.log("INFO", "ctrl", &format!("container {name}: {action}"));
+        Reply::Ok
+    }
+
+    pub fn drivers_json(&self, caller: &str) -> Value {
+        let plats = self.rev.platforms();
+        let drivers = plats.get(caller).map(|p| p.drivers.clone()).unwrap_or_default();
+        if drivers.is_empty() {
+            return json!({});
+        }
+        Value::Array(
+            drivers
+                .into_iter()
+                .map(|(name, kind)| {
+                    let loaded = kind != "MANUAL" || self.loaded.contains(&(caller.to_owned(), name.clone()));
+                    json!({"name": name, "type": kind, "status": if loaded { "LOADED" } else { "UNLOADED" }})
+                })
+                .collect(),
+        )
+    }
+
+    pub fn driver_action(&mut self, caller: &str, name: Option<&str>, load: bool) -> Reply {
+        let plats = self.rev.platforms();
+        let manual: Vec<String> = plats
+            .get(caller)
+            .map(|p| p.drivers.iter().filter(|d| d.1 == "MANUAL").map(|d| d.0.clone()).collect())
+            .unwrap_or_default();
+        let targets: Vec<String> = match name {
+            Some("") => return Reply::err(400, "No driver name"),
+            Some(n) if manual.iter().any(|m| m == n) => vec![n.to_owned()],
+            Some(_) => return Reply::err(400, "Error loading driver(s)"),
+            None => manual,
+        };
+        for t in targets {
+            let key = (caller.to_owned(), t);
+            if load {
+                self.loaded.insert(key);
+            } else {
+                self.loaded.remove(&key);
+            }
+        }
+        Reply::Ok
+    }
+
+    pub fn daemons_json(&self) -> Value {
+        Value::Array(
+            self.daemons
+                .iter()
+                .map(|(n, pid)| json!({"name": n, "pid": pid, "respawn": true}))
+                .collect(),
+        )
+    }
+
+    pub fn daemon_action(&mut self, name: &str, body: &[u8]) -> Reply {
+        let Some(pid) = self.daemons.get_mut(name) else {
+            return Reply::err(404, "Daemon not found");
+        };
+        let action = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("action").and_then(Value::as_str).map(str::to_owned));
+        match action.as_deref() {
+            Some("start") => *pid = 1000 + name.len() as i64,
+            Some("stop") => *pid = 0,
+            _ => {}
+        }
+        Reply::Ok
+    }
+
+    pub fn config_json(&self) -> Value {
+        json!({
+            "bootloader.type": 0, "control.remote": false, "control.remote.always": false,
+            "debug.shell": false, "debug.ssh": self.ssh.unwrap_or(false), "log.push": false,
+            "log.server.outputs": 1, "secureboot.mode": 2, "storage.gc.keep_factory": self.cfg.gc_keep_factory,
+            "storage.gc.reserved": 5, "updater.commit.delay": self.cfg.commit_delay.as_secs(),
+            "updater.goals.timeout": self.cfg.goals_timeout.as_secs()
+        })
+    }
+
+    pub fn config2_json(&self) -> Value {
+        let e = |k: &str, v: String, m: &str| json!({"key": k, "value": v, "modified": m});
+        json!([
+            e("PH_CREDS_PRN", "(null)".into(), "default"),
+            e("PH_CREDS_SECRET", "(null)".into(), "default"),
+            e("PV_CONTROL_REMOTE", "0".into(), "env"),
+            e("PV_CONTROL_REMOTE_ALWAYS", "0".into(), "default"),
+            e("PV_DEBUG_SHELL", "0".into(), "default"),
+            e("PV_DEBUG_SSH", if self.ssh.unwrap_or(false) { "1" } else { "0" }.into(),
+              if self.ssh.is_some() { "command" } else { "default" }),
+            e("PV_LOG_PUSH", "0".into(), "default"),
+            e("PV_LOG_SERVER_OUTPUTS", "filetree".into(), "default"),
+            e("PV_SECUREBOOT_MODE", "lenient".into(), "default"),
+            e("PV_STORAGE_GC_KEEP_FACTORY", if self.cfg.gc_keep_factory { "1" } else { "0" }.into(), "args"),
+            e("PV_STORAGE_GC_RESERVED", "5".into(), "default"),
+            e("PV_UPDATER_COMMIT_DELAY", self.cfg.commit_delay.as_secs().to_string(), "args"),
+            e("PV_UPDATER_GOALS_TIMEOUT", self.cfg.goals_timeout.as_secs().to_string(), "args"),
+        ])
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        let reserved = self.cfg.capacity * 5 / 100;
+        self.cfg
+            .capacity
+            .saturating_sub(reserved)
+            .saturating_sub(self.store.used_bytes())
+    }
+
+    /// `GET /steps` text: Pantavisor prints a space after each comma.
+    pub fn steps_text(&self) -> String {
+        let items: Vec<String> = self
+            .store
+            .revisions()
+            .into_iter()
+            .map(|rev| {
+                let progress = self
+                    .store
+                    .progress_raw(&rev)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_else(|| "{}".into());
+                let date = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(self.store.trail_mtime(&rev).max(0) as u64),
+                );
+                format!(
+                    "{{\"name\":{}, \"date\":\"{date}\", \"commitmsg\":{}, \"progress\":{progress}}}",
+                    Value::String(rev.clone()),
+                    Value::String(self.store.commitmsg(&rev)),
+                )
+            })
+            .collect();
+        format!("[{}]", items.join(", "))
+    }
+}
+
+/// The status a container has right after it starts.
+fn initial(goal: &str) -> Runtime {
+    Runtime {
+        status: if goal == "MOUNTED" { "MOUNTED" } else { "STARTED" },
+        user_stopped: false,
+    }
+}
