@@ -1,0 +1,114 @@
+//! Shared helpers: a pv-sim per test in a temporary directory, and waiting for
+//! observable conditions with deadlines (never bare sleeps).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pv_bridge::pvctrl::{Options, Progress, PvCtrl};
+use pv_testkit::sim::{Generation, Sim, SimConfig};
+
+pub struct Device {
+    pub dir: tempfile::TempDir,
+    pub sim: Option<Sim>,
+    pub pv: PvCtrl,
+}
+
+impl Device {
+    pub fn cfg(&self) -> SimConfig {
+        self.sim.as_ref().expect("sim running").config().clone()
+    }
+
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// `kill -9` the simulator and boot it again on the same storage.
+    pub async fn crash_and_restart(&mut self) {
+        let cfg = self.cfg();
+        self.sim.take().expect("sim running").crash();
+        self.sim = Some(Sim::start(cfg).await.expect("restart pv-sim"));
+    }
+}
+
+/// Client options for tests: short timeouts so a failure shows quickly.
+pub fn test_options() -> Options {
+    Options {
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+        command_timeout: Duration::from_secs(2),
+        command_retry_budget: Duration::from_secs(10),
+        busy_retry_wait: Duration::from_millis(50),
+        retry_after_cap: Duration::from_millis(100),
+        ..Options::default()
+    }
+}
+
+pub async fn start_with(generation: Generation, tweak: impl FnOnce(&mut SimConfig)) -> Device {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = SimConfig::fast(dir.path().join("storage"), dir.path().join("pv-ctrl"));
+    cfg.nonmgmt_socket = Some(dir.path().join("pv-ctrl-app"));
+    cfg.generation = generation;
+    tweak(&mut cfg);
+    let sim = Sim::start(cfg.clone()).await.expect("start pv-sim");
+    let pv = PvCtrl::with_options(&cfg.socket, test_options());
+    Device {
+        dir,
+        sim: Some(sim),
+        pv,
+    }
+}
+
+pub async fn start(generation: Generation) -> Device {
+    start_with(generation, |_| {}).await
+}
+
+/// Polls `f` until it yields `Some`, failing the test after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Follows a revision's progress until it is final, tolerating the socket going
+/// away during reboots. Returns every distinct (status, status-msg) seen, in order.
+/// When `ready` is set, sends the bridge's ready signal whenever goals are awaited.
+pub async fn follow(pv: &PvCtrl, rev: &str, ready: bool, within: Duration) -> Vec<(String, String)> {
+    let deadline = Instant::now() + within;
+    let mut seen: Vec<(String, String)> = Vec::new();
+    loop {
+        if let Ok(p) = pv.progress(rev).await {
+            let entry = (p.status.to_string(), p.status_msg.clone());
+            if seen.last() != Some(&entry) {
+                seen.push(entry);
+            }
+            if ready && p.status.as_str() == "INPROGRESS" {
+                let _ = pv.signal_ready().await;
+            }
+            if p.status.is_final() {
+                return seen;
+            }
+        }
+        assert!(Instant::now() < deadline, "{rev} not final after {within:?}; saw {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn final_progress(pv: &PvCtrl, rev: &str) -> Progress {
+    pv.progress(rev).await.expect("progress")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
