@@ -223,19 +223,19 @@ pub fn handle(
 ) -> Reply {
     let gen1 = generation == Generation::Gen1;
     match m.ep {
-        Ep::Containers => Reply::json(&dev.containers_json()),
+        Ep::Containers => Reply::Json(dev.containers_json()),
         Ep::Container => dev.container_action(&m.arg, body),
-        Ep::Groups => Reply::json(&dev.groups_json()),
+        Ep::Groups => Reply::Json(dev.groups_json()),
         Ep::Signal => dev.signal(caller, body),
         Ep::Commands => dev.submit(body),
         Ep::Objects => {
-            let list: Vec<Value> = dev
+            let list = dev
                 .store()
                 .objects()
                 .into_iter()
-                .map(|(sha, (size, _))| serde_json::json!({"sha256": sha, "size": size.to_string()}))
-                .collect();
-            Reply::json(&Value::Array(list))
+                .map(|(sha, (size, _))| format!("{{\"sha256\":\"{sha}\",\"size\":\"{size}\"}}"))
+                .collect::<Vec<_>>();
+            Reply::Json(format!("[{}]", list.join(",")).into_bytes())
         }
         Ep::Object => {
             // GET only; PUT is streamed by the connection.
@@ -304,8 +304,8 @@ pub fn handle(
             .into_bytes(),
         ),
         Ep::Config => Reply::json(&dev.config_json()),
-        Ep::Config2 => Reply::json(&dev.config2_json()),
-        Ep::Drivers => Reply::json(&dev.drivers_json(caller)),
+        Ep::Config2 => Reply::Json(dev.config2_json()),
+        Ep::Drivers => Reply::Json(dev.drivers_json(caller)),
         Ep::DriversAll { load } => dev.driver_action(caller, None, load),
         Ep::Driver { load } => dev.driver_action(caller, Some(&m.arg), load),
         Ep::Daemons => Reply::json(&dev.daemons_json()),

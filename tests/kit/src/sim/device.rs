@@ -141,6 +141,13 @@ fn sha256_file(path: &std::path::Path) -> Option<String> {
     Some(hex(&h.finalize()))
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -216,6 +223,9 @@ impl Device {
             .map(|p| (p.name.clone(), initial(&p.goal)))
             .collect();
         dev.log("INFO", "pantavisor", &format!("booted revision {target}"));
+        for name in dev.containers.keys() {
+            dev.store.append_log(&target, name, "lxc/lxc.log", &format!("lxc-start {name} 20261126 container started\n"));
+        }
         if let Some(t) = trying {
             dev.set_progress(&t, "INPROGRESS", "Trying new revision")?;
             let objects: BTreeSet<String> =
@@ -543,18 +553,20 @@ impl Device {
         if running.is_empty() {
             return;
         }
-        let mut batches: BTreeMap<&str, String> = BTreeMap::new();
+        let mut batches: BTreeMap<(&str, &str), String> = BTreeMap::new();
         while self.log_credit >= 1.0 {
             self.log_credit -= 1.0;
             self.log_seq += 1;
             let name = &running[(self.log_seq as usize) % running.len()];
+            let round = self.log_seq / running.len() as u64;
+            let source = if round % 4 == 0 { "var/log/syslog" } else { "lxc/console.log" };
             batches
-                .entry(name)
+                .entry((name, source))
                 .or_default()
                 .push_str(&format!("{name}: synthetic log line {} at {}s\n", self.log_seq, self.tsec()));
         }
-        for (name, text) in batches {
-            self.store.append_log(&self.running, name, "lxc/console.log", &text);
+        for ((name, source), text) in batches {
+            self.store.append_log(&self.running, name, source, &text);
         }
     }
 
@@ -570,7 +582,7 @@ impl Device {
             Generation::Gen1 => "023-sim-261126",
             Generation::Gen2 => "029-sim-261126",
         };
-        let entries: [(&str, String); 11] = [
+        let entries: [(&str, String); 14] = [
             ("pantavisor.arch", format!("{}/64/EL", std::env::consts::ARCH)),
             ("pantavisor.version", version.into()),
             ("pantavisor.dtmodel", "pv-sim".into()),
@@ -582,6 +594,9 @@ impl Device {
             ("storage", storage.to_string()),
             ("sysinfo", json!({"uptime": self.tsec(), "loads": [0, 0, 0], "procs": 42}).to_string()),
             ("pantahub.claimed", "0".into()),
+            ("pantahub.online", "0".into()),
+            ("interfaces", json!({"lo": ["127.0.0.1"]}).to_string()),
+            ("time", json!({"timeval": {"tv_sec": now_secs(), "tv_usec": 0}}).to_string()),
         ];
         for (k, v) in entries {
             let _ = self.store.set_meta(MetaKind::Device, k, v.as_bytes());
@@ -683,58 +698,56 @@ impl Device {
         Reply::Ok
     }
 
-    pub fn containers_json(&self) -> Value {
+    pub fn containers_json(&self) -> Vec<u8> {
         let gen2 = self.cfg.generation == Generation::Gen2;
-        let list: Vec<Value> = self
+        let list: Vec<ContainerOut> = self
             .rev
             .platforms()
             .values()
             .map(|p| {
                 let rt = self.containers.get(&p.name).cloned().unwrap_or_else(|| initial(&p.goal));
-                let mut o = json!({
-                    "name": p.name, "group": p.group, "status": rt.status, "status_goal": p.goal,
-                    "restart_policy": if p.system { "system" } else { "container" },
-                    "roles": if p.mgmt { vec!["mgmt"] } else { vec![] },
-                });
-                if gen2 && p.auto_recovery {
-                    o["auto_recovery"] = json!({"policy": "on-failure", "max_retries": 5, "current_retries": 0,
-                        "stable_timeout": 30, "is_stable": "true", "backoff_policy": "reboot"});
+                ContainerOut {
+                    name: p.name.clone(),
+                    group: p.group.clone(),
+                    status: rt.status,
+                    status_goal: p.goal.clone(),
+                    restart_policy: if p.system { "system" } else { "container" },
+                    roles: if p.mgmt { vec!["mgmt"] } else { vec![] },
+                    auto_recovery: (gen2 && p.auto_recovery).then(|| json!({"policy": "on-failure",
+                        "max_retries": 5, "current_retries": 0, "stable_timeout": 30,
+                        "is_stable": "true", "backoff_policy": "reboot"})),
+                    user_stopped: (gen2 && !p.system).then_some(if rt.user_stopped { "true" } else { "false" }),
                 }
-                if gen2 && !p.system {
-                    o["user_stopped"] = json!(if rt.user_stopped { "true" } else { "false" });
-                }
-                o
             })
             .collect();
-        Value::Array(list)
+        serde_json::to_vec(&list).unwrap_or_default()
     }
 
-    pub fn groups_json(&self) -> Value {
+    pub fn groups_json(&self) -> Vec<u8> {
         let plats = self.rev.platforms();
-        let mut groups: Vec<(String, String, bool)> = Vec::new();
+        let mut groups: Vec<(String, String, bool)> = [("data", "MOUNTED", true), ("root", "STARTED", true),
+            ("platform", "STARTED", true), ("app", "STARTED", false)]
+            .into_iter()
+            .map(|(n, g, s)| (n.to_owned(), g.to_owned(), s))
+            .collect();
         for p in plats.values() {
             if !groups.iter().any(|g| g.0 == p.group) {
                 groups.push((p.group.clone(), p.goal.clone(), p.system));
             }
         }
-        for (name, goal, system) in [("data", "MOUNTED", true), ("root", "STARTED", true), ("platform", "STARTED", true), ("app", "STARTED", false)] {
-            if !groups.iter().any(|g| g.0 == name) {
-                groups.push((name.into(), goal.into(), system));
-            }
-        }
-        Value::Array(
-            groups
-                .into_iter()
-                .map(|(name, goal, system)| {
-                    let mut g = json!({"name": name, "status_goal": goal,
-                        "restart_policy": if system { "system" } else { "container" }, "status": "READY"});
-                    if !system && self.cfg.generation == Generation::Gen2 {
-                        g["auto_recovery"] = json!({"max_retries": 5, "stable_timeout": 30, "backoff_policy": "reboot"});
-                    }
-                    g
-                })
-                .collect(),
-        )
+        let gen2 = self.cfg.generation == Generation::Gen2;
+        let list: Vec<GroupOut> = groups
+            .into_iter()
+            .map(|(name, status_goal, system)| GroupOut {
+                name,
+                status_goal,
+                restart_policy: if system { "system" } else { "container" },
+                status: "READY",
+                auto_recovery: (!system && gen2)
+                    .then(|| json!({"max_retries": 5, "stable_timeout": 30, "backoff_policy": "reboot"})),
+            })
+            .collect();
+        serde_json::to_vec(&list).unwrap_or_default()
     }
 
     /// `PUT /containers/<name>` (027+).
@@ -778,21 +791,27 @@ impl Device {
         Reply::Ok
     }
 
-    pub fn drivers_json(&self, caller: &str) -> Value {
+    pub fn drivers_json(&self, caller: &str) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct DriverOut {
+            name: String,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            status: &'static str,
+        }
         let plats = self.rev.platforms();
         let drivers = plats.get(caller).map(|p| p.drivers.clone()).unwrap_or_default();
         if drivers.is_empty() {
-            return json!({});
+            return b"{}".to_vec();
         }
-        Value::Array(
-            drivers
-                .into_iter()
-                .map(|(name, kind)| {
-                    let loaded = kind != "MANUAL" || self.loaded.contains(&(caller.to_owned(), name.clone()));
-                    json!({"name": name, "type": kind, "status": if loaded { "LOADED" } else { "UNLOADED" }})
-                })
-                .collect(),
-        )
+        let list: Vec<DriverOut> = drivers
+            .into_iter()
+            .map(|(name, kind)| {
+                let loaded = kind != "MANUAL" || self.loaded.contains(&(caller.to_owned(), name.clone()));
+                DriverOut { name, kind, status: if loaded { "LOADED" } else { "UNLOADED" } }
+            })
+            .collect();
+        serde_json::to_vec(&list).unwrap_or_default()
     }
 
     pub fn driver_action(&mut self, caller: &str, name: Option<&str>, load: bool) -> Reply {
@@ -852,9 +871,15 @@ impl Device {
         })
     }
 
-    pub fn config2_json(&self) -> Value {
-        let e = |k: &str, v: String, m: &str| json!({"key": k, "value": v, "modified": m});
-        json!([
+    pub fn config2_json(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            key: &'a str,
+            value: String,
+            modified: &'a str,
+        }
+        let e = |key, value, modified| Entry { key, value, modified };
+        let list = [
             e("PH_CREDS_PRN", "(null)".into(), "default"),
             e("PH_CREDS_SECRET", "(null)".into(), "default"),
             e("PV_CONTROL_REMOTE", "0".into(), "env"),
@@ -869,7 +894,8 @@ impl Device {
             e("PV_STORAGE_GC_RESERVED", "5".into(), "default"),
             e("PV_UPDATER_COMMIT_DELAY", self.cfg.commit_delay.as_secs().to_string(), "args"),
             e("PV_UPDATER_GOALS_TIMEOUT", self.cfg.goals_timeout.as_secs().to_string(), "args"),
-        ])
+        ];
+        serde_json::to_vec(&list).unwrap_or_default()
     }
 
     pub fn free_bytes(&self) -> u64 {
@@ -904,6 +930,32 @@ impl Device {
             .collect();
         format!("[{}]", items.join(", "))
     }
+}
+
+/// `GET /containers` entries, fields in Pantavisor's order.
+#[derive(serde::Serialize)]
+struct ContainerOut {
+    name: String,
+    group: String,
+    status: &'static str,
+    status_goal: String,
+    restart_policy: &'static str,
+    roles: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auto_recovery: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_stopped: Option<&'static str>,
+}
+
+/// `GET /groups` entries, fields in Pantavisor's order.
+#[derive(serde::Serialize)]
+struct GroupOut {
+    name: String,
+    status_goal: String,
+    restart_policy: &'static str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auto_recovery: Option<Value>,
 }
 
 /// The status a container has right after it starts.
