@@ -1,1 +1,157 @@
-fn main() {}
+//! The `pv-bridge` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pv_bridge::config::{self, Config};
+use pv_bridge::pvctrl::PvCtrl;
+use pv_bridge::telemetry::{self, LogFormat};
+use tracing::{error, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "pv-bridge", version, about = "Bridge between Pantavisor's pv-ctrl and cloud backends")]
+struct Cli {
+    /// Log format: text or json (log level from RUST_LOG, default info).
+    #[arg(long, global = true, default_value = "text", env = "PV_BRIDGE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the bridge daemon.
+    Run {
+        /// Configuration file [default: $PV_BRIDGE_CONFIG or /etc/pv-bridge/config.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file: exit 0 with a summary, or 2 with file:line.
+    CheckConfig {
+        /// Configuration file [default: $PV_BRIDGE_CONFIG or /etc/pv-bridge/config.toml].
+        file: Option<PathBuf>,
+    },
+    /// Zero-setup tour against a simulated device; needs nothing external.
+    Demo,
+}
+
+fn config_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os(config::ENV_PATH).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { file } => {
+            let path = config_path(file);
+            match Config::load(&path) {
+                Ok(c) => {
+                    print!("{}: OK\n{}", path.display(), c.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Run { config } => {
+            telemetry::init(cli.log_format);
+            let path = config_path(config);
+            let cfg = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime().block_on(run(cfg))
+        }
+        Cmd::Demo => demo(cli.log_format),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    // One thread is plenty for a device agent and keeps idle memory low.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime on the current thread")
+}
+
+/// The daemon. Until the engine lands, it confirms pv-ctrl is reachable and waits
+/// for a stop signal.
+async fn run(cfg: Config) -> ExitCode {
+    info!(version = pv_bridge::VERSION, socket = %cfg.pantavisor.socket.display(), backends = cfg.backends.len(), "pv-bridge starting");
+    let pv = PvCtrl::new(&cfg.pantavisor.socket);
+    let mut wait = Duration::from_millis(500);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => {
+                info!("stopping");
+                return ExitCode::SUCCESS;
+            }
+            probe = pv.probe() => match probe {
+                Ok(s) => {
+                    info!(generation = ?s.generation, pantavisor = s.version.as_deref().unwrap_or("unknown"), "pv-ctrl reachable");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?wait, "pv-ctrl not reachable yet");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+    warn!("no backend adapters are wired yet in this version; idling until stopped");
+    stop.await;
+    info!("stopping");
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(feature = "demo")]
+fn demo(format: LogFormat) -> ExitCode {
+    if std::env::var_os("RUST_LOG").is_some() {
+        telemetry::init(format);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(pv_bridge::demo::run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+fn demo(_: LogFormat) -> ExitCode {
+    eprintln!("this pv-bridge was built without the `demo` feature");
+    ExitCode::from(2)
+}

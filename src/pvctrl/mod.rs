@@ -878,7 +878,7 @@ fn read_error(what: &str, e: std::io::Error) -> Error {
 }
 
 /// Lower-case hex of a digest.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
         let _ = write!(s, "{b:02x}");

@@ -1,0 +1,228 @@
+//! pv-bridge configuration (TOML), as fixed in architecture.md §5.
+//!
+//! This is the skeleton the engine issue extends: the `[pantavisor]` and `[bridge]`
+//! sections and the common keys of each `[[backend]]`. Errors carry the file, the
+//! line and what is wrong, so `check-config` can print `config.toml:12: ...`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where `pv-bridge run` looks when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/pv-bridge/config.toml";
+/// Environment variable that overrides the default path.
+pub const ENV_PATH: &str = "PV_BRIDGE_CONFIG";
+/// Backend types pv-bridge knows.
+pub const BACKEND_TYPES: [&str; 4] = ["mqtt", "pantahub", "azure", "local"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub pantavisor: Pantavisor,
+    #[serde(default)]
+    pub bridge: Bridge,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<Backend>,
+}
+
+/// How to reach Pantavisor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pantavisor {
+    /// The pv-ctrl socket.
+    pub socket: PathBuf,
+    /// The log tree.
+    pub logs: PathBuf,
+}
+
+impl Default for Pantavisor {
+    fn default() -> Self {
+        Self {
+            socket: crate::pvctrl::DEFAULT_SOCKET.into(),
+            logs: "/pantavisor/logs".into(),
+        }
+    }
+}
+
+/// The bridge's own settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bridge {
+    /// Journal, spool and cursors; must be on a permanent volume.
+    pub state_dir: PathBuf,
+}
+
+impl Default for Bridge {
+    fn default() -> Self {
+        Self {
+            state_dir: "/storage/pv-bridge".into(),
+        }
+    }
+}
+
+/// One backend. Keys beyond `type` and `name` belong to its adapter.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Backend {
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    pub name: Spanned<String>,
+    #[serde(flatten)]
+    pub settings: toml::Table,
+}
+
+/// A configuration error with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |line, message: String| ConfigError {
+            file: path.to_owned(),
+            line,
+            message,
+        };
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            err(line, e.message().trim().to_owned())
+        })?;
+        let mut names = BTreeSet::new();
+        for b in &cfg.backends {
+            let kind = b.kind.get_ref();
+            if !BACKEND_TYPES.contains(&kind.as_str()) {
+                return Err(err(
+                    Some(line_of(text, b.kind.span().start)),
+                    format!(
+                        "backend type must be one of {}, got {kind:?}",
+                        BACKEND_TYPES.join(", ")
+                    ),
+                ));
+            }
+            let name = b.name.get_ref();
+            let at = Some(line_of(text, b.name.span().start));
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(err(
+                    at,
+                    format!("backend name {name:?} must be 1 or more of A-Z a-z 0-9 - _ ."),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(err(at, format!("backend name {name:?} is used twice")));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// One line per setting, for `check-config`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "pv-ctrl socket: {}\nlogs: {}\nstate_dir: {}\nbackends: {}\n",
+            self.pantavisor.socket.display(),
+            self.pantavisor.logs.display(),
+            self.bridge.state_dir.display(),
+            self.backends.len()
+        );
+        for b in &self.backends {
+            s.push_str(&format!("  - {} ({})\n", b.name.get_ref(), b.kind.get_ref()));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("config.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_minimal_form_of_the_architecture_parses() {
+        let c = parse(
+            r#"
+[pantavisor]
+socket = "/pantavisor/pv-ctrl"
+logs = "/pantavisor/logs"
+
+[bridge]
+state_dir = "/storage/pv-bridge"
+
+[[backend]]
+type = "mqtt"
+name = "plant"
+broker = "mqtt://127.0.0.1:1883"
+device_id = "dev-1"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.backends[0].settings["device_id"].as_str(), Some("dev-1"));
+        assert!(c.summary().contains("  - plant (mqtt)"));
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c.pantavisor.socket, Path::new("/pantavisor/pv-ctrl"));
+        assert_eq!(c.bridge.state_dir, Path::new("/storage/pv-bridge"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        assert_eq!(
+            parse("[pantavisor]\nsocket = \"/x\"\nsockte = \"/y\"\n").unwrap_err(),
+            "config.toml:3: unknown field `sockte`, expected `socket` or `logs`"
+        );
+        assert_eq!(
+            parse("[[backend]]\ntype = \"mqtt\"\nname = \"a\"\n[[backend]]\ntype = \"http\"\nname = \"b\"\n")
+                .unwrap_err(),
+            "config.toml:5: backend type must be one of mqtt, pantahub, azure, local, got \"http\""
+        );
+        assert_eq!(
+            parse("[[backend]]\ntype = \"mqtt\"\nname = \"a\"\n[[backend]]\ntype = \"local\"\nname = \"a\"\n")
+                .unwrap_err(),
+            "config.toml:6: backend name \"a\" is used twice"
+        );
+        assert!(parse("[bridge\n").unwrap_err().starts_with("config.toml:1: "));
+        assert!(parse("[[backend]]\nname = \"x\"\n").unwrap_err().contains("missing field `type`"));
+    }
+}
