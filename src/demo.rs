@@ -23,13 +23,22 @@ fn detail(text: &str) {
 }
 
 /// Uploads the blobs, then stages the running state edited by `edit`.
-async fn stage(pv: &PvCtrl, name: &str, blobs: &[Vec<u8>], edit: impl FnOnce(&mut Value)) -> Result<Revision> {
+async fn stage(
+    pv: &PvCtrl,
+    name: &str,
+    blobs: &[Vec<u8>],
+    edit: impl FnOnce(&mut Value),
+) -> Result<Revision> {
     let have: BTreeSet<String> = pv.objects().await?.into_iter().map(|o| o.sha256).collect();
     for b in blobs {
         let sha = hex(&Sha256::digest(b));
         if !have.contains(&sha) {
             pv.put_object(&sha, &b[..], b.len() as u64).await?;
-            detail(&format!("uploaded object {}… ({} bytes)", &sha[..12], b.len()));
+            detail(&format!(
+                "uploaded object {}… ({} bytes)",
+                &sha[..12],
+                b.len()
+            ));
         }
     }
     let running = pv.step("current").await?;
@@ -45,7 +54,9 @@ async fn stage(pv: &PvCtrl, name: &str, blobs: &[Vec<u8>], edit: impl FnOnce(&mu
     }
     let t = transition(&State::parse(&running)?, &State::from_value(predicted)?);
     detail(&match &t {
-        crate::state::Transition::Reboot { reason } => format!("our state model predicts a reboot: {reason}"),
+        crate::state::Transition::Reboot { reason } => {
+            format!("our state model predicts a reboot: {reason}")
+        }
         crate::state::Transition::NonReboot { restarted } => {
             format!("our state model predicts no reboot; restarting {restarted:?}")
         }
@@ -101,7 +112,11 @@ async fn running(pv: &PvCtrl) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(m) = pv.meta(Meta::Device).await {
-            return Ok(m.get("pantavisor.revision").and_then(Value::as_str).unwrap_or("?").to_owned());
+            return Ok(m
+                .get("pantavisor.revision")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_owned());
         }
         if Instant::now() > deadline {
             bail!("device did not come back");
@@ -125,9 +140,16 @@ pub async fn run() -> Result<()> {
     detail(&format!("pv-ctrl socket: {}", socket.display()));
     let pv = PvCtrl::new(&socket);
     let info = pv.probe().await?;
-    detail(&format!("server: {:?}, Pantavisor {}", info.generation, info.version.unwrap_or_default()));
+    detail(&format!(
+        "server: {:?}, Pantavisor {}",
+        info.generation,
+        info.version.unwrap_or_default()
+    ));
     for c in pv.containers().await? {
-        detail(&format!("container {:<10} {:<8} goal {:<7} policy {}", c.name, c.status, c.status_goal, c.restart_policy));
+        detail(&format!(
+            "container {:<10} {:<8} goal {:<7} policy {}",
+            c.name, c.status, c.status_goal, c.restart_policy
+        ));
     }
     detail(&format!("running revision: {}", running(&pv).await?));
     pv.signal_ready().await?;
@@ -155,7 +177,10 @@ pub async fn run() -> Result<()> {
     if end != "DONE" {
         bail!("expected DONE, got {end}");
     }
-    detail(&format!("running revision: {} (now the rollback point)", running(&pv).await?));
+    detail(&format!(
+        "running revision: {} (now the rollback point)",
+        running(&pv).await?
+    ));
 
     say("Update 3: a revision whose container fails to start");
     let r3 = stage(&pv, "broken", &[], |s| {
@@ -174,28 +199,45 @@ pub async fn run() -> Result<()> {
         }
     }
     let now = running(&pv).await?;
-    detail(&format!("Pantavisor rolled back: running revision is {now} again"));
+    detail(&format!(
+        "Pantavisor rolled back: running revision is {now} again"
+    ));
 
     say("Metadata: user-meta down, device-meta up");
-    pv.put_meta(Meta::User, "app.greeting", b"hello from the cloud").await?;
+    pv.put_meta(Meta::User, "app.greeting", b"hello from the cloud")
+        .await?;
     let um = pv.meta(Meta::User).await?;
     detail(&format!("user-meta app.greeting = {}", um["app.greeting"]));
     let dm = pv.meta(Meta::Device).await?;
     for k in ["pantavisor.revision", "pantavisor.mode", "storage"] {
-        detail(&format!("device-meta {k} = {}", dm.get(k).cloned().unwrap_or(Value::Null)));
+        detail(&format!(
+            "device-meta {k} = {}",
+            dm.get(k).cloned().unwrap_or(Value::Null)
+        ));
     }
 
     say("Logs: Pantavisor's log tree, as the bridge will forward it");
     let log = std::fs::read_to_string(sim.storage().join("logs/current/pantavisor/pantavisor.log"))
         .unwrap_or_default();
-    for l in log.lines().rev().take(4).collect::<Vec<_>>().into_iter().rev() {
+    for l in log
+        .lines()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
         detail(l);
     }
 
     sim.stop().await;
     say(&format!("Done in {:.1} s", started.elapsed().as_secs_f64()));
-    detail("Try it by hand: cargo run -p pv-testkit --bin pv-sim -- --storage /tmp/dev --socket /tmp/pv-ctrl");
+    detail(
+        "Try it by hand: cargo run -p pv-testkit --bin pv-sim -- --storage /tmp/dev --socket /tmp/pv-ctrl",
+    );
     detail("then: curl --unix-socket /tmp/pv-ctrl http://localhost/containers");
-    detail("On a real device pv-bridge talks to /pantavisor/pv-ctrl: pv-bridge run --config /etc/pv-bridge/config.toml");
+    detail(
+        "On a real device pv-bridge talks to /pantavisor/pv-ctrl: pv-bridge run --config /etc/pv-bridge/config.toml",
+    );
     Ok(())
 }

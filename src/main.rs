@@ -11,10 +11,19 @@ use pv_bridge::telemetry::{self, LogFormat};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "pv-bridge", version, about = "Bridge between Pantavisor's pv-ctrl and cloud backends")]
+#[command(
+    name = "pv-bridge",
+    version,
+    about = "Bridge between Pantavisor's pv-ctrl and cloud backends"
+)]
 struct Cli {
     /// Log format: text or json (log level from RUST_LOG, default info).
-    #[arg(long, global = true, default_value = "text", env = "PV_BRIDGE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "PV_BRIDGE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,

@@ -31,7 +31,10 @@ pub fn init(format: LogFormat) {
     let (filter, bad) = match std::env::var("RUST_LOG") {
         Ok(spec) => match EnvFilter::try_new(&spec) {
             Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("info"), Some(format!("ignoring RUST_LOG={spec:?}: {e}"))),
+            Err(e) => (
+                EnvFilter::new("info"),
+                Some(format!("ignoring RUST_LOG={spec:?}: {e}")),
+            ),
         },
         Err(_) => (EnvFilter::new("info"), None),
     };

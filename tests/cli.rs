@@ -1,5 +1,7 @@
 //! The `pv-bridge` binary: version, check-config, run and demo.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -10,7 +12,9 @@ use pv_testkit::sim::Generation;
 
 fn bridge() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pv-bridge"));
-    c.env_remove("RUST_LOG").env_remove("PV_BRIDGE_CONFIG").env_remove("PV_BRIDGE_LOG_FORMAT");
+    c.env_remove("RUST_LOG")
+        .env_remove("PV_BRIDGE_CONFIG")
+        .env_remove("PV_BRIDGE_LOG_FORMAT");
     c
 }
 
@@ -18,7 +22,10 @@ fn bridge() -> Command {
 fn version_is_printed() {
     let out = bridge().arg("--version").output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("pv-bridge {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pv-bridge {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -31,12 +38,24 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
     )
     .unwrap();
     let out = bridge().arg("check-config").arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(": OK") && text.contains("  - plant (mqtt)"), "{text}");
+    assert!(
+        text.contains(": OK") && text.contains("  - plant (mqtt)"),
+        "{text}"
+    );
 
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[bridge]\nstate_dir = \"/x\"\n\n[[backend]]\ntype = \"http\"\nname = \"a\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[bridge]\nstate_dir = \"/x\"\n\n[[backend]]\ntype = \"http\"\nname = \"a\"\n",
+    )
+    .unwrap();
     let out = bridge().arg("check-config").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
@@ -47,9 +66,17 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
         )
     );
     // The path may also come from PV_BRIDGE_CONFIG.
-    let out = bridge().arg("check-config").env("PV_BRIDGE_CONFIG", &good).output().unwrap();
+    let out = bridge()
+        .arg("check-config")
+        .env("PV_BRIDGE_CONFIG", &good)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
-    let out = bridge().arg("check-config").arg(dir.path().join("missing.toml")).output().unwrap();
+    let out = bridge()
+        .arg("check-config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml: cannot read:"));
 }
@@ -58,7 +85,11 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
 async fn run_reaches_pv_ctrl_logs_json_and_stops_on_sigterm() {
     let d = common::start(Generation::Gen2).await;
     let cfg = d.dir.path().join("config.toml");
-    std::fs::write(&cfg, format!("[pantavisor]\nsocket = \"{}\"\n", d.cfg().socket.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[pantavisor]\nsocket = \"{}\"\n", d.cfg().socket.display()),
+    )
+    .unwrap();
     let mut child = bridge()
         .args(["run", "--config"])
         .arg(&cfg)
@@ -80,7 +111,10 @@ async fn run_reaches_pv_ctrl_logs_json_and_stops_on_sigterm() {
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     while !lines.is_finished() {
-        assert!(Instant::now() < deadline, "pv-bridge run never reported pv-ctrl");
+        assert!(
+            Instant::now() < deadline,
+            "pv-bridge run never reported pv-ctrl"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = lines.join().unwrap();
@@ -90,7 +124,11 @@ async fn run_reaches_pv_ctrl_logs_json_and_stops_on_sigterm() {
     }
     let last: serde_json::Value = serde_json::from_str(seen.last().unwrap()).unwrap();
     assert_eq!(last["generation"], "Gen2");
-    let kill = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
@@ -101,7 +139,11 @@ fn run_with_a_broken_config_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[pantavisor]\nsockt = \"/x\"\n").unwrap();
-    let out = bridge().args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = bridge()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("c.toml:2: unknown field `sockt`"));
 }
@@ -111,7 +153,11 @@ fn demo_runs_end_to_end_without_external_services() {
     let started = Instant::now();
     let out = bridge().arg("demo").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for want in [
         "UPDATED Update finished, revision not set as rollback point",
         "DONE Update finished, revision set as rollback point",
@@ -121,5 +167,8 @@ fn demo_runs_end_to_end_without_external_services() {
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
-    assert!(started.elapsed() < Duration::from_secs(60), "the demo must finish in under a minute");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the demo must finish in under a minute"
+    );
 }

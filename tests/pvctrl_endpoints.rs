@@ -1,13 +1,15 @@
 //! The typed pv-ctrl client against pv-sim: every endpoint and every error text of
 //! the reference, for both server generations.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
 
 use common::{sha256_hex, start};
 use pv_bridge::pvctrl::{
-    CommandOutcome, Command, ContainerAction, DaemonAction, Error, Generation as ClientGen, Meta,
+    Command, CommandOutcome, ContainerAction, DaemonAction, Error, Generation as ClientGen, Meta,
     PvCtrl,
 };
 use pv_bridge::state::Revision;
@@ -32,7 +34,10 @@ macro_rules! both_generations {
 }
 
 fn status_of(e: &Error) -> (u16, String) {
-    (e.status().unwrap_or(0), e.message().unwrap_or_default().to_owned())
+    (
+        e.status().unwrap_or(0),
+        e.message().unwrap_or_default().to_owned(),
+    )
 }
 
 async fn expect_status<T: std::fmt::Debug>(r: Result<T, Error>, code: u16, text: &str) {
@@ -55,7 +60,10 @@ both_generations!(containers_and_groups, |g| async move {
     assert_eq!(cs[0].user_stopped.is_some(), g == Generation::Gen2);
     let groups = d.pv.groups().await.unwrap();
     for want in ["data", "root", "platform", "app"] {
-        assert!(groups.iter().any(|gr| gr.name == want), "group {want} in {groups:?}");
+        assert!(
+            groups.iter().any(|gr| gr.name == want),
+            "group {want} in {groups:?}"
+        );
     }
 });
 
@@ -63,30 +71,51 @@ both_generations!(signal_ready_and_refusals, |g| async move {
     let d = start(g).await;
     d.pv.signal_ready().await.unwrap();
     let cs = d.pv.containers().await.unwrap();
-    assert_eq!(cs.iter().find(|c| c.name == "pv-bridge").unwrap().status, "READY");
-    expect_status(d.pv.signal("alive", "").await, 500, "Signal not expected from this platform").await;
+    assert_eq!(
+        cs.iter().find(|c| c.name == "pv-bridge").unwrap().status,
+        "READY"
+    );
+    expect_status(
+        d.pv.signal("alive", "").await,
+        500,
+        "Signal not expected from this platform",
+    )
+    .await;
     // The non-mgmt `app` (goal STARTED) may use /signal but is not expected to.
     let app = PvCtrl::with_options(d.dir.path().join("pv-ctrl-app"), common::test_options());
-    expect_status(app.signal_ready().await, 500, "Signal not expected from this platform").await;
+    expect_status(
+        app.signal_ready().await,
+        500,
+        "Signal not expected from this platform",
+    )
+    .await;
 });
 
-both_generations!(non_mgmt_callers_get_403_everywhere_but_signal, |g| async move {
-    let d = start(g).await;
-    let app = PvCtrl::with_options(d.dir.path().join("pv-ctrl-app"), common::test_options());
-    let exact = if g == Generation::Gen2 {
-        "Request not sent from a mgmt platform"
-    } else {
-        "Request not sent from mgmt platform"
-    };
-    let wildcard = "Request not sent from mgmt platform";
-    expect_status(app.containers().await, 403, exact).await;
-    expect_status(app.steps().await, 403, exact).await;
-    expect_status(app.meta(Meta::User).await, 403, exact).await;
-    expect_status(app.command(Command::RunGc).await, 403, exact).await;
-    expect_status(app.progress("current").await, 403, wildcard).await;
-    expect_status(app.put_meta(Meta::User, "k", b"v").await, 403, wildcard).await;
-    expect_status(app.get_object(&"a".repeat(64), &mut Vec::new()).await, 403, wildcard).await;
-});
+both_generations!(
+    non_mgmt_callers_get_403_everywhere_but_signal,
+    |g| async move {
+        let d = start(g).await;
+        let app = PvCtrl::with_options(d.dir.path().join("pv-ctrl-app"), common::test_options());
+        let exact = if g == Generation::Gen2 {
+            "Request not sent from a mgmt platform"
+        } else {
+            "Request not sent from mgmt platform"
+        };
+        let wildcard = "Request not sent from mgmt platform";
+        expect_status(app.containers().await, 403, exact).await;
+        expect_status(app.steps().await, 403, exact).await;
+        expect_status(app.meta(Meta::User).await, 403, exact).await;
+        expect_status(app.command(Command::RunGc).await, 403, exact).await;
+        expect_status(app.progress("current").await, 403, wildcard).await;
+        expect_status(app.put_meta(Meta::User, "k", b"v").await, 403, wildcard).await;
+        expect_status(
+            app.get_object(&"a".repeat(64), &mut Vec::new()).await,
+            403,
+            wildcard,
+        )
+        .await;
+    }
+);
 
 both_generations!(objects_crud, |g| async move {
     let d = start(g).await;
@@ -94,19 +123,38 @@ both_generations!(objects_crud, |g| async move {
     assert!(before.len() >= 8, "factory objects listed: {before:?}");
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let sha = sha256_hex(&data);
-    d.pv.put_object(&sha, &data[..], data.len() as u64).await.unwrap();
+    d.pv.put_object(&sha, &data[..], data.len() as u64)
+        .await
+        .unwrap();
     let listed = d.pv.objects().await.unwrap();
-    let o = listed.iter().find(|o| o.sha256 == sha).expect("uploaded object listed");
+    let o = listed
+        .iter()
+        .find(|o| o.sha256 == sha)
+        .expect("uploaded object listed");
     assert_eq!(o.size, data.len() as u64);
     let mut back = Vec::new();
     let n = d.pv.get_object(&sha, &mut back).await.unwrap();
     assert_eq!((n as usize, back == data), (data.len(), true));
     // Uploading it again is idempotent.
-    d.pv.put_object(&sha, &data[..], data.len() as u64).await.unwrap();
+    d.pv.put_object(&sha, &data[..], data.len() as u64)
+        .await
+        .unwrap();
     // Wrong bytes for a name: 422, and nothing is left behind.
     let other = sha256_hex(b"something else");
-    expect_status(d.pv.put_object(&other, &b"not it"[..], 6).await, 422, "Object has bad checksum").await;
-    assert!(!d.pv.objects().await.unwrap().iter().any(|o| o.sha256 == other));
+    expect_status(
+        d.pv.put_object(&other, &b"not it"[..], 6).await,
+        422,
+        "Object has bad checksum",
+    )
+    .await;
+    assert!(
+        !d.pv
+            .objects()
+            .await
+            .unwrap()
+            .iter()
+            .any(|o| o.sha256 == other)
+    );
     // A missing object: 400 on gen-2, 404 on gen-1.
     let missing = d.pv.get_object(&"b".repeat(64), &mut Vec::new()).await;
     match g {
@@ -125,7 +173,14 @@ both_generations!(object_uploads_respect_free_space, |g| async move {
         "Not enough disk space available",
     )
     .await;
-    assert!(!d.pv.objects().await.unwrap().iter().any(|o| o.sha256 == sha));
+    assert!(
+        !d.pv
+            .objects()
+            .await
+            .unwrap()
+            .iter()
+            .any(|o| o.sha256 == sha)
+    );
 });
 
 both_generations!(steps_read_write, |g| async move {
@@ -134,7 +189,10 @@ both_generations!(steps_read_write, |g| async move {
     assert_eq!(steps.len(), 1);
     assert_eq!(steps[0].name, "0");
     let p = steps[0].progress.as_ref().unwrap();
-    assert_eq!((p.status.as_str(), p.status_msg.as_str()), ("DONE", "Factory revision"));
+    assert_eq!(
+        (p.status.as_str(), p.status_msg.as_str()),
+        ("DONE", "Factory revision")
+    );
     let factory = d.pv.step("0").await.unwrap();
     assert_eq!(d.pv.step("current").await.unwrap(), factory);
     let rev: Revision = "locals/copy".parse().unwrap();
@@ -145,13 +203,23 @@ both_generations!(steps_read_write, |g| async move {
     match g {
         Generation::Gen2 => {
             let p = d.pv.progress("locals/copy").await.unwrap();
-            assert_eq!((p.status.as_str(), p.status_msg.as_str()), ("NEW", "Update ready to be run"));
+            assert_eq!(
+                (p.status.as_str(), p.status_msg.as_str()),
+                ("NEW", "Update ready to be run")
+            );
         }
         Generation::Gen1 => {
-            expect_status(d.pv.progress("locals/copy").await, 404, "Resource does not exist").await
+            expect_status(
+                d.pv.progress("locals/copy").await,
+                404,
+                "Resource does not exist",
+            )
+            .await
         }
     }
-    d.pv.put_commitmsg("locals/copy", "copy of the factory").await.unwrap();
+    d.pv.put_commitmsg("locals/copy", "copy of the factory")
+        .await
+        .unwrap();
     let steps = d.pv.steps().await.unwrap();
     assert_eq!(steps[0].commitmsg, "copy of the factory");
     // A state Pantavisor's parser refuses: 422 and the trail is gone.
@@ -161,16 +229,33 @@ both_generations!(steps_read_write, |g| async move {
     } else {
         "State verification has failed"
     };
-    expect_status(d.pv.put_step(&bad, br##"{"#spec":"nope@1"}"##).await, 422, text).await;
-    expect_status(d.pv.step("locals/bad").await, 404, "Resource does not exist").await;
-    expect_status(d.pv.step("locals/never").await, 404, "Resource does not exist").await;
+    expect_status(
+        d.pv.put_step(&bad, br##"{"#spec":"nope@1"}"##).await,
+        422,
+        text,
+    )
+    .await;
+    expect_status(
+        d.pv.step("locals/bad").await,
+        404,
+        "Resource does not exist",
+    )
+    .await;
+    expect_status(
+        d.pv.step("locals/never").await,
+        404,
+        "Resource does not exist",
+    )
+    .await;
     expect_status(d.pv.progress("7").await, 404, "Resource does not exist").await;
 });
 
 both_generations!(metadata_crud, |g| async move {
     let d = start(g).await;
     d.pv.put_meta(Meta::User, "plain", b"value").await.unwrap();
-    d.pv.put_meta(Meta::User, "app.color", br#"{"r":1}"#).await.unwrap();
+    d.pv.put_meta(Meta::User, "app.color", br#"{"r":1}"#)
+        .await
+        .unwrap();
     d.pv.put_meta(Meta::User, "list", b"[1,2]").await.unwrap();
     let um = d.pv.meta(Meta::User).await.unwrap();
     assert_eq!(um["plain"], json!("value"));
@@ -182,8 +267,18 @@ both_generations!(metadata_crud, |g| async move {
     d.pv.delete_meta(Meta::User, "plain").await.unwrap();
     assert!(!d.pv.meta(Meta::User).await.unwrap().contains_key("plain"));
     // gen-1 answers 404 and then 200 on the same connection; the first counts.
-    expect_status(d.pv.delete_meta(Meta::User, "plain").await, 404, "User meta does not exist").await;
-    expect_status(d.pv.delete_meta(Meta::Device, "nope").await, 404, "Device meta does not exist").await;
+    expect_status(
+        d.pv.delete_meta(Meta::User, "plain").await,
+        404,
+        "User meta does not exist",
+    )
+    .await;
+    expect_status(
+        d.pv.delete_meta(Meta::Device, "nope").await,
+        404,
+        "Device meta does not exist",
+    )
+    .await;
     let dm = d.pv.meta(Meta::Device).await.unwrap();
     assert_eq!(dm["pantavisor.revision"], json!("0"));
     assert_eq!(dm["pantavisor.mode"], json!("local"));
@@ -194,12 +289,26 @@ both_generations!(metadata_crud, |g| async move {
     for k in ["total", "free", "reserved", "real_free"] {
         assert!(storage[k].is_u64(), "storage.{k}: {storage}");
     }
-    d.pv.put_meta(Meta::Device, "pv-bridge.version", b"0.1.0").await.unwrap();
-    assert_eq!(d.pv.meta(Meta::Device).await.unwrap()["pv-bridge.version"], json!("0.1.0"));
+    d.pv.put_meta(Meta::Device, "pv-bridge.version", b"0.1.0")
+        .await
+        .unwrap();
+    assert_eq!(
+        d.pv.meta(Meta::Device).await.unwrap()["pv-bridge.version"],
+        json!("0.1.0")
+    );
     // Client-side guards: empty or oversize values, keys with '/'.
-    assert!(matches!(d.pv.put_meta(Meta::User, "k", b"").await, Err(Error::InvalidArgument(_))));
-    assert!(matches!(d.pv.put_meta(Meta::User, "k", &[b'x'; 4096]).await, Err(Error::InvalidArgument(_))));
-    assert!(matches!(d.pv.put_meta(Meta::User, "a/b", b"v").await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        d.pv.put_meta(Meta::User, "k", b"").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        d.pv.put_meta(Meta::User, "k", &[b'x'; 4096]).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        d.pv.put_meta(Meta::User, "a/b", b"v").await,
+        Err(Error::InvalidArgument(_))
+    ));
 });
 
 both_generations!(buildinfo_config_and_drivers, |g| async move {
@@ -209,18 +318,31 @@ both_generations!(buildinfo_config_and_drivers, |g| async move {
     assert_eq!(cfg["control.remote"], json!(false));
     let cfg2 = d.pv.config2().await.unwrap();
     let remote = cfg2.iter().find(|e| e.key == "PV_CONTROL_REMOTE").unwrap();
-    assert_eq!((remote.value.as_deref(), remote.modified.as_str()), (Some("0"), "env"));
+    assert_eq!(
+        (remote.value.as_deref(), remote.modified.as_str()),
+        (Some("0"), "env")
+    );
     let prn = cfg2.iter().find(|e| e.key == "PH_CREDS_PRN").unwrap();
     assert_eq!(prn.value, None, "\"(null)\" means unset");
-    assert_eq!(d.pv.drivers().await.unwrap(), vec![], "the bridge has no drivers: {{}}");
+    assert_eq!(
+        d.pv.drivers().await.unwrap(),
+        vec![],
+        "the bridge has no drivers: {{}}"
+    );
     d.pv.driver_action(None, true).await.unwrap();
-    expect_status(d.pv.driver_action(Some("wifi"), true).await, 400, "Error loading driver(s)").await;
+    expect_status(
+        d.pv.driver_action(Some("wifi"), true).await,
+        400,
+        "Error loading driver(s)",
+    )
+    .await;
 });
 
 both_generations!(commands_acceptance_rules, |g| async move {
     let d = start(g).await;
     expect_status(
-        d.pv.command(Command::UpdateMetadata(serde_json::Map::new())).await,
+        d.pv.command(Command::UpdateMetadata(serde_json::Map::new()))
+            .await,
         409,
         "Cannot do this operation while on local mode",
     )
@@ -238,19 +360,38 @@ both_generations!(commands_acceptance_rules, |g| async move {
     )
     .await;
     expect_status(
-        d.pv.command(Command::Raw { op: "BOGUS".into(), payload: String::new() }).await,
+        d.pv.command(Command::Raw {
+            op: "BOGUS".into(),
+            payload: String::new(),
+        })
+        .await,
         400,
         "Command has bad format",
     )
     .await;
     match g {
-        Generation::Gen2 => assert_eq!(d.pv.command(Command::Unclaim).await.unwrap(), CommandOutcome::AlreadyInEffect),
+        Generation::Gen2 => assert_eq!(
+            d.pv.command(Command::Unclaim).await.unwrap(),
+            CommandOutcome::AlreadyInEffect
+        ),
         // UNCLAIM only exists from 029.
-        Generation::Gen1 => expect_status(d.pv.command(Command::Unclaim).await, 400, "Command has bad format").await,
+        Generation::Gen1 => {
+            expect_status(
+                d.pv.command(Command::Unclaim).await,
+                400,
+                "Command has bad format",
+            )
+            .await
+        }
     }
     // Ops match by prefix: "ENABLE" is ENABLE_SSH.
     assert_eq!(
-        d.pv.command(Command::Raw { op: "ENABLE".into(), payload: String::new() }).await.unwrap(),
+        d.pv.command(Command::Raw {
+            op: "ENABLE".into(),
+            payload: String::new()
+        })
+        .await
+        .unwrap(),
         CommandOutcome::Queued
     );
 });
@@ -264,36 +405,76 @@ both_generations!(newer_endpoints_by_generation, |g| async move {
     if g == Generation::Gen2 {
         let daemons = d.pv.daemons().await.unwrap();
         assert!(daemons.iter().any(|x| x.name == "hwrngd"));
-        d.pv.daemon_action("pv-xconnect", DaemonAction::Stop).await.unwrap();
+        d.pv.daemon_action("pv-xconnect", DaemonAction::Stop)
+            .await
+            .unwrap();
         let stopped = d.pv.daemons().await.unwrap();
-        assert_eq!(stopped.iter().find(|x| x.name == "pv-xconnect").unwrap().pid, 0);
-        expect_status(d.pv.daemon_action("nope", DaemonAction::Start).await, 404, "Daemon not found").await;
-        expect_status(d.pv.xconnect_graph().await, 404, "xconnect not enabled at build time").await;
+        assert_eq!(
+            stopped
+                .iter()
+                .find(|x| x.name == "pv-xconnect")
+                .unwrap()
+                .pid,
+            0
+        );
+        expect_status(
+            d.pv.daemon_action("nope", DaemonAction::Start).await,
+            404,
+            "Daemon not found",
+        )
+        .await;
+        expect_status(
+            d.pv.xconnect_graph().await,
+            404,
+            "xconnect not enabled at build time",
+        )
+        .await;
         assert!(d.pv.wakelocks().await.unwrap().is_object());
         d.pv.storage_gc().await.unwrap();
-        d.pv.container_action("app", ContainerAction::Stop).await.unwrap();
-        let app = d.pv.containers().await.unwrap().into_iter().find(|c| c.name == "app").unwrap();
-        assert_eq!((app.status.as_str(), app.user_stopped), ("STOPPED", Some(true)));
+        d.pv.container_action("app", ContainerAction::Stop)
+            .await
+            .unwrap();
+        let app =
+            d.pv.containers()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.name == "app")
+                .unwrap();
+        assert_eq!(
+            (app.status.as_str(), app.user_stopped),
+            ("STOPPED", Some(true))
+        );
         expect_status(
             d.pv.container_action("app", ContainerAction::Restart).await,
             400,
             "Container state does not allow restart",
         )
         .await;
-        d.pv.container_action("app", ContainerAction::Start).await.unwrap();
+        d.pv.container_action("app", ContainerAction::Start)
+            .await
+            .unwrap();
         expect_status(
             d.pv.container_action("app", ContainerAction::Start).await,
             400,
             "Container must be in STOPPED, STOPPING, or RECOVERING state to start",
         )
         .await;
-        expect_status(d.pv.container_action("nope", ContainerAction::Stop).await, 404, "Container not found").await;
+        expect_status(
+            d.pv.container_action("nope", ContainerAction::Stop).await,
+            404,
+            "Container not found",
+        )
+        .await;
     } else {
         let e = d.pv.daemons().await.unwrap_err();
         assert_eq!(status_of(&e), unknown("/daemons"));
         let e = d.pv.storage_gc().await.unwrap_err();
         assert_eq!(status_of(&e), unknown("/storage/gc"));
-        let e = d.pv.container_action("app", ContainerAction::Stop).await.unwrap_err();
+        let e =
+            d.pv.container_action("app", ContainerAction::Stop)
+                .await
+                .unwrap_err();
         assert_eq!(status_of(&e), unknown("/containers/app"));
     }
 });
@@ -301,7 +482,11 @@ both_generations!(newer_endpoints_by_generation, |g| async move {
 both_generations!(probe_detects_generation, |g| async move {
     let d = start(g).await;
     let info = d.pv.probe().await.unwrap();
-    let want = if g == Generation::Gen2 { ClientGen::Gen2 } else { ClientGen::Gen1 };
+    let want = if g == Generation::Gen2 {
+        ClientGen::Gen2
+    } else {
+        ClientGen::Gen1
+    };
     assert_eq!(info.generation, want);
     assert!(info.version.unwrap().contains("sim"));
 });
@@ -314,7 +499,9 @@ async fn a_system_container_cannot_be_controlled() {
     let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
     state["app/run.json"]["restart_policy"] = json!("system");
     let rev: Revision = "locals/sys".parse().unwrap();
-    d.pv.put_step(&rev, state.to_string().as_bytes()).await.unwrap();
+    d.pv.put_step(&rev, state.to_string().as_bytes())
+        .await
+        .unwrap();
     d.pv.command(Command::LocalRun(rev)).await.unwrap();
     let seen = common::follow(&d.pv, "locals/sys", true, Duration::from_secs(20)).await;
     assert_eq!(seen.last().unwrap().0, "DONE", "{seen:?}");
@@ -335,11 +522,17 @@ async fn client_refuses_what_pantavisor_would_misread() {
     let d = start(Generation::Gen2).await;
     for e in [
         d.pv.put_commitmsg("current", "").await.unwrap_err(),
-        d.pv.put_commitmsg("current", &"x".repeat(257)).await.unwrap_err(),
+        d.pv.put_commitmsg("current", &"x".repeat(257))
+            .await
+            .unwrap_err(),
         d.pv.get_object("ABC", &mut Vec::new()).await.unwrap_err(),
         d.pv.progress("locals/a/b").await.unwrap_err(),
-        d.pv.command(Command::Reboot("a \"quoted\" reason".into())).await.unwrap_err(),
-        d.pv.put_step(&Revision::Remote(3), b"{}").await.unwrap_err(),
+        d.pv.command(Command::Reboot("a \"quoted\" reason".into()))
+            .await
+            .unwrap_err(),
+        d.pv.put_step(&Revision::Remote(3), b"{}")
+            .await
+            .unwrap_err(),
     ] {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     }
@@ -351,5 +544,8 @@ async fn a_missing_socket_is_a_connect_error() {
     let pv = PvCtrl::with_options(dir.path().join("nothing"), common::test_options());
     let e = pv.containers().await.unwrap_err();
     assert!(e.is_unreachable(), "{e}");
-    assert!(e.to_string().starts_with("cannot connect to pv-ctrl at "), "{e}");
+    assert!(
+        e.to_string().starts_with("cannot connect to pv-ctrl at "),
+        "{e}"
+    );
 }

@@ -1,6 +1,8 @@
 //! Full update life cycles driven through the pv-ctrl client against pv-sim, as in
 //! reference §4 and the pvtest `local/lifecycle/reboot-nonreboot-rollback`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -17,17 +19,24 @@ const LIFE: Duration = Duration::from_secs(30);
 /// uploaded first, as the canonical flow of reference §4.1 does.
 async fn stage(d: &Device, name: &str, blobs: &[&[u8]], edit: impl FnOnce(&mut Value)) -> Revision {
     for b in blobs {
-        d.pv.put_object(&sha256_hex(b), *b, b.len() as u64).await.unwrap();
+        d.pv.put_object(&sha256_hex(b), *b, b.len() as u64)
+            .await
+            .unwrap();
     }
     let mut state: Value = serde_json::from_slice(&d.pv.step("current").await.unwrap()).unwrap();
     edit(&mut state);
     let rev: Revision = format!("locals/{name}").parse().unwrap();
-    d.pv.put_step(&rev, state.to_string().as_bytes()).await.unwrap();
+    d.pv.put_step(&rev, state.to_string().as_bytes())
+        .await
+        .unwrap();
     rev
 }
 
 async fn run(d: &Device, rev: &Revision) {
-    assert_eq!(d.pv.command(Command::LocalRun(rev.clone())).await.unwrap(), CommandOutcome::Queued);
+    assert_eq!(
+        d.pv.command(Command::LocalRun(rev.clone())).await.unwrap(),
+        CommandOutcome::Queued
+    );
 }
 
 async fn running(pv: &PvCtrl) -> String {
@@ -41,7 +50,9 @@ async fn running(pv: &PvCtrl) -> String {
 }
 
 fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-    v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 /// Every observed step must appear in `canonical`, in order.
@@ -49,7 +60,10 @@ fn assert_subsequence(seen: &[(String, String)], canonical: &[(&str, &str)]) {
     let canonical = pairs(canonical);
     let mut it = canonical.iter();
     for s in seen {
-        assert!(it.any(|c| c == s), "{s:?} out of order or unexpected; saw {seen:?}");
+        assert!(
+            it.any(|c| c == s),
+            "{s:?} out of order or unexpected; saw {seen:?}"
+        );
     }
 }
 
@@ -57,15 +71,24 @@ const REBOOT_PATH: [(&str, &str); 5] = [
     ("NEW", "Update ready to be run"),
     ("INPROGRESS", "Rebooting"),
     ("INPROGRESS", "Trying new revision"),
-    ("TESTING", "Awaiting to set rollback point if update is stable"),
+    (
+        "TESTING",
+        "Awaiting to set rollback point if update is stable",
+    ),
     ("DONE", "Update finished, revision set as rollback point"),
 ];
 
 const NONREBOOT_PATH: [(&str, &str); 4] = [
     ("NEW", "Update ready to be run"),
-    ("INPROGRESS", "Transitioning to new revision without rebooting"),
+    (
+        "INPROGRESS",
+        "Transitioning to new revision without rebooting",
+    ),
     ("TESTING", "Awaiting to see if update is stable"),
-    ("UPDATED", "Update finished, revision not set as rollback point"),
+    (
+        "UPDATED",
+        "Update finished, revision not set as rollback point",
+    ),
 ];
 
 macro_rules! both_generations {
@@ -88,13 +111,22 @@ both_generations!(reboot_update_ends_done, |g| async move {
     let d = start(g).await;
     let kernel = b"a new kernel".repeat(1000);
     let before = State::parse(&d.pv.step("current").await.unwrap()).unwrap();
-    let rev = stage(&d, "reboot", &[&kernel], |s| s["bsp/kernel.img"] = json!(sha256_hex(&kernel))).await;
+    let rev = stage(&d, "reboot", &[&kernel], |s| {
+        s["bsp/kernel.img"] = json!(sha256_hex(&kernel))
+    })
+    .await;
     let after = State::parse(&d.pv.step("locals/reboot").await.unwrap()).unwrap();
-    assert!(transition(&before, &after).is_reboot(), "our model agrees: a BSP change reboots");
+    assert!(
+        transition(&before, &after).is_reboot(),
+        "our model agrees: a BSP change reboots"
+    );
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/reboot", true, LIFE).await;
     assert_subsequence(&seen, &REBOOT_PATH);
-    assert!(seen.iter().any(|s| s.1 == "Trying new revision"), "{seen:?}");
+    assert!(
+        seen.iter().any(|s| s.1 == "Trying new revision"),
+        "{seen:?}"
+    );
     assert_eq!(running(&d.pv).await, "locals/reboot");
     assert!(d.storage().join("trails/locals/reboot/.pv/done").exists());
     let steps = d.pv.steps().await.unwrap();
@@ -104,17 +136,28 @@ both_generations!(reboot_update_ends_done, |g| async move {
 both_generations!(nonreboot_update_ends_updated, |g| async move {
     let d = start(g).await;
     let root = b"a new app rootfs".repeat(4000);
-    let rev = stage(&d, "nonreboot", &[&root], |s| s["app/root.squashfs"] = json!(sha256_hex(&root))).await;
+    let rev = stage(&d, "nonreboot", &[&root], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&root))
+    })
+    .await;
     let t = transition(
         &State::parse(&d.pv.step("0").await.unwrap()).unwrap(),
         &State::parse(&d.pv.step("locals/nonreboot").await.unwrap()).unwrap(),
     );
-    assert!(!t.is_reboot(), "our model agrees: only `app` restarts: {t:?}");
+    assert!(
+        !t.is_reboot(),
+        "our model agrees: only `app` restarts: {t:?}"
+    );
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/nonreboot", false, LIFE).await;
     assert_subsequence(&seen, &NONREBOOT_PATH);
     assert_eq!(running(&d.pv).await, "locals/nonreboot");
-    assert!(!d.storage().join("trails/locals/nonreboot/.pv/done").exists(), "not a rollback point");
+    assert!(
+        !d.storage()
+            .join("trails/locals/nonreboot/.pv/done")
+            .exists(),
+        "not a rollback point"
+    );
 });
 
 both_generations!(failing_update_errors_and_rolls_back, |g| async move {
@@ -128,19 +171,39 @@ both_generations!(failing_update_errors_and_rolls_back, |g| async move {
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/error", true, LIFE).await;
     let last = seen.last().unwrap();
-    assert_eq!(last, &("ERROR".to_string(), "A container could not be started".to_string()));
+    assert_eq!(
+        last,
+        &(
+            "ERROR".to_string(),
+            "A container could not be started".to_string()
+        )
+    );
     let p = common::final_progress(&d.pv, "locals/error").await;
     let logs = p.logs.expect("failed progress carries logs");
-    assert!(logs.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "{logs}");
-    assert_eq!(running(&d.pv).await, "0", "rolled back to the last DONE revision");
+    assert!(
+        logs.lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "{logs}"
+    );
+    assert_eq!(
+        running(&d.pv).await,
+        "0",
+        "rolled back to the last DONE revision"
+    );
 });
 
 both_generations!(wontgo_is_refused_before_inprogress, |g| async move {
     let d = start(g).await;
-    let rev = stage(&d, "nope", &[], |s| s["_sim/behaviour.json"] = json!({"outcome": "wontgo"})).await;
+    let rev = stage(&d, "nope", &[], |s| {
+        s["_sim/behaviour.json"] = json!({"outcome": "wontgo"})
+    })
+    .await;
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/nope", false, LIFE).await;
-    assert_eq!(seen.last().unwrap(), &("WONTGO".to_string(), "Update aborted".to_string()));
+    assert_eq!(
+        seen.last().unwrap(),
+        &("WONTGO".to_string(), "Update aborted".to_string())
+    );
     assert!(!seen.iter().any(|s| s.0 == "INPROGRESS"), "{seen:?}");
     assert_eq!(running(&d.pv).await, "0");
 });
@@ -148,24 +211,38 @@ both_generations!(wontgo_is_refused_before_inprogress, |g| async move {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_that_never_signals_ready_fails_its_goal() {
     // The readiness rule: a revision that breaks the bridge rolls back.
-    let d = start_with(Generation::Gen2, |c| c.goals_timeout = Duration::from_millis(800)).await;
+    let d = start_with(Generation::Gen2, |c| {
+        c.goals_timeout = Duration::from_millis(800)
+    })
+    .await;
     let kernel = b"k".repeat(999);
-    let rev = stage(&d, "silent", &[&kernel], |s| s["bsp/kernel.img"] = json!(sha256_hex(&kernel))).await;
+    let rev = stage(&d, "silent", &[&kernel], |s| {
+        s["bsp/kernel.img"] = json!(sha256_hex(&kernel))
+    })
+    .await;
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/silent", false, LIFE).await;
-    assert_eq!(seen.last().unwrap(), &("ERROR".to_string(), "Status goal not reached".to_string()));
+    assert_eq!(
+        seen.last().unwrap(),
+        &("ERROR".to_string(), "Status goal not reached".to_string())
+    );
     assert_eq!(running(&d.pv).await, "0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goal_timeout_behaviour_fails_even_when_ready() {
-    let d = start_with(Generation::Gen2, |c| c.goals_timeout = Duration::from_millis(800)).await;
+    let d = start_with(Generation::Gen2, |c| {
+        c.goals_timeout = Duration::from_millis(800)
+    })
+    .await;
     let rev = stage(&d, "slow", &[], |s| {
         s["bsp/kernel.img"] = json!(sha256_hex(b"x"));
         s["_sim/behaviour.json"] = json!({"outcome": "goal-timeout"});
     })
     .await;
-    d.pv.put_object(&sha256_hex(b"x"), &b"x"[..], 1).await.unwrap();
+    d.pv.put_object(&sha256_hex(b"x"), &b"x"[..], 1)
+        .await
+        .unwrap();
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/slow", true, LIFE).await;
     assert_eq!(seen.last().unwrap().1, "Status goal not reached");
@@ -175,10 +252,19 @@ async fn goal_timeout_behaviour_fails_even_when_ready() {
 async fn a_missing_object_is_caught_at_boot_and_rolled_back() {
     // Reference §4.1 step 7: LOCAL_RUN does not check objects; the boot does.
     let d = start(Generation::Gen2).await;
-    let rev = stage(&d, "hole", &[], |s| s["bsp/kernel.img"] = json!("c".repeat(64))).await;
+    let rev = stage(&d, "hole", &[], |s| {
+        s["bsp/kernel.img"] = json!("c".repeat(64))
+    })
+    .await;
     run(&d, &rev).await;
     let seen = follow(&d.pv, "locals/hole", true, LIFE).await;
-    assert_eq!(seen.last().unwrap(), &("ERROR".to_string(), "Object validation went wrong".to_string()));
+    assert_eq!(
+        seen.last().unwrap(),
+        &(
+            "ERROR".to_string(),
+            "Object validation went wrong".to_string()
+        )
+    );
     assert_eq!(running(&d.pv).await, "0");
 }
 
@@ -186,15 +272,30 @@ async fn a_missing_object_is_caught_at_boot_and_rolled_back() {
 async fn updated_revision_becomes_done_after_the_next_reboot() {
     let d = start(Generation::Gen2).await;
     let root = b"app v2".repeat(100);
-    let rev = stage(&d, "v2", &[&root], |s| s["app/root.squashfs"] = json!(sha256_hex(&root))).await;
+    let rev = stage(&d, "v2", &[&root], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&root))
+    })
+    .await;
     run(&d, &rev).await;
-    assert_eq!(follow(&d.pv, "locals/v2", false, LIFE).await.last().unwrap().0, "UPDATED");
-    d.pv.command(Command::Reboot("commit it".into())).await.unwrap();
+    assert_eq!(
+        follow(&d.pv, "locals/v2", false, LIFE)
+            .await
+            .last()
+            .unwrap()
+            .0,
+        "UPDATED"
+    );
+    d.pv.command(Command::Reboot("commit it".into()))
+        .await
+        .unwrap();
     let seen = follow(&d.pv, "locals/v2", true, LIFE).await;
     // It may still read UPDATED before the reboot starts; the end is DONE.
     common::eventually(LIFE, "DONE after reboot", || async {
         let _ = d.pv.signal_ready().await;
-        d.pv.progress("locals/v2").await.ok().filter(|p| p.status.as_str() == "DONE")
+        d.pv.progress("locals/v2")
+            .await
+            .ok()
+            .filter(|p| p.status.as_str() == "DONE")
     })
     .await;
     assert!(!seen.is_empty());
@@ -205,7 +306,10 @@ async fn updated_revision_becomes_done_after_the_next_reboot() {
 async fn local_run_commit_forces_the_reboot_path() {
     let d = start(Generation::Gen2).await;
     let root = b"app v3".repeat(100);
-    let rev = stage(&d, "v3", &[&root], |s| s["app/root.squashfs"] = json!(sha256_hex(&root))).await;
+    let rev = stage(&d, "v3", &[&root], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&root))
+    })
+    .await;
     d.pv.command(Command::LocalRunCommit(rev)).await.unwrap();
     let seen = follow(&d.pv, "locals/v3", true, LIFE).await;
     assert_subsequence(&seen, &REBOOT_PATH);
@@ -214,14 +318,23 @@ async fn local_run_commit_forces_the_reboot_path() {
 both_generations!(commands_are_refused_while_an_update_runs, |g| async move {
     let d = start_with(g, |c| c.commit_delay = Duration::from_secs(30)).await;
     let root = b"app v4".repeat(100);
-    let rev = stage(&d, "v4", &[&root], |s| s["app/root.squashfs"] = json!(sha256_hex(&root))).await;
+    let rev = stage(&d, "v4", &[&root], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&root))
+    })
+    .await;
     run(&d, &rev).await;
     common::eventually(LIFE, "TESTING", || async {
-        d.pv.progress("locals/v4").await.ok().filter(|p| p.status.as_str() == "TESTING")
+        d.pv.progress("locals/v4")
+            .await
+            .ok()
+            .filter(|p| p.status.as_str() == "TESTING")
     })
     .await;
     let started = Instant::now();
-    let e = d.pv.command(Command::Reboot("now".into())).await.unwrap_err();
+    let e =
+        d.pv.command(Command::Reboot("now".into()))
+            .await
+            .unwrap_err();
     assert!(e.is_update_ongoing(), "{e}");
     assert_eq!(e.message(), Some(UPDATE_ONGOING_TEXT));
     let code = if g == Generation::Gen2 { 503 } else { 409 };
@@ -248,7 +361,11 @@ both_generations!(busy_command_slot_is_retried, |g| async move {
     let e = impatient.command(Command::DisableSsh).await.unwrap_err();
     assert!(matches!(&e, Error::Busy { attempts: 1, .. }), "{e}");
     assert!(e.is_busy_slot(), "{e}");
-    let (code, retry) = if g == Generation::Gen2 { (503, Some(120)) } else { (409, None) };
+    let (code, retry) = if g == Generation::Gen2 {
+        (503, Some(120))
+    } else {
+        (409, None)
+    };
     assert_eq!(e.status(), Some(code));
     if let Error::Busy { last, .. } = &e {
         if let Error::Status { retry_after, .. } = last.as_ref() {
@@ -256,7 +373,10 @@ both_generations!(busy_command_slot_is_retried, |g| async move {
         }
     }
     // The default policy waits it out.
-    assert_eq!(d.pv.command(Command::DisableSsh).await.unwrap(), CommandOutcome::Queued);
+    assert_eq!(
+        d.pv.command(Command::DisableSsh).await.unwrap(),
+        CommandOutcome::Queued
+    );
 });
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +394,10 @@ async fn pantavisor_024_silence_is_retried_as_busy() {
         },
     );
     pv.command(Command::EnableSsh).await.unwrap();
-    assert_eq!(pv.command(Command::DisableSsh).await.unwrap(), CommandOutcome::Queued);
+    assert_eq!(
+        pv.command(Command::DisableSsh).await.unwrap(),
+        CommandOutcome::Queued
+    );
     // A refusal that never clears ends as Busy with the timeout as its cause.
     let short = PvCtrl::with_options(
         d.pv.socket(),
@@ -298,7 +421,10 @@ async fn pantavisor_024_silence_is_retried_as_busy() {
 async fn gc_removes_staged_but_not_run_work() {
     let d = start(Generation::Gen2).await;
     let blob = b"staged but never run".repeat(500);
-    stage(&d, "orphan", &[&blob], |s| s["app/root.squashfs"] = json!(sha256_hex(&blob))).await;
+    stage(&d, "orphan", &[&blob], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&blob))
+    })
+    .await;
     let report = d.pv.storage_gc().await.unwrap();
     assert!(report.reclaimed >= blob.len() as u64, "{report:?}");
     assert!(d.pv.step("locals/orphan").await.unwrap_err().is_not_found());
@@ -310,10 +436,16 @@ async fn gc_removes_staged_but_not_run_work() {
         assert!(objs.iter().any(|o| o.sha256 == sha), "{sha} collected");
     }
     // RUN_GC through the command slot does the same.
-    stage(&d, "orphan2", &[&blob], |s| s["app/root.squashfs"] = json!(sha256_hex(&blob))).await;
+    stage(&d, "orphan2", &[&blob], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&blob))
+    })
+    .await;
     d.pv.command(Command::RunGc).await.unwrap();
     common::eventually(LIFE, "RUN_GC", || async {
-        d.pv.step("locals/orphan2").await.err().filter(Error::is_not_found)
+        d.pv.step("locals/orphan2")
+            .await
+            .err()
+            .filter(Error::is_not_found)
     })
     .await;
 }
@@ -322,7 +454,10 @@ async fn gc_removes_staged_but_not_run_work() {
 async fn everything_survives_a_crash() {
     let mut d = start(Generation::Gen2).await;
     let blob = b"survivor".repeat(1000);
-    stage(&d, "kept", &[&blob], |s| s["app/root.squashfs"] = json!(sha256_hex(&blob))).await;
+    stage(&d, "kept", &[&blob], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&blob))
+    })
+    .await;
     d.pv.put_commitmsg("locals/kept", "keep me").await.unwrap();
     d.pv.put_meta(Meta::User, "fleet", b"north").await.unwrap();
     let steps_before = d.pv.steps().await.unwrap();
@@ -330,30 +465,58 @@ async fn everything_survives_a_crash() {
     d.crash_and_restart().await;
     let steps_after = d.pv.steps().await.unwrap();
     assert_eq!(
-        steps_before.iter().map(|s| (&s.name, &s.commitmsg, &s.progress)).collect::<Vec<_>>(),
-        steps_after.iter().map(|s| (&s.name, &s.commitmsg, &s.progress)).collect::<Vec<_>>()
+        steps_before
+            .iter()
+            .map(|s| (&s.name, &s.commitmsg, &s.progress))
+            .collect::<Vec<_>>(),
+        steps_after
+            .iter()
+            .map(|s| (&s.name, &s.commitmsg, &s.progress))
+            .collect::<Vec<_>>()
     );
     assert_eq!(objects_before, d.pv.objects().await.unwrap());
-    assert_eq!(d.pv.meta(Meta::User).await.unwrap()["fleet"], json!("north"));
+    assert_eq!(
+        d.pv.meta(Meta::User).await.unwrap()["fleet"],
+        json!("north")
+    );
     // And the staged revision still runs.
     run(&d, &"locals/kept".parse().unwrap()).await;
-    assert_eq!(follow(&d.pv, "locals/kept", false, LIFE).await.last().unwrap().0, "UPDATED");
+    assert_eq!(
+        follow(&d.pv, "locals/kept", false, LIFE)
+            .await
+            .last()
+            .unwrap()
+            .0,
+        "UPDATED"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_while_testing_is_an_unexpected_rollback() {
-    let mut d = start_with(Generation::Gen2, |c| c.commit_delay = Duration::from_secs(30)).await;
+    let mut d = start_with(Generation::Gen2, |c| {
+        c.commit_delay = Duration::from_secs(30)
+    })
+    .await;
     let kernel = b"kernel v5".repeat(100);
-    let rev = stage(&d, "v5", &[&kernel], |s| s["bsp/kernel.img"] = json!(sha256_hex(&kernel))).await;
+    let rev = stage(&d, "v5", &[&kernel], |s| {
+        s["bsp/kernel.img"] = json!(sha256_hex(&kernel))
+    })
+    .await;
     run(&d, &rev).await;
     common::eventually(LIFE, "TESTING after the reboot", || async {
         let _ = d.pv.signal_ready().await;
-        d.pv.progress("locals/v5").await.ok().filter(|p| p.status.as_str() == "TESTING")
+        d.pv.progress("locals/v5")
+            .await
+            .ok()
+            .filter(|p| p.status.as_str() == "TESTING")
     })
     .await;
     // A power cut during the try: the bootloader falls back to the DONE revision.
     d.crash_and_restart().await;
     let p = d.pv.progress("locals/v5").await.unwrap();
-    assert_eq!((p.status.as_str(), p.status_msg.as_str()), ("ERROR", "Unexpected rollback"));
+    assert_eq!(
+        (p.status.as_str(), p.status_msg.as_str()),
+        ("ERROR", "Unexpected rollback")
+    );
     assert_eq!(running(&d.pv).await, "0");
 }

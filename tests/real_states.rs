@@ -2,6 +2,8 @@
 //! beside this repository, or `PV_BRIDGE_FIXTURES`): the state model and pv-sim
 //! must accept what real devices run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;
@@ -12,9 +14,11 @@ use pv_testkit::sim::Generation;
 use serde_json::Value;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let dir = std::env::var_os("PV_BRIDGE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/pantavisor-states")
-    });
+    let dir = std::env::var_os("PV_BRIDGE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/pantavisor-states")
+        });
     let path = dir.join(name);
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
@@ -38,10 +42,19 @@ fn the_real_initial_state_parses_and_classifies() {
     assert_eq!(kind("bsp/build.json"), EntryKind::BuildMetadata);
     assert_eq!(kind("_sigs/pvr-sdk.json"), EntryKind::BuildMetadata);
     assert_eq!(kind("network-mapping.json"), EntryKind::InlineJson);
-    assert_eq!(kind("pvr-sdk/_dm/root.squashfs.json"), EntryKind::InlineJson);
-    assert_eq!(kind("_config/awconnect/etc/wifi-connect/conf.d/WifiHotspot.json"), EntryKind::InlineJson);
+    assert_eq!(
+        kind("pvr-sdk/_dm/root.squashfs.json"),
+        EntryKind::InlineJson
+    );
+    assert_eq!(
+        kind("_config/awconnect/etc/wifi-connect/conf.d/WifiHotspot.json"),
+        EntryKind::InlineJson
+    );
     assert!(matches!(kind("bsp/trail.config"), EntryKind::Object { .. }));
-    assert!(matches!(kind("_config/pv-avahi/etc/hostname"), EntryKind::Object { .. }));
+    assert!(matches!(
+        kind("_config/pv-avahi/etc/hostname"),
+        EntryKind::Object { .. }
+    ));
     // Every value that is a string and not in an ignored or inline key is an object.
     let doc = s.as_json();
     let objects: Vec<_> = s.objects().collect();
@@ -50,9 +63,16 @@ fn the_real_initial_state_parses_and_classifies() {
         assert_eq!(doc[*path], Value::String(sha.to_string()));
     }
     let plats = s.platforms();
-    assert_eq!(plats.keys().collect::<Vec<_>>(), ["awconnect", "pv-avahi", "pvr-sdk"]);
+    assert_eq!(
+        plats.keys().collect::<Vec<_>>(),
+        ["awconnect", "pv-avahi", "pvr-sdk"]
+    );
     assert_eq!(plats["awconnect"].group, "root");
-    assert!(plats.values().all(|p| p.restart_policy == RestartPolicy::System));
+    assert!(
+        plats
+            .values()
+            .all(|p| p.restart_policy == RestartPolicy::System)
+    );
 }
 
 #[test]
@@ -64,7 +84,10 @@ fn the_real_bsp_update_is_a_reboot() {
     assert!(t.is_reboot(), "{t:?}");
     // Editing a container's config overlay in a system container also reboots.
     let mut edited = initial.as_json().clone();
-    edited.insert("_config/pv-avahi/etc/hostname".into(), Value::String("e".repeat(64)));
+    edited.insert(
+        "_config/pv-avahi/etc/hostname".into(),
+        Value::String("e".repeat(64)),
+    );
     let edited = State::from_value(Value::Object(edited)).unwrap();
     assert!(transition(&initial, &edited).is_reboot());
 }
@@ -72,17 +95,28 @@ fn the_real_bsp_update_is_a_reboot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pv_sim_accepts_real_states() {
     let d = common::start(Generation::Gen2).await;
-    for (name, file) in [("initial", "initial_state.json"), ("bsp", "state_bsp_update.json")] {
+    for (name, file) in [
+        ("initial", "initial_state.json"),
+        ("bsp", "state_bsp_update.json"),
+    ] {
         let rev: Revision = format!("locals/{name}").parse().unwrap();
-        d.pv.put_step(&rev, &fixture(file)).await.expect("pv-sim takes a real state");
+        d.pv.put_step(&rev, &fixture(file))
+            .await
+            .expect("pv-sim takes a real state");
         let back = d.pv.step(&rev.to_string()).await.unwrap();
         assert_eq!(back, fixture(file), "stored verbatim");
     }
     // Running one whose blobs are absent ends as Pantavisor would: the boot finds
     // the objects missing and rolls back.
-    d.pv.command(pv_bridge::pvctrl::Command::LocalRun("locals/bsp".parse().unwrap()))
-        .await
-        .unwrap();
+    d.pv.command(pv_bridge::pvctrl::Command::LocalRun(
+        "locals/bsp".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
     let seen = common::follow(&d.pv, "locals/bsp", true, Duration::from_secs(30)).await;
-    assert_eq!(seen.last().unwrap().1, "Object validation went wrong", "{seen:?}");
+    assert_eq!(
+        seen.last().unwrap().1,
+        "Object validation went wrong",
+        "{seen:?}"
+    );
 }

@@ -138,7 +138,11 @@ impl Config {
             }
             let name = b.name.get_ref();
             let at = Some(line_of(text, b.name.span().start));
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(err(
                     at,
                     format!("backend name {name:?} must be 1 or more of A-Z a-z 0-9 - _ ."),
@@ -161,7 +165,11 @@ impl Config {
             self.backends.len()
         );
         for b in &self.backends {
-            s.push_str(&format!("  - {} ({})\n", b.name.get_ref(), b.kind.get_ref()));
+            s.push_str(&format!(
+                "  - {} ({})\n",
+                b.name.get_ref(),
+                b.kind.get_ref()
+            ));
         }
         s
     }
@@ -222,7 +230,15 @@ device_id = "dev-1"
                 .unwrap_err(),
             "config.toml:6: backend name \"a\" is used twice"
         );
-        assert!(parse("[bridge\n").unwrap_err().starts_with("config.toml:1: "));
-        assert!(parse("[[backend]]\nname = \"x\"\n").unwrap_err().contains("missing field `type`"));
+        assert!(
+            parse("[bridge\n")
+                .unwrap_err()
+                .starts_with("config.toml:1: ")
+        );
+        assert!(
+            parse("[[backend]]\nname = \"x\"\n")
+                .unwrap_err()
+                .contains("missing field `type`")
+        );
     }
 }

@@ -75,7 +75,11 @@ pub(crate) fn encode_head(
     content_type: Option<&str>,
 ) -> Vec<u8> {
     let mut h = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-    h.push_str(concat!("User-Agent: pv-bridge/", env!("CARGO_PKG_VERSION"), "\r\n"));
+    h.push_str(concat!(
+        "User-Agent: pv-bridge/",
+        env!("CARGO_PKG_VERSION"),
+        "\r\n"
+    ));
     if let Some(len) = body_len {
         h.push_str(&format!("Content-Length: {len}\r\n"));
     }
@@ -130,7 +134,10 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, budget: &mut usize) -> io
         ));
     }
     if n > *budget {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "response head too large",
+        ));
     }
     *budget -= n;
     if buf.last() != Some(&b'\n') {
@@ -219,7 +226,9 @@ impl<R: AsyncBufRead + Unpin> Body<R> {
                 Ok(n)
             }
             Framing::Length(total) => {
-                let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                let want = buf
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 let n = self.inner.read(&mut buf[..want]).await?;
                 if n == 0 {
                     return Err(self.eof(&format!("of a {total}-byte body")));
@@ -236,7 +245,9 @@ impl<R: AsyncBufRead + Unpin> Body<R> {
                         return Ok(0);
                     }
                 }
-                let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                let want = buf
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 let n = self.inner.read(&mut buf[..want]).await?;
                 if n == 0 {
                     return Err(self.eof("inside a chunk"));
@@ -263,7 +274,10 @@ impl<R: AsyncBufRead + Unpin> Body<R> {
         let line = read_line(&mut self.inner, &mut budget).await?;
         let size = line.split(';').next().unwrap_or_default().trim();
         let size = u64::from_str_radix(size, 16).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad chunk size {line:?}"),
+            )
         })?;
         if size == 0 {
             // Trailers, then the blank line.
@@ -301,27 +315,47 @@ mod tests {
 
     #[test]
     fn status_lines_of_both_generations_parse() {
-        assert_eq!(parse_status_line("HTTP/1.1 200 OK").unwrap(), (200, "OK".into()));
-        assert_eq!(parse_status_line("HTTP/1.1 200 ").unwrap(), (200, "".into()));
+        assert_eq!(
+            parse_status_line("HTTP/1.1 200 OK").unwrap(),
+            (200, "OK".into())
+        );
+        assert_eq!(
+            parse_status_line("HTTP/1.1 200 ").unwrap(),
+            (200, "".into())
+        );
         assert_eq!(parse_status_line("HTTP/1.1 200").unwrap(), (200, "".into()));
         assert_eq!(
             parse_status_line("HTTP/1.0 422 Unprocessable Content").unwrap(),
             (422, "Unprocessable Content".into())
         );
-        for bad in ["HTTP/2 200 OK", "HTTP/1.1 2x0 OK", "HTTP/1.1 2000", "garbage", ""] {
+        for bad in [
+            "HTTP/2 200 OK",
+            "HTTP/1.1 2x0 OK",
+            "HTTP/1.1 2000",
+            "garbage",
+            "",
+        ] {
             assert!(parse_status_line(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn request_heads_are_small_and_origin_form() {
-        let h = String::from_utf8(encode_head("PUT", "/objects/ab", Some(3), Some("application/octet-stream")))
-            .unwrap();
+        let h = String::from_utf8(encode_head(
+            "PUT",
+            "/objects/ab",
+            Some(3),
+            Some("application/octet-stream"),
+        ))
+        .unwrap();
         assert!(h.starts_with("PUT /objects/ab HTTP/1.1\r\nHost: localhost\r\n"));
         assert!(h.contains("Content-Length: 3\r\n"));
         assert!(h.ends_with("Connection: close\r\n\r\n"));
         let headers = h.lines().skip(1).filter(|l| !l.is_empty()).count();
-        assert!(headers <= 8, "gen-1 refuses more than 8 headers; sent {headers}");
+        assert!(
+            headers <= 8,
+            "gen-1 refuses more than 8 headers; sent {headers}"
+        );
         let get = String::from_utf8(encode_head("GET", "/containers", None, None)).unwrap();
         assert!(!get.contains("Content-Length"));
     }
@@ -329,20 +363,26 @@ mod tests {
     async fn body_of(raw: &[u8]) -> io::Result<(Head, Vec<u8>)> {
         let mut r = tokio::io::BufReader::new(raw);
         let head = read_head(&mut r).await?;
-        let framing = head.framing(false).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))?;
+        let framing = head
+            .framing(false)
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))?;
         let body = Body::new(r, framing).read_to_vec(1 << 20).await?;
         Ok((head, body))
     }
 
     #[tokio::test]
     async fn reads_length_chunked_and_close_delimited_bodies() {
-        let (h, b) = body_of(b"HTTP/1.1 200 \r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
+        let (h, b) = body_of(b"HTTP/1.1 200 \r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
         assert_eq!((h.status, b.as_slice()), (200, &b"hello"[..]));
         let (_, b) = body_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\nwiki\r\n5\r\npedia\r\n0\r\nT: v\r\n\r\n")
             .await
             .unwrap();
         assert_eq!(b, b"wikipedia");
-        let (h, b) = body_of(b"HTTP/1.1 200 OK\r\n\r\nuntil close").await.unwrap();
+        let (h, b) = body_of(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
+            .await
+            .unwrap();
         assert_eq!((h.status, b.as_slice()), (200, &b"until close"[..]));
     }
 
@@ -354,7 +394,10 @@ mod tests {
             // Fix the length to the real JSON size.
             let s = String::from_utf8(raw.to_vec()).unwrap();
             let json = "{\"Error\":\"User meta does not exist\"}";
-            s.replace("Content-Length: 32", &format!("Content-Length: {}", json.len()))
+            s.replace(
+                "Content-Length: 32",
+                &format!("Content-Length: {}", json.len()),
+            )
         };
         let (h, b) = body_of(raw.as_bytes()).await.unwrap();
         assert_eq!(h.status, 404);
@@ -363,35 +406,54 @@ mod tests {
 
     #[tokio::test]
     async fn interim_continue_heads_are_skipped() {
-        let (h, b) = body_of(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        let (h, b) = body_of(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .unwrap();
         assert_eq!(h.status, 200);
         assert!(b.is_empty());
     }
 
     #[tokio::test]
     async fn truncated_bodies_and_heads_are_errors() {
-        let e = body_of(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await.unwrap_err();
+        let e = body_of(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         assert!(e.to_string().contains("after 3 body bytes"), "{e}");
-        let e = body_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab").await.unwrap_err();
+        let e = body_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let e = body_of(b"HTTP/1.1 200 OK\r\nContent-Le").await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let e = body_of(b"").await.unwrap_err();
         assert_eq!(e.to_string(), "connection closed before a response");
-        let e = body_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").await.unwrap_err();
+        let e = body_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("bad chunk size"));
     }
 
     #[tokio::test]
     async fn oversize_heads_and_bodies_are_refused() {
         let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
-        raw.extend(std::iter::repeat_n(b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n".as_slice(), 500).flatten());
+        raw.extend(
+            std::iter::repeat_n(
+                b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n".as_slice(),
+                500,
+            )
+            .flatten(),
+        );
         let e = body_of(&raw).await.unwrap_err();
         assert_eq!(e.to_string(), "response head too large");
-        let mut r = tokio::io::BufReader::new(&b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"[..]);
+        let mut r = tokio::io::BufReader::new(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"[..],
+        );
         let head = read_head(&mut r).await.unwrap();
-        let e = Body::new(r, head.framing(false).unwrap()).read_to_vec(4).await.unwrap_err();
+        let e = Body::new(r, head.framing(false).unwrap())
+            .read_to_vec(4)
+            .await
+            .unwrap_err();
         assert_eq!(e.to_string(), "response body larger than 4 bytes");
     }
 }

@@ -111,7 +111,10 @@ pub enum Command {
     /// 029+: forget the Pantacor Hub credentials.
     Unclaim,
     /// Any other op, sent verbatim (e.g. TRY_ONCE, which no Pantavisor implements).
-    Raw { op: String, payload: String },
+    Raw {
+        op: String,
+        payload: String,
+    },
 }
 
 impl Command {
@@ -167,7 +170,10 @@ enum Payload {
 }
 
 fn check_raw_text(what: &str, s: &str) -> Result<(), Error> {
-    if let Some(c) = s.chars().find(|c| *c == '"' || *c == '\\' || c.is_control()) {
+    if let Some(c) = s
+        .chars()
+        .find(|c| *c == '"' || *c == '\\' || c.is_control())
+    {
         return Err(Error::InvalidArgument(format!(
             "{what} {s:?} contains {c:?}, which Pantavisor's JSON reader does not unescape"
         )));
@@ -295,10 +301,9 @@ fn retry_after(head: &Head) -> Option<Duration> {
 
 fn status_error(what: &str, head: &Head, body: &[u8]) -> Error {
     let message = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) if m.get("Error").is_some_and(Value::is_string) => m["Error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
+        Ok(Value::Object(m)) if m.get("Error").is_some_and(Value::is_string) => {
+            m["Error"].as_str().unwrap_or_default().to_owned()
+        }
         _ => {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
@@ -409,10 +414,12 @@ impl PvCtrl {
                 Ok(h) => h,
                 Err(e) => return Err(write.err().map_or_else(|| read_error(&what, e), io_err)),
             };
-            let framing = head.framing(method == "HEAD").map_err(|detail| Error::Protocol {
-                what: what.clone(),
-                detail,
-            })?;
+            let framing = head
+                .framing(method == "HEAD")
+                .map_err(|detail| Error::Protocol {
+                    what: what.clone(),
+                    detail,
+                })?;
             let body = Body::new(reader, framing)
                 .read_to_vec(self.opts.max_response_bytes)
                 .await
@@ -428,7 +435,9 @@ impl PvCtrl {
                 })
             });
         match &res {
-            Ok(r) => debug!(request = %what, status = r.head.status, elapsed = ?started.elapsed(), "pv-ctrl"),
+            Ok(r) => {
+                debug!(request = %what, status = r.head.status, elapsed = ?started.elapsed(), "pv-ctrl")
+            }
             Err(e) => debug!(request = %what, error = %e, "pv-ctrl"),
         }
         res
@@ -480,8 +489,12 @@ impl PvCtrl {
             ContainerAction::Restart => "restart",
         };
         let body = serde_json::json!({ "action": action }).to_string();
-        self.put_small(&format!("/containers/{name}"), body.as_bytes(), "application/json")
-            .await
+        self.put_small(
+            &format!("/containers/{name}"),
+            body.as_bytes(),
+            "application/json",
+        )
+        .await
     }
 
     /// `GET /groups`.
@@ -494,9 +507,13 @@ impl PvCtrl {
         check_raw_text("signal type", kind)?;
         check_raw_text("signal payload", payload)?;
         let body = serde_json::json!({ "type": kind, "payload": payload }).to_string();
-        self.call("POST", "/signal", Some((body.as_bytes(), "application/json")))
-            .await
-            .map(drop)
+        self.call(
+            "POST",
+            "/signal",
+            Some((body.as_bytes(), "application/json")),
+        )
+        .await
+        .map(drop)
     }
 
     /// `POST /signal {"type":"ready"}`: the caller's container reached READY.
@@ -556,7 +573,11 @@ impl PvCtrl {
 
     /// `GET /objects/<sha>` streamed into `out`; checks the bytes hash to `sha`.
     /// Returns the number of bytes written.
-    pub async fn get_object<W: AsyncWrite + Unpin>(&self, sha: &str, out: &mut W) -> Result<u64, Error> {
+    pub async fn get_object<W: AsyncWrite + Unpin>(
+        &self,
+        sha: &str,
+        out: &mut W,
+    ) -> Result<u64, Error> {
         check_sha(sha)?;
         let path = format!("/objects/{sha}");
         let what = format!("GET {path}");
@@ -591,7 +612,10 @@ impl PvCtrl {
             let mut buf = vec![0u8; 64 * 1024];
             let mut total = 0u64;
             loop {
-                let n = body.read(&mut buf).await.map_err(|e| read_error(&what, e))?;
+                let n = body
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| read_error(&what, e))?;
                 if n == 0 {
                     break;
                 }
@@ -614,7 +638,12 @@ impl PvCtrl {
         };
         tokio::time::timeout(timeout, work)
             .await
-            .unwrap_or_else(|_| Err(Error::Timeout { what: what.clone(), after: timeout }))
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    what: what.clone(),
+                    after: timeout,
+                })
+            })
     }
 
     /// `PUT /objects/<sha>` streamed from `src`, which must yield exactly `len`
@@ -653,7 +682,12 @@ impl PvCtrl {
                     )));
                 }
                 (_, Ok(h)) => h,
-                (Err(e), Err(_)) => return Err(Error::Io { what: what.clone(), source: e }),
+                (Err(e), Err(_)) => {
+                    return Err(Error::Io {
+                        what: what.clone(),
+                        source: e,
+                    });
+                }
                 (Ok(_), Err(e)) => return Err(read_error(&what, e)),
             };
             let framing = head.framing(false).map_err(|detail| Error::Protocol {
@@ -672,7 +706,12 @@ impl PvCtrl {
         };
         tokio::time::timeout(timeout, work)
             .await
-            .unwrap_or_else(|_| Err(Error::Timeout { what: what.clone(), after: timeout }))
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    what: what.clone(),
+                    after: timeout,
+                })
+            })
     }
 
     // --- steps ---------------------------------------------------------------
@@ -705,7 +744,8 @@ impl PvCtrl {
 
     /// `GET /steps/<rev>/progress`.
     pub async fn progress(&self, rev: &str) -> Result<Progress, Error> {
-        self.get_json(&format!("{}/progress", step_path(rev)?)).await
+        self.get_json(&format!("{}/progress", step_path(rev)?))
+            .await
     }
 
     /// `PUT /steps/<rev>/commitmsg` (1 to 256 bytes: Pantavisor never answers an
@@ -751,9 +791,13 @@ impl PvCtrl {
     /// `DELETE /user-meta/<key>` or `/device-meta/<key>`; 404 when absent.
     pub async fn delete_meta(&self, which: Meta, key: &str) -> Result<(), Error> {
         check_segment("metadata key", key)?;
-        self.call("DELETE", &format!("{}/{key}", which.path()), Some((b"", "text/plain")))
-            .await
-            .map(drop)
+        self.call(
+            "DELETE",
+            &format!("{}/{key}", which.path()),
+            Some((b"", "text/plain")),
+        )
+        .await
+        .map(drop)
     }
 
     // --- build, config, drivers, daemons, storage -----------------------------
@@ -814,8 +858,12 @@ impl PvCtrl {
             DaemonAction::Stop => "stop",
         };
         let body = serde_json::json!({ "action": action }).to_string();
-        self.put_small(&format!("/daemons/{name}"), body.as_bytes(), "application/json")
-            .await
+        self.put_small(
+            &format!("/daemons/{name}"),
+            body.as_bytes(),
+            "application/json",
+        )
+        .await
     }
 
     /// `GET /xconnect-graph` (027+; 404 when built without xconnect).
@@ -880,10 +928,12 @@ fn read_error(what: &str, e: std::io::Error) -> Error {
 /// Lower-case hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -901,7 +951,9 @@ mod tests {
 
     #[test]
     fn command_bodies_are_flat_json() {
-        let b = Command::LocalRun("locals/r1".parse().unwrap()).to_body().unwrap();
+        let b = Command::LocalRun("locals/r1".parse().unwrap())
+            .to_body()
+            .unwrap();
         assert_eq!(b, br#"{"op":"LOCAL_RUN","payload":"locals/r1"}"#);
         let b = Command::RunGc.to_body().unwrap();
         assert_eq!(b, br#"{"op":"RUN_GC","payload":""}"#);
@@ -945,8 +997,14 @@ mod tests {
             after: Duration::from_secs(10),
         };
         assert_eq!(command_retry_wait(&timeout, &o), Some(o.busy_retry_wait));
-        assert_eq!(command_retry_wait(&status(503, UPDATE_ONGOING_TEXT, Some(600)), &o), None);
-        assert_eq!(command_retry_wait(&status(400, "Command has bad format", None), &o), None);
+        assert_eq!(
+            command_retry_wait(&status(503, UPDATE_ONGOING_TEXT, Some(600)), &o),
+            None
+        );
+        assert_eq!(
+            command_retry_wait(&status(400, "Command has bad format", None), &o),
+            None
+        );
         assert!(status(503, UPDATE_ONGOING_TEXT, Some(600)).is_update_ongoing());
     }
 
@@ -969,7 +1027,11 @@ mod tests {
             reason: "Unprocessable Content".into(),
             headers: vec![],
         };
-        let e = status_error("PUT /objects/x", &head, br#"{"Error":"Object has bad checksum"}"#);
+        let e = status_error(
+            "PUT /objects/x",
+            &head,
+            br#"{"Error":"Object has bad checksum"}"#,
+        );
         assert_eq!(e.message(), Some("Object has bad checksum"));
         assert_eq!(
             e.to_string(),

@@ -42,7 +42,9 @@ mod lenient {
                 .trim()
                 .parse()
                 .map_err(|_| de::Error::custom(format!("expected an integer string, got {s:?}"))),
-            other => Err(de::Error::custom(format!("expected an integer, got {other}"))),
+            other => Err(de::Error::custom(format!(
+                "expected an integer, got {other}"
+            ))),
         }
     }
 
@@ -52,7 +54,9 @@ mod lenient {
             Value::Bool(b) => Ok(Some(b)),
             Value::String(s) if s == "true" || s == "1" => Ok(Some(true)),
             Value::String(s) if s == "false" || s == "0" => Ok(Some(false)),
-            other => Err(de::Error::custom(format!("expected a boolean, got {other}"))),
+            other => Err(de::Error::custom(format!(
+                "expected a boolean, got {other}"
+            ))),
         }
     }
 
@@ -140,7 +144,9 @@ fn progress_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Progress>
     match Value::deserialize(d)? {
         Value::Null => Ok(None),
         Value::Object(m) if m.is_empty() => Ok(None),
-        v => Progress::deserialize(v).map(Some).map_err(de::Error::custom),
+        v => Progress::deserialize(v)
+            .map(Some)
+            .map_err(de::Error::custom),
     }
 }
 
@@ -205,7 +211,10 @@ impl PvStatus {
 
     /// DONE, UPDATED, ERROR and WONTGO: nothing more will happen on the device.
     pub fn is_final(&self) -> bool {
-        matches!(self, Self::Done | Self::Updated | Self::Error | Self::Wontgo)
+        matches!(
+            self,
+            Self::Done | Self::Updated | Self::Error | Self::Wontgo
+        )
     }
 
     /// DONE or UPDATED: the revision runs.
@@ -243,7 +252,11 @@ pub struct Progress {
     /// Coarse percentage fixed by the status; may arrive as a string.
     #[serde(default, deserialize_with = "lenient::u64")]
     pub progress: u64,
-    #[serde(default, deserialize_with = "lenient::opt_u64", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::opt_u64",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub retries: Option<u64>,
     /// Newline-separated JSON log lines of a failed update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -336,12 +349,18 @@ mod tests {
         assert_eq!(ar.is_stable, Some(true));
         assert_eq!(ar.current_retries, Some(0));
         let o: Vec<ObjectInfo> =
-            serde_json::from_str(r#"[{"sha256":"ab","size":"2097152"},{"sha256":"cd","size":7}]"#).unwrap();
+            serde_json::from_str(r#"[{"sha256":"ab","size":"2097152"},{"sha256":"cd","size":7}]"#)
+                .unwrap();
         assert_eq!((o[0].size, o[1].size), (2097152, 7));
-        let d: Daemon = serde_json::from_str(r#"{"name":"hwrngd","pid":"0","respawn":"true"}"#).unwrap();
+        let d: Daemon =
+            serde_json::from_str(r#"{"name":"hwrngd","pid":"0","respawn":"true"}"#).unwrap();
         assert!(d.respawn);
         let bad: Result<ObjectInfo, _> = serde_json::from_str(r#"{"sha256":"ab","size":"big"}"#);
-        assert!(bad.unwrap_err().to_string().contains("expected a decimal string"));
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("expected a decimal string")
+        );
     }
 
     #[test]
@@ -358,7 +377,8 @@ mod tests {
         .unwrap();
         assert_eq!((old.status, old.retries), (PvStatus::Done, None));
         assert_eq!(old.data, Some(json!("x")));
-        let odd: Progress = serde_json::from_str(r#"{"status":"SOMETHING","progress":"50"}"#).unwrap();
+        let odd: Progress =
+            serde_json::from_str(r#"{"status":"SOMETHING","progress":"50"}"#).unwrap();
         assert_eq!(odd.status, PvStatus::Other("SOMETHING".into()));
         assert_eq!(odd.progress, 50);
         assert!(!odd.status.is_final());

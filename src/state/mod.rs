@@ -105,7 +105,10 @@ pub enum StateError {
     #[error("state JSON uses \"{SPEC_MULTI_PLATFORM}\", which pv-bridge reads but never stages")]
     ReadOnlySpec,
     #[error("state JSON is invalid: {}{}", join(.problems), more(*.omitted))]
-    Invalid { problems: Vec<Problem>, omitted: usize },
+    Invalid {
+        problems: Vec<Problem>,
+        omitted: usize,
+    },
 }
 
 fn join(problems: &[Problem]) -> String {
@@ -147,7 +150,10 @@ pub fn check_path(key: &str) -> Result<(), String> {
         return Err("empty path".into());
     }
     if key.len() > MAX_PATH_LEN {
-        return Err(format!("path is {} bytes; the limit is {MAX_PATH_LEN}", key.len()));
+        return Err(format!(
+            "path is {} bytes; the limit is {MAX_PATH_LEN}",
+            key.len()
+        ));
     }
     if key.starts_with('/') {
         return Err("absolute path; keys are relative to the revision root".into());
@@ -249,12 +255,11 @@ fn check_entry(key: &str, value: &Value, kind: &EntryKind, p: &mut Problems) {
             ),
         },
         EntryKind::ContainerManifest => check_manifest(key, value, p),
-        EntryKind::Special if !value.is_object() && !(key == "groups.json" && value.is_array()) => {
-            p.push(
+        EntryKind::Special if !(value.is_object() || key == "groups.json" && value.is_array()) => p
+            .push(
                 Some(key),
                 format!("expected a JSON object, got {}", json_type(value)),
-            )
-        }
+            ),
         _ => {}
     }
 }
@@ -263,7 +268,10 @@ fn check_manifest(key: &str, value: &Value, p: &mut Problems) {
     let Some(m) = value.as_object() else {
         p.push(
             Some(key),
-            format!("container manifest must be a JSON object, got {}", json_type(value)),
+            format!(
+                "container manifest must be a JSON object, got {}",
+                json_type(value)
+            ),
         );
         return;
     };
@@ -463,9 +471,15 @@ impl State {
                 continue;
             };
             let dir = key.rsplit_once('/').map_or(key.as_str(), |(d, _)| d);
-            let name = m.get("name").and_then(Value::as_str).unwrap_or(dir).to_owned();
+            let name = m
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or(dir)
+                .to_owned();
             let group = match (m.get("group"), m.get("runlevel")) {
-                (Some(Value::String(g)), _) if groups.iter().any(|x| &x.name == g) => Some(g.clone()),
+                (Some(Value::String(g)), _) if groups.iter().any(|x| &x.name == g) => {
+                    Some(g.clone())
+                }
                 (_, Some(Value::String(r)))
                     if ["data", "root", "app", "platform"].contains(&r.as_str()) =>
                 {
@@ -486,7 +500,9 @@ impl State {
                 name.clone(),
                 (
                     group,
-                    m.get("status_goal").and_then(Value::as_str).map(str::to_owned),
+                    m.get("status_goal")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
                     parse_policy(m.get("restart_policy")),
                     mgmt,
                 ),
@@ -499,7 +515,12 @@ impl State {
         let root_taken = out.values().any(|(g, ..)| g.as_deref() == Some("root"));
         for (i, name) in unconfigured.iter().enumerate() {
             let group = if runlevels {
-                if i == 0 && !root_taken { "root" } else { "platform" }.to_owned()
+                if i == 0 && !root_taken {
+                    "root"
+                } else {
+                    "platform"
+                }
+                .to_owned()
             } else {
                 last.clone()
             };
@@ -548,7 +569,8 @@ impl State {
                         .to_owned(),
                     // A group without restart_policy defaults to container
                     // (`parser_system1.c: parse_groups`).
-                    policy: parse_policy(g.get("restart_policy")).unwrap_or(RestartPolicy::Container),
+                    policy: parse_policy(g.get("restart_policy"))
+                        .unwrap_or(RestartPolicy::Container),
                 })
             })
             .collect()

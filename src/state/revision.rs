@@ -25,7 +25,9 @@ pub enum RevisionError {
     Empty,
     #[error("local revision name {0:?} is empty after \"locals/\"")]
     EmptyLocal(String),
-    #[error("local revision name {name:?} is {len} characters long; at most {LOCAL_NAME_MAX} allowed")]
+    #[error(
+        "local revision name {name:?} is {len} characters long; at most {LOCAL_NAME_MAX} allowed"
+    )]
     TooLong { name: String, len: usize },
     #[error("local revision name {0:?} contains a '/' after \"locals/\"")]
     ExtraSlash(String),
@@ -134,10 +136,16 @@ mod tests {
             ("locals/", RevisionError::EmptyLocal("locals/".into())),
             ("locals/a/b", RevisionError::ExtraSlash("locals/a/b".into())),
             ("locals/..", RevisionError::DotName("locals/..".into())),
-            ("locals/a\nb", RevisionError::ControlChar("locals/a\nb".into())),
+            (
+                "locals/a\nb",
+                RevisionError::ControlChar("locals/a\nb".into()),
+            ),
             ("current", RevisionError::NotARevision("current".into())),
             ("-1", RevisionError::NotARevision("-1".into())),
-            ("99999999999999999999999", RevisionError::NotARevision("99999999999999999999999".into())),
+            (
+                "99999999999999999999999",
+                RevisionError::NotARevision("99999999999999999999999".into()),
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(input.parse::<Revision>().unwrap_err(), want, "{input:?}");

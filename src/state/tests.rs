@@ -78,9 +78,15 @@ fn classifies_every_key_like_pantavisor() {
     assert_eq!(kind("os/run.json"), EntryKind::ContainerManifest);
     assert_eq!(kind("network-mapping.json"), EntryKind::InlineJson);
     assert_eq!(kind("os/_dm/root.squashfs.json"), EntryKind::InlineJson);
-    assert_eq!(kind("_config/app/etc/app/settings.json"), EntryKind::InlineJson);
+    assert_eq!(
+        kind("_config/app/etc/app/settings.json"),
+        EntryKind::InlineJson
+    );
     assert_eq!(kind("bsp/kernel.img"), EntryKind::Object { sha256: sha(1) });
-    assert_eq!(kind("_config/os/etc/hostname"), EntryKind::Object { sha256: sha(9) });
+    assert_eq!(
+        kind("_config/os/etc/hostname"),
+        EntryKind::Object { sha256: sha(9) }
+    );
     assert!(s.kind("#spec").is_none());
 }
 
@@ -101,10 +107,17 @@ fn lists_object_references_with_their_paths() {
     let objs: Vec<_> = s.objects().collect();
     assert_eq!(objs.len(), 14);
     assert!(objs.contains(&("bsp/kernel.img", sha(1).as_str())));
-    assert!(objs.contains(&("_config/pv-bridge/etc/pv-bridge/config.toml", sha(12).as_str())));
+    assert!(objs.contains(&(
+        "_config/pv-bridge/etc/pv-bridge/config.toml",
+        sha(12).as_str()
+    )));
     let mut v = device_state();
     v["app/copy-of-kernel"] = json!(sha(1));
-    assert_eq!(parse(&v).object_ids().len(), 14, "duplicates are listed once");
+    assert_eq!(
+        parse(&v).object_ids().len(),
+        14,
+        "duplicates are listed once"
+    );
 }
 
 #[test]
@@ -163,10 +176,19 @@ fn multi_platform_states_are_read_but_never_staged() {
 #[test]
 fn rejects_path_escapes_with_the_offending_key() {
     for (key, why) in [
-        ("../etc/passwd", "\"..\" segment escapes or aliases a directory"),
-        ("app/../../x", "\"..\" segment escapes or aliases a directory"),
+        (
+            "../etc/passwd",
+            "\"..\" segment escapes or aliases a directory",
+        ),
+        (
+            "app/../../x",
+            "\"..\" segment escapes or aliases a directory",
+        ),
         ("./x", "\".\" segment escapes or aliases a directory"),
-        ("/abs/path", "absolute path; keys are relative to the revision root"),
+        (
+            "/abs/path",
+            "absolute path; keys are relative to the revision root",
+        ),
         ("app//root.squashfs", "empty path segment"),
         ("app/", "empty path segment"),
         ("", "empty path"),
@@ -202,7 +224,10 @@ fn rejects_malformed_container_manifests() {
     let mut v = device_state();
     v["app/run.json"] = json!("not an object");
     v["os/run.json"]["status_goal"] = json!("RUNNING");
-    v["pv-bridge/run.json"].as_object_mut().unwrap().remove("name");
+    v["pv-bridge/run.json"]
+        .as_object_mut()
+        .unwrap()
+        .remove("name");
     let problems = problems_of(v);
     assert_eq!(problems.len(), 3, "{problems:?}");
     assert!(problems[0].contains("app/run.json") && problems[0].contains("got a string"));
@@ -233,7 +258,10 @@ fn rejects_oversize_and_unparsable_documents() {
         StateError::TooLarge { size: 100, max: 99 }
     );
     let err = State::parse(b"{\"#spec\": ").unwrap_err();
-    assert!(matches!(err, StateError::Syntax(ref m) if m.contains("line 1")), "{err}");
+    assert!(
+        matches!(err, StateError::Syntax(ref m) if m.contains("line 1")),
+        "{err}"
+    );
 }
 
 // --- transitions -----------------------------------------------------------

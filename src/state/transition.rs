@@ -86,7 +86,11 @@ fn compare<V: PartialEq>(
         if new == Some(value) {
             continue;
         }
-        let change = if new.is_some() { "changed" } else { "was removed" };
+        let change = if new.is_some() {
+            "changed"
+        } else {
+            "was removed"
+        };
         let plat = cur_side.owner(key);
         if let Some(reason) = reboot_reason(key, plat, change) {
             return Some(reason);
@@ -129,17 +133,22 @@ pub fn transition(current: &State, pending: &State) -> Transition {
     let (cur_jsons, cur_objects) = compared(current);
     let (pend_jsons, pend_objects) = compared(pending);
     let mut restarted = BTreeSet::new();
-    if let Some(reason) = compare(&cur_jsons, &pend_jsons, &cur_side, &pend_side, &mut restarted)
-        .or_else(|| {
-            compare(
-                &cur_objects,
-                &pend_objects,
-                &cur_side,
-                &pend_side,
-                &mut restarted,
-            )
-        })
-    {
+    if let Some(reason) = compare(
+        &cur_jsons,
+        &pend_jsons,
+        &cur_side,
+        &pend_side,
+        &mut restarted,
+    )
+    .or_else(|| {
+        compare(
+            &cur_objects,
+            &pend_objects,
+            &cur_side,
+            &pend_side,
+            &mut restarted,
+        )
+    }) {
         return Transition::Reboot { reason };
     }
     Transition::NonReboot { restarted }

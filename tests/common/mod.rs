@@ -75,7 +75,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -83,7 +86,12 @@ where
 /// Follows a revision's progress until it is final, tolerating the socket going
 /// away during reboots. Returns every distinct (status, status-msg) seen, in order.
 /// When `ready` is set, sends the bridge's ready signal whenever goals are awaited.
-pub async fn follow(pv: &PvCtrl, rev: &str, ready: bool, within: Duration) -> Vec<(String, String)> {
+pub async fn follow(
+    pv: &PvCtrl,
+    rev: &str,
+    ready: bool,
+    within: Duration,
+) -> Vec<(String, String)> {
     let deadline = Instant::now() + within;
     let mut seen: Vec<(String, String)> = Vec::new();
     loop {
@@ -99,7 +107,10 @@ pub async fn follow(pv: &PvCtrl, rev: &str, ready: bool, within: Duration) -> Ve
                 return seen;
             }
         }
-        assert!(Instant::now() < deadline, "{rev} not final after {within:?}; saw {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{rev} not final after {within:?}; saw {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -110,5 +121,8 @@ pub async fn final_progress(pv: &PvCtrl, rev: &str) -> Progress {
 
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -194,7 +194,9 @@ pub enum CommandStatus {
 pub enum BackendEvent {
     Offer(Offer),
     /// Withdraw the offer with this id (honoured before INPROGRESS).
-    Cancel { id: String },
+    Cancel {
+        id: String,
+    },
     /// The complete desired user-meta owned by this backend.
     UserMeta {
         version: u64,

@@ -9,7 +9,11 @@ use clap::Parser;
 use pv_testkit::sim::{Generation, PowerState, Sim, SimConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "pv-sim", version, about = "A simulated Pantavisor device serving pv-ctrl")]
+#[command(
+    name = "pv-sim",
+    version,
+    about = "A simulated Pantavisor device serving pv-ctrl"
+)]
 struct Args {
     /// Device storage (objects, trails, metadata, logs); created on first start.
     #[arg(long, value_name = "DIR")]
@@ -50,19 +54,27 @@ struct Args {
 }
 
 fn secs(name: &str, v: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number of seconds, got {v}"))
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("--{name} must be a non-negative number of seconds, got {v}"))
 }
 
 fn config(a: Args) -> Result<SimConfig, String> {
     if !(a.log_rate.is_finite() && a.log_rate >= 0.0) {
-        return Err(format!("--log-rate must be zero or more, got {}", a.log_rate));
+        return Err(format!(
+            "--log-rate must be zero or more, got {}",
+            a.log_rate
+        ));
     }
     if a.tick_ms == 0 {
         return Err("--tick-ms must be at least 1".into());
     }
     Ok(SimConfig {
         nonmgmt_socket: a.nonmgmt_socket,
-        generation: if a.generation == 1 { Generation::Gen1 } else { Generation::Gen2 },
+        generation: if a.generation == 1 {
+            Generation::Gen1
+        } else {
+            Generation::Gen2
+        },
         commit_delay: secs("commit-delay", a.commit_delay)?,
         reboot: secs("reboot-secs", a.reboot_secs)?,
         goals_timeout: secs("goals-timeout", a.goals_timeout)?,

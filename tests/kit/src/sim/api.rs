@@ -90,9 +90,17 @@ const ROUTES: &[RouteDef] = &[
     r("/steps/{}/progress", &["GET"], Ep::Progress),
     r("/steps/{}/commitmsg", &["PUT"], Ep::Commitmsg),
     r("/user-meta", &["GET"], Ep::Meta(MetaKind::User)),
-    r("/user-meta/{}", &["PUT", "DELETE"], Ep::MetaKey(MetaKind::User)),
+    r(
+        "/user-meta/{}",
+        &["PUT", "DELETE"],
+        Ep::MetaKey(MetaKind::User),
+    ),
     r("/device-meta", &["GET"], Ep::Meta(MetaKind::Device)),
-    r("/device-meta/{}", &["PUT", "DELETE"], Ep::MetaKey(MetaKind::Device)),
+    r(
+        "/device-meta/{}",
+        &["PUT", "DELETE"],
+        Ep::MetaKey(MetaKind::Device),
+    ),
     r("/buildinfo", &["GET"], Ep::Buildinfo),
     r("/config", &["GET"], Ep::Config),
     r("/config2", &["GET"], Ep::Config2),
@@ -189,7 +197,10 @@ pub fn body_limit(ep: Ep) -> usize {
 /// Whether an empty body goes unanswered (gen-2 wildcard PUTs that rely on a
 /// "data added" callback).
 pub fn silent_when_empty(ep: Ep) -> bool {
-    matches!(ep, Ep::Container | Ep::Daemon | Ep::Commitmsg | Ep::CommitmsgLocal)
+    matches!(
+        ep,
+        Ep::Container | Ep::Daemon | Ep::Commitmsg | Ep::CommitmsgLocal
+    )
 }
 
 fn meta_word(kind: MetaKind) -> &'static str {
@@ -326,14 +337,25 @@ fn put_step(dev: &mut Device, gen1: bool, name: &str, body: &[u8]) -> Reply {
     if name.is_empty() || name.chars().count() > 64 || name == "." || name == ".." {
         return Reply::err(
             400,
-            if gen1 { "Step name has bad name" } else { "Request has bas step name" },
+            if gen1 {
+                "Step name has bad name"
+            } else {
+                "Request has bas step name"
+            },
         );
     }
     let rev = format!("locals/{name}");
     let store = dev.store().clone();
     let fail = |msg: &str| {
         let _ = store.remove_trail(&rev);
-        Reply::err(422, if gen1 { "State verification has failed" } else { msg })
+        Reply::err(
+            422,
+            if gen1 {
+                "State verification has failed"
+            } else {
+                msg
+            },
+        )
     };
     if !gen1 {
         let _ = store.set_progress(&rev, &progress_json("NEW", "Update not yet installed"));
@@ -354,7 +376,14 @@ fn put_step(dev: &mut Device, gen1: bool, name: &str, body: &[u8]) -> Reply {
     Reply::Ok
 }
 
-fn meta_key(dev: &mut Device, gen1: bool, kind: MetaKind, method: &str, key: &str, body: &[u8]) -> Reply {
+fn meta_key(
+    dev: &mut Device,
+    gen1: bool,
+    kind: MetaKind,
+    method: &str,
+    key: &str,
+    body: &[u8],
+) -> Reply {
     let word = meta_word(kind);
     let cannot = || Reply::err(500, format!("Cannot add or update {word}"));
     if key.is_empty() || key == "." || key == ".." {
@@ -403,15 +432,45 @@ mod tests {
     #[test]
     fn routes_match_pantavisor_paths() {
         use Generation::*;
-        assert_eq!(ep(Gen2, "GET", "/containers"), Ok((Ep::Containers, String::new())));
-        assert_eq!(ep(Gen2, "PUT", "/steps/locals/r1"), Ok((Ep::StepLocal, "r1".into())));
-        assert_eq!(ep(Gen2, "GET", "/steps/current/progress"), Ok((Ep::Progress, "current".into())));
-        assert_eq!(ep(Gen2, "PUT", "/drivers/load"), Ok((Ep::DriversAll { load: true }, String::new())));
-        assert_eq!(ep(Gen2, "PUT", "/drivers/wifi/load"), Ok((Ep::Driver { load: true }, "wifi".into())));
-        assert_eq!(ep(Gen2, "GET", "/containers?x=1"), Err("400 unknown endpoint: /containers?x=1".into()));
-        assert_eq!(ep(Gen2, "PUT", "/steps/5"), Err("400 Method not supported for this endpoint".into()));
-        assert_eq!(ep(Gen2, "GET", "http://localhost/containers"), Err("400 unknown endpoint: http://localhost/containers".into()));
-        assert_eq!(ep(Gen1, "GET", "/daemons"), Err("400 Unknown endpoint".into()));
-        assert_eq!(ep(Gen1, "PUT", "/containers"), Err("400 Unknown endpoint".into()));
+        assert_eq!(
+            ep(Gen2, "GET", "/containers"),
+            Ok((Ep::Containers, String::new()))
+        );
+        assert_eq!(
+            ep(Gen2, "PUT", "/steps/locals/r1"),
+            Ok((Ep::StepLocal, "r1".into()))
+        );
+        assert_eq!(
+            ep(Gen2, "GET", "/steps/current/progress"),
+            Ok((Ep::Progress, "current".into()))
+        );
+        assert_eq!(
+            ep(Gen2, "PUT", "/drivers/load"),
+            Ok((Ep::DriversAll { load: true }, String::new()))
+        );
+        assert_eq!(
+            ep(Gen2, "PUT", "/drivers/wifi/load"),
+            Ok((Ep::Driver { load: true }, "wifi".into()))
+        );
+        assert_eq!(
+            ep(Gen2, "GET", "/containers?x=1"),
+            Err("400 unknown endpoint: /containers?x=1".into())
+        );
+        assert_eq!(
+            ep(Gen2, "PUT", "/steps/5"),
+            Err("400 Method not supported for this endpoint".into())
+        );
+        assert_eq!(
+            ep(Gen2, "GET", "http://localhost/containers"),
+            Err("400 unknown endpoint: http://localhost/containers".into())
+        );
+        assert_eq!(
+            ep(Gen1, "GET", "/daemons"),
+            Err("400 Unknown endpoint".into())
+        );
+        assert_eq!(
+            ep(Gen1, "PUT", "/containers"),
+            Err("400 Unknown endpoint".into())
+        );
     }
 }

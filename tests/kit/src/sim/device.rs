@@ -55,9 +55,17 @@ struct Cmd {
 #[derive(Debug, Clone)]
 enum Phase {
     /// Waiting for every status goal; `never` simulates a goal that is not reached.
-    Goals { deadline: Instant, never: bool },
-    Testing { until: Instant },
-    Fail { at: Instant, msg: String },
+    Goals {
+        deadline: Instant,
+        never: bool,
+    },
+    Testing {
+        until: Instant,
+    },
+    Fail {
+        at: Instant,
+        msg: String,
+    },
     /// The reboot into the new revision is pending.
     Rebooting,
 }
@@ -111,7 +119,9 @@ fn progress_with_logs(status: &str, msg: &str, logs: Option<&str>) -> String {
         _ => 100,
     };
     let q = |s: &str| Value::String(s.to_owned()).to_string();
-    let logs = logs.map(|l| format!(",\"logs\":{}", q(l))).unwrap_or_default();
+    let logs = logs
+        .map(|l| format!(",\"logs\":{}", q(l)))
+        .unwrap_or_default();
     format!(
         "{{\"status\":{},\"status-msg\":{},\"progress\":{pct},\"retries\":0{logs}}}",
         q(status),
@@ -194,7 +204,11 @@ impl Device {
                 if dev.store.progress(&t).is_some_and(|p| !is_final(&p)) {
                     dev.store
                         .set_progress(&t, &progress_json("ERROR", "Unexpected rollback"))?;
-                    dev.log("ERROR", "updater", &format!("revision {t} failed to commit: Unexpected rollback"));
+                    dev.log(
+                        "ERROR",
+                        "updater",
+                        &format!("revision {t} failed to commit: Unexpected rollback"),
+                    );
                 }
                 boot.try_rev = None;
                 boot.tried = false;
@@ -224,17 +238,32 @@ impl Device {
             .collect();
         dev.log("INFO", "pantavisor", &format!("booted revision {target}"));
         for name in dev.containers.keys() {
-            dev.store.append_log(&target, name, "lxc/lxc.log", &format!("lxc-start {name} 20261126 container started\n"));
+            dev.store.append_log(
+                &target,
+                name,
+                "lxc/lxc.log",
+                &format!("lxc-start {name} 20261126 container started\n"),
+            );
         }
         if let Some(t) = trying {
             dev.set_progress(&t, "INPROGRESS", "Trying new revision")?;
-            let objects: BTreeSet<String> =
-                dev.rev.objects().iter().map(|(_, s)| s.to_string()).collect();
-            let bad = dev.rev.objects().into_iter().find(|(_, sha)| {
-                sha256_file(&dev.store.object(sha)).as_deref() != Some(*sha)
-            });
+            let objects: BTreeSet<String> = dev
+                .rev
+                .objects()
+                .iter()
+                .map(|(_, s)| s.to_string())
+                .collect();
+            let bad = dev
+                .rev
+                .objects()
+                .into_iter()
+                .find(|(_, sha)| sha256_file(&dev.store.object(sha)).as_deref() != Some(*sha));
             let phase = if let Some((path, _)) = bad {
-                dev.log("ERROR", "storage", &format!("object {path} failed validation"));
+                dev.log(
+                    "ERROR",
+                    "storage",
+                    &format!("object {path} failed validation"),
+                );
                 Phase::Fail {
                     at: now,
                     msg: "Object validation went wrong".into(),
@@ -289,13 +318,20 @@ impl Device {
 
     /// Appends to `pantavisor/pantavisor.log` in Pantavisor's line format.
     pub fn log(&self, level: &str, module: &str, msg: &str) {
-        let line = format!("[pantavisor] {} {level}\t -- [{module}]: {msg}\n", self.tsec());
+        let line = format!(
+            "[pantavisor] {} {level}\t -- [{module}]: {msg}\n",
+            self.tsec()
+        );
         self.store
             .append_log(&self.running, "pantavisor", "pantavisor.log", &line);
     }
 
     fn set_progress(&self, rev: &str, status: &str, msg: &str) -> io::Result<()> {
-        self.log("INFO", "updater", &format!("revision {rev}: {status} {msg}"));
+        self.log(
+            "INFO",
+            "updater",
+            &format!("revision {rev}: {status} {msg}"),
+        );
         self.store.set_progress(rev, &progress_json(status, msg))
     }
 
@@ -323,7 +359,10 @@ impl Device {
                     && self.rev.platforms().values().all(|p| {
                         !(up.reboot || up.restarted.contains(&p.name))
                             || p.goal != "READY"
-                            || self.containers.get(&p.name).is_some_and(|c| c.status == "READY")
+                            || self
+                                .containers
+                                .get(&p.name)
+                                .is_some_and(|c| c.status == "READY")
                     });
                 if reached {
                     let msg = if up.reboot {
@@ -361,7 +400,11 @@ impl Device {
     fn commit(&mut self, up: &Update) -> io::Result<()> {
         let mut boot = self.store.boot()?.unwrap_or_default();
         if up.reboot {
-            self.set_progress(&up.rev, "DONE", "Update finished, revision set as rollback point")?;
+            self.set_progress(
+                &up.rev,
+                "DONE",
+                "Update finished, revision set as rollback point",
+            )?;
             self.store.mark_done(&up.rev)?;
             boot.rev = up.rev.clone();
             boot.try_rev = None;
@@ -401,7 +444,11 @@ impl Device {
     }
 
     fn execute(&mut self, cmd: Cmd) -> io::Result<Option<Power>> {
-        self.log("INFO", "ctrl", &format!("processing command {} {:?}", cmd.op, cmd.payload));
+        self.log(
+            "INFO",
+            "ctrl",
+            &format!("processing command {} {:?}", cmd.op, cmd.payload),
+        );
         match cmd.op {
             "REBOOT_DEVICE" => return Ok(Some(Power::Reboot)),
             "POWEROFF_DEVICE" => return Ok(Some(Power::Poweroff)),
@@ -417,7 +464,11 @@ impl Device {
                     self.store.put_state_json("0", &j)?;
                     return self.run("0", false);
                 }
-                self.log("WARN", "ctrl", &format!("MAKE_FACTORY: revision {src} not found"));
+                self.log(
+                    "WARN",
+                    "ctrl",
+                    &format!("MAKE_FACTORY: revision {src} not found"),
+                );
             }
             "RUN_GC" => {
                 self.gc();
@@ -435,7 +486,11 @@ impl Device {
             if self.store.trail_exists(rev) {
                 self.set_progress(rev, "WONTGO", "State JSON not found")?;
             }
-            self.log("ERROR", "updater", &format!("state JSON of {rev} not found"));
+            self.log(
+                "ERROR",
+                "updater",
+                &format!("state JSON of {rev} not found"),
+            );
             return Ok(None);
         };
         let new = match Rev::parse(&json) {
@@ -463,7 +518,11 @@ impl Device {
         };
         match decision {
             Err(reason) => {
-                self.log("INFO", "updater", &format!("running {rev} requires reboot: {reason}"));
+                self.log(
+                    "INFO",
+                    "updater",
+                    &format!("running {rev} requires reboot: {reason}"),
+                );
                 self.set_progress(rev, "INPROGRESS", "Rebooting")?;
                 self.update = Some(Update {
                     rev: rev.to_owned(),
@@ -475,7 +534,11 @@ impl Device {
                 Ok(Some(Power::Reboot))
             }
             Ok(restarted) => {
-                self.set_progress(rev, "INPROGRESS", "Transitioning to new revision without rebooting")?;
+                self.set_progress(
+                    rev,
+                    "INPROGRESS",
+                    "Transitioning to new revision without rebooting",
+                )?;
                 let now = Instant::now();
                 let missing = objects
                     .iter()
@@ -529,14 +592,25 @@ impl Device {
                 self.log("INFO", "storage", &format!("removed revision {rev}"));
             }
         }
-        let protected = self.update.as_ref().map(|u| u.objects.clone()).unwrap_or_default();
+        let protected = self
+            .update
+            .as_ref()
+            .map(|u| u.objects.clone())
+            .unwrap_or_default();
         let mut reclaimed = 0;
         for (sha, (size, links)) in self.store.objects() {
-            if links <= 1 && !protected.contains(&sha) && std::fs::remove_file(self.store.object(&sha)).is_ok() {
+            if links <= 1
+                && !protected.contains(&sha)
+                && std::fs::remove_file(self.store.object(&sha)).is_ok()
+            {
                 reclaimed += size;
             }
         }
-        self.log("INFO", "storage", &format!("garbage collector reclaimed {reclaimed} bytes"));
+        self.log(
+            "INFO",
+            "storage",
+            &format!("garbage collector reclaimed {reclaimed} bytes"),
+        );
         reclaimed
     }
 
@@ -559,11 +633,19 @@ impl Device {
             self.log_seq += 1;
             let name = &running[(self.log_seq as usize) % running.len()];
             let round = self.log_seq / running.len() as u64;
-            let source = if round % 4 == 0 { "var/log/syslog" } else { "lxc/console.log" };
+            let source = if round % 4 == 0 {
+                "var/log/syslog"
+            } else {
+                "lxc/console.log"
+            };
             batches
                 .entry((name, source))
                 .or_default()
-                .push_str(&format!("{name}: synthetic log line {} at {}s\n", self.log_seq, self.tsec()));
+                .push_str(&format!(
+                    "{name}: synthetic log line {} at {}s\n",
+                    self.log_seq,
+                    self.tsec()
+                ));
         }
         for ((name, source), text) in batches {
             self.store.append_log(&self.running, name, source, &text);
@@ -577,26 +659,42 @@ impl Device {
         let reserved = total * 5 / 100;
         let storage = json!({"total": total, "free": free, "reserved": reserved,
                               "real_free": free.saturating_sub(reserved)});
-        let status = if self.update.is_some() { "UPDATING" } else { "READY" };
+        let status = if self.update.is_some() {
+            "UPDATING"
+        } else {
+            "READY"
+        };
         let version = match self.cfg.generation {
             Generation::Gen1 => "023-sim-261126",
             Generation::Gen2 => "029-sim-261126",
         };
         let entries: [(&str, String); 14] = [
-            ("pantavisor.arch", format!("{}/64/EL", std::env::consts::ARCH)),
+            (
+                "pantavisor.arch",
+                format!("{}/64/EL", std::env::consts::ARCH),
+            ),
             ("pantavisor.version", version.into()),
             ("pantavisor.dtmodel", "pv-sim".into()),
             ("pantavisor.cpumodel", "pv-sim virtual cpu".into()),
             ("pantavisor.revision", self.running.clone()),
             ("pantavisor.mode", "local".into()),
             ("pantavisor.status", status.into()),
-            ("pantavisor.uname", json!({"sysname": "Linux", "machine": std::env::consts::ARCH}).to_string()),
+            (
+                "pantavisor.uname",
+                json!({"sysname": "Linux", "machine": std::env::consts::ARCH}).to_string(),
+            ),
             ("storage", storage.to_string()),
-            ("sysinfo", json!({"uptime": self.tsec(), "loads": [0, 0, 0], "procs": 42}).to_string()),
+            (
+                "sysinfo",
+                json!({"uptime": self.tsec(), "loads": [0, 0, 0], "procs": 42}).to_string(),
+            ),
             ("pantahub.claimed", "0".into()),
             ("pantahub.online", "0".into()),
             ("interfaces", json!({"lo": ["127.0.0.1"]}).to_string()),
-            ("time", json!({"timeval": {"tv_sec": now_secs(), "tv_usec": 0}}).to_string()),
+            (
+                "time",
+                json!({"timeval": {"tv_sec": now_secs(), "tv_usec": 0}}).to_string(),
+            ),
         ];
         for (k, v) in entries {
             let _ = self.store.set_meta(MetaKind::Device, k, v.as_bytes());
@@ -630,8 +728,16 @@ impl Device {
         let (Some(Value::String(op)), Some(payload)) = (m.get("op"), m.get("payload")) else {
             return bad();
         };
-        let known = if gen1 { &OPS_GEN2[..OPS_GEN1] } else { &OPS_GEN2[..] };
-        let Some(op) = known.iter().copied().find(|name| name.starts_with(op.as_str())) else {
+        let known = if gen1 {
+            &OPS_GEN2[..OPS_GEN1]
+        } else {
+            &OPS_GEN2[..]
+        };
+        let Some(op) = known
+            .iter()
+            .copied()
+            .find(|name| name.starts_with(op.as_str()))
+        else {
             return bad();
         };
         let payload = match payload {
@@ -656,16 +762,29 @@ impl Device {
         if self.update.is_some()
             && matches!(
                 op,
-                "REBOOT_DEVICE" | "POWEROFF_DEVICE" | "LOCAL_RUN" | "LOCAL_RUN_COMMIT" | "MAKE_FACTORY" | "UNCLAIM"
+                "REBOOT_DEVICE"
+                    | "POWEROFF_DEVICE"
+                    | "LOCAL_RUN"
+                    | "LOCAL_RUN_COMMIT"
+                    | "MAKE_FACTORY"
+                    | "UNCLAIM"
             )
         {
             return refuse(503, MSG_UPDATING, Some(600));
         }
         if op == "GO_REMOTE" {
-            return refuse(409, "Cannot do this operation when remote mode is disabled by config", None);
+            return refuse(
+                409,
+                "Cannot do this operation when remote mode is disabled by config",
+                None,
+            );
         }
         if op == "DEFER_REBOOT" {
-            return refuse(409, "Cannot do this operation when debug shell is not active", None);
+            return refuse(
+                409,
+                "Cannot do this operation when debug shell is not active",
+                None,
+            );
         }
         if op == "UNCLAIM" {
             return Reply::NoContent;
@@ -694,7 +813,11 @@ impl Device {
         if let Some(c) = self.containers.get_mut(caller) {
             c.status = "READY";
         }
-        self.log("INFO", "state", &format!("platform {caller} signalled ready"));
+        self.log(
+            "INFO",
+            "state",
+            &format!("platform {caller} signalled ready"),
+        );
         Reply::Ok
     }
 
@@ -705,7 +828,11 @@ impl Device {
             .platforms()
             .values()
             .map(|p| {
-                let rt = self.containers.get(&p.name).cloned().unwrap_or_else(|| initial(&p.goal));
+                let rt = self
+                    .containers
+                    .get(&p.name)
+                    .cloned()
+                    .unwrap_or_else(|| initial(&p.goal));
                 ContainerOut {
                     name: p.name.clone(),
                     group: p.group.clone(),
@@ -713,10 +840,16 @@ impl Device {
                     status_goal: p.goal.clone(),
                     restart_policy: if p.system { "system" } else { "container" },
                     roles: if p.mgmt { vec!["mgmt"] } else { vec![] },
-                    auto_recovery: (gen2 && p.auto_recovery).then(|| json!({"policy": "on-failure",
+                    auto_recovery: (gen2 && p.auto_recovery).then(|| {
+                        json!({"policy": "on-failure",
                         "max_retries": 5, "current_retries": 0, "stable_timeout": 30,
-                        "is_stable": "true", "backoff_policy": "reboot"})),
-                    user_stopped: (gen2 && !p.system).then_some(if rt.user_stopped { "true" } else { "false" }),
+                        "is_stable": "true", "backoff_policy": "reboot"})
+                    }),
+                    user_stopped: (gen2 && !p.system).then_some(if rt.user_stopped {
+                        "true"
+                    } else {
+                        "false"
+                    }),
                 }
             })
             .collect();
@@ -725,11 +858,15 @@ impl Device {
 
     pub fn groups_json(&self) -> Vec<u8> {
         let plats = self.rev.platforms();
-        let mut groups: Vec<(String, String, bool)> = [("data", "MOUNTED", true), ("root", "STARTED", true),
-            ("platform", "STARTED", true), ("app", "STARTED", false)]
-            .into_iter()
-            .map(|(n, g, s)| (n.to_owned(), g.to_owned(), s))
-            .collect();
+        let mut groups: Vec<(String, String, bool)> = [
+            ("data", "MOUNTED", true),
+            ("root", "STARTED", true),
+            ("platform", "STARTED", true),
+            ("app", "STARTED", false),
+        ]
+        .into_iter()
+        .map(|(n, g, s)| (n.to_owned(), g.to_owned(), s))
+        .collect();
         for p in plats.values() {
             if !groups.iter().any(|g| g.0 == p.group) {
                 groups.push((p.group.clone(), p.goal.clone(), p.system));
@@ -743,8 +880,9 @@ impl Device {
                 status_goal,
                 restart_policy: if system { "system" } else { "container" },
                 status: "READY",
-                auto_recovery: (!system && gen2)
-                    .then(|| json!({"max_retries": 5, "stable_timeout": 30, "backoff_policy": "reboot"})),
+                auto_recovery: (!system && gen2).then(
+                    || json!({"max_retries": 5, "stable_timeout": 30, "backoff_policy": "reboot"}),
+                ),
             })
             .collect();
         serde_json::to_vec(&list).unwrap_or_default()
@@ -757,7 +895,10 @@ impl Device {
             return Reply::err(404, "Container not found");
         };
         if p.system {
-            return Reply::err(403, "Container has restart_policy 'system' and cannot be controlled via API");
+            return Reply::err(
+                403,
+                "Container has restart_policy 'system' and cannot be controlled via API",
+            );
         }
         let Ok(v) = serde_json::from_slice::<Value>(body) else {
             return Reply::err(400, "Invalid JSON");
@@ -775,7 +916,10 @@ impl Device {
             }
             "start" => {
                 if !matches!(rt.status, "STOPPED" | "STOPPING" | "RECOVERING") {
-                    return Reply::err(400, "Container must be in STOPPED, STOPPING, or RECOVERING state to start");
+                    return Reply::err(
+                        400,
+                        "Container must be in STOPPED, STOPPING, or RECOVERING state to start",
+                    );
                 }
                 *rt = initial(&p.goal);
             }
@@ -800,15 +944,23 @@ impl Device {
             status: &'static str,
         }
         let plats = self.rev.platforms();
-        let drivers = plats.get(caller).map(|p| p.drivers.clone()).unwrap_or_default();
+        let drivers = plats
+            .get(caller)
+            .map(|p| p.drivers.clone())
+            .unwrap_or_default();
         if drivers.is_empty() {
             return b"{}".to_vec();
         }
         let list: Vec<DriverOut> = drivers
             .into_iter()
             .map(|(name, kind)| {
-                let loaded = kind != "MANUAL" || self.loaded.contains(&(caller.to_owned(), name.clone()));
-                DriverOut { name, kind, status: if loaded { "LOADED" } else { "UNLOADED" } }
+                let loaded =
+                    kind != "MANUAL" || self.loaded.contains(&(caller.to_owned(), name.clone()));
+                DriverOut {
+                    name,
+                    kind,
+                    status: if loaded { "LOADED" } else { "UNLOADED" },
+                }
             })
             .collect();
         serde_json::to_vec(&list).unwrap_or_default()
@@ -818,7 +970,13 @@ impl Device {
         let plats = self.rev.platforms();
         let manual: Vec<String> = plats
             .get(caller)
-            .map(|p| p.drivers.iter().filter(|d| d.1 == "MANUAL").map(|d| d.0.clone()).collect())
+            .map(|p| {
+                p.drivers
+                    .iter()
+                    .filter(|d| d.1 == "MANUAL")
+                    .map(|d| d.0.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         let targets: Vec<String> = match name {
             Some("") => return Reply::err(400, "No driver name"),
@@ -878,22 +1036,45 @@ impl Device {
             value: String,
             modified: &'a str,
         }
-        let e = |key, value, modified| Entry { key, value, modified };
+        let e = |key, value, modified| Entry {
+            key,
+            value,
+            modified,
+        };
         let list = [
             e("PH_CREDS_PRN", "(null)".into(), "default"),
             e("PH_CREDS_SECRET", "(null)".into(), "default"),
             e("PV_CONTROL_REMOTE", "0".into(), "env"),
             e("PV_CONTROL_REMOTE_ALWAYS", "0".into(), "default"),
             e("PV_DEBUG_SHELL", "0".into(), "default"),
-            e("PV_DEBUG_SSH", if self.ssh.unwrap_or(false) { "1" } else { "0" }.into(),
-              if self.ssh.is_some() { "command" } else { "default" }),
+            e(
+                "PV_DEBUG_SSH",
+                if self.ssh.unwrap_or(false) { "1" } else { "0" }.into(),
+                if self.ssh.is_some() {
+                    "command"
+                } else {
+                    "default"
+                },
+            ),
             e("PV_LOG_PUSH", "0".into(), "default"),
             e("PV_LOG_SERVER_OUTPUTS", "filetree".into(), "default"),
             e("PV_SECUREBOOT_MODE", "lenient".into(), "default"),
-            e("PV_STORAGE_GC_KEEP_FACTORY", if self.cfg.gc_keep_factory { "1" } else { "0" }.into(), "args"),
+            e(
+                "PV_STORAGE_GC_KEEP_FACTORY",
+                if self.cfg.gc_keep_factory { "1" } else { "0" }.into(),
+                "args",
+            ),
             e("PV_STORAGE_GC_RESERVED", "5".into(), "default"),
-            e("PV_UPDATER_COMMIT_DELAY", self.cfg.commit_delay.as_secs().to_string(), "args"),
-            e("PV_UPDATER_GOALS_TIMEOUT", self.cfg.goals_timeout.as_secs().to_string(), "args"),
+            e(
+                "PV_UPDATER_COMMIT_DELAY",
+                self.cfg.commit_delay.as_secs().to_string(),
+                "args",
+            ),
+            e(
+                "PV_UPDATER_GOALS_TIMEOUT",
+                self.cfg.goals_timeout.as_secs().to_string(),
+                "args",
+            ),
         ];
         serde_json::to_vec(&list).unwrap_or_default()
     }
@@ -961,7 +1142,11 @@ struct GroupOut {
 /// The status a container has right after it starts.
 fn initial(goal: &str) -> Runtime {
     Runtime {
-        status: if goal == "MOUNTED" { "MOUNTED" } else { "STARTED" },
+        status: if goal == "MOUNTED" {
+            "MOUNTED"
+        } else {
+            "STARTED"
+        },
         user_stopped: false,
     }
 }

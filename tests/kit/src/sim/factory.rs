@@ -12,10 +12,9 @@ use super::store::{Boot, Store, write_atomic};
 
 /// Deterministic pseudo-random bytes (xorshift64*, seeded from the name).
 pub fn blob(name: &str, len: usize) -> Vec<u8> {
-    let mut x: u64 = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-        | 1;
+    let mut x: u64 = name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x >> 12;
@@ -41,7 +40,11 @@ pub fn put_object(store: &Store, data: &[u8]) -> io::Result<String> {
 pub fn state(store: &Store) -> io::Result<Value> {
     let obj = |name: &str, len: usize| put_object(store, &blob(name, len));
     let text = |s: &str| s.as_bytes().to_vec();
-    let lxc = |c: &str| text(&format!("lxc.uts.name = {c}\nlxc.rootfs.path = overlayfs:/volumes/{c}/root.squashfs\n"));
+    let lxc = |c: &str| {
+        text(&format!(
+            "lxc.uts.name = {c}\nlxc.rootfs.path = overlayfs:/volumes/{c}/root.squashfs\n"
+        ))
+    };
     Ok(json!({
         "#spec": "pantavisor-service-system@1",
         "bsp/run.json": {"addons": [], "firmware": "firmware.squashfs", "initrd": "pantavisor",

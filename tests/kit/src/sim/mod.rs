@@ -233,7 +233,10 @@ async fn listen(
         let l = match listener.take() {
             Some(l) => l,
             None => {
-                if power.wait_for(|s| *s != PowerState::Rebooting).await.is_err()
+                if power
+                    .wait_for(|s| *s != PowerState::Rebooting)
+                    .await
+                    .is_err()
                     || *power.borrow() == PowerState::Off
                 {
                     return;
@@ -319,7 +322,9 @@ async fn serve(
             Ok(r) => r,
             Err(HeadError::Closed | HeadError::Io) => return,
             Err(HeadError::BadFormat(why)) => {
-                shared.dev().log("WARN", "ctrl", &format!("bad request: {why}"));
+                shared
+                    .dev()
+                    .log("WARN", "ctrl", &format!("bad request: {why}"));
                 let fake = wire::Request {
                     method: String::new(),
                     target: String::new(),
@@ -415,11 +420,21 @@ async fn decide(
     if generation == Generation::Gen2 && body.is_empty() && api::silent_when_empty(m.ep) {
         return Ok(Reply::Silence);
     }
-    Ok(api::handle(&mut shared.dev(), generation, caller, &m, &req.method, &body))
+    Ok(api::handle(
+        &mut shared.dev(),
+        generation,
+        caller,
+        &m,
+        &req.method,
+        &body,
+    ))
 }
 
 /// Reads and discards a request body so a keep-alive connection stays usable.
-async fn drain(rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>, req: &wire::Request) -> io::Result<()> {
+async fn drain(
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    req: &wire::Request,
+) -> io::Result<()> {
     if req.chunked() {
         wire::read_body(rd, req, usize::MAX).await?;
     } else if let Some(n) = req.content_length() {
@@ -472,7 +487,9 @@ async fn put_object(
     let mut buf = vec![0u8; 64 * 1024];
     let mut src: Box<dyn tokio::io::AsyncRead + Unpin + Send + '_> = if req.chunked() {
         // Rare for uploads; buffer it (the simulator only needs correctness here).
-        let body = wire::read_body(rd, req, usize::MAX).await?.unwrap_or_default();
+        let body = wire::read_body(rd, req, usize::MAX)
+            .await?
+            .unwrap_or_default();
         Box::new(std::io::Cursor::new(body))
     } else {
         Box::new((&mut *rd).take(len.unwrap_or(0)))
@@ -504,8 +521,10 @@ async fn put_object(
     if write_path != final_path {
         tokio::fs::rename(&write_path, &final_path).await?;
     }
-    shared
-        .dev()
-        .log("INFO", "ctrl", &format!("object {sha} stored ({written} bytes)"));
+    shared.dev().log(
+        "INFO",
+        "ctrl",
+        &format!("object {sha} stored ({written} bytes)"),
+    );
     Ok(Reply::Ok)
 }

@@ -39,7 +39,9 @@ pub struct Rev {
 }
 
 fn is_sha(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// Keys the runtime parses itself and never compares.
@@ -240,10 +242,30 @@ pub fn transition(cur: &Rev, new: &Rev) -> Result<BTreeSet<String>, String> {
     let (cp, np) = (cur.platforms(), new.platforms());
     let mut restart = BTreeSet::new();
     let sim = |k: &&str| !k.starts_with("_sim/");
-    let cur_j: BTreeMap<&str, String> = cur.jsons().into_iter().filter(|(k, _)| sim(k)).map(|(k, v)| (k, v.to_string())).collect();
-    let new_j: BTreeMap<&str, String> = new.jsons().into_iter().filter(|(k, _)| sim(k)).map(|(k, v)| (k, v.to_string())).collect();
-    let cur_o: BTreeMap<&str, String> = cur.objects().into_iter().filter(|(k, _)| sim(k)).map(|(k, v)| (k, v.to_owned())).collect();
-    let new_o: BTreeMap<&str, String> = new.objects().into_iter().filter(|(k, _)| sim(k)).map(|(k, v)| (k, v.to_owned())).collect();
+    let cur_j: BTreeMap<&str, String> = cur
+        .jsons()
+        .into_iter()
+        .filter(|(k, _)| sim(k))
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    let new_j: BTreeMap<&str, String> = new
+        .jsons()
+        .into_iter()
+        .filter(|(k, _)| sim(k))
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    let cur_o: BTreeMap<&str, String> = cur
+        .objects()
+        .into_iter()
+        .filter(|(k, _)| sim(k))
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+    let new_o: BTreeMap<&str, String> = new
+        .objects()
+        .into_iter()
+        .filter(|(k, _)| sim(k))
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
     for (c, n) in [(&cur_j, &new_j), (&cur_o, &new_o)] {
         for (k, v) in c {
             if n.get(k) == Some(v) {
@@ -251,7 +273,9 @@ pub fn transition(cur: &Rev, new: &Rev) -> Result<BTreeSet<String>, String> {
             }
             match cp.get(owner(k)) {
                 None => return Err(format!("{k} belongs to the bsp")),
-                Some(p) if p.system => return Err(format!("{k} belongs to system container {}", p.name)),
+                Some(p) if p.system => {
+                    return Err(format!("{k} belongs to system container {}", p.name));
+                }
                 Some(p) => {
                     if n.contains_key(k) && np.get(owner(k)).is_none_or(|q| q.system) {
                         return Err(format!("{k} moves to a system container"));
@@ -263,7 +287,9 @@ pub fn transition(cur: &Rev, new: &Rev) -> Result<BTreeSet<String>, String> {
         for k in n.keys().filter(|k| !c.contains_key(*k)) {
             match np.get(owner(k)) {
                 None => return Err(format!("{k} is new in the bsp")),
-                Some(p) if p.system => return Err(format!("{k} is new in system container {}", p.name)),
+                Some(p) if p.system => {
+                    return Err(format!("{k} is new in system container {}", p.name));
+                }
                 Some(p) => {
                     restart.insert(p.name.clone());
                 }

@@ -219,7 +219,9 @@ impl Store {
 
     /// Seconds since the epoch of the trail directory's mtime.
     pub fn trail_mtime(&self, rev: &str) -> i64 {
-        fs::metadata(self.trail(rev)).map(|m| m.mtime()).unwrap_or(0)
+        fs::metadata(self.trail(rev))
+            .map(|m| m.mtime())
+            .unwrap_or(0)
     }
 
     pub fn set_current(&self, rev: &str) -> io::Result<()> {

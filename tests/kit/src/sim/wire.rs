@@ -90,7 +90,9 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
             return Err(HeadError::BadFormat("request head too large".into()));
         }
         if buf.last() != Some(&b'\n') {
-            return Err(HeadError::BadFormat("connection closed inside the request head".into()));
+            return Err(HeadError::BadFormat(
+                "connection closed inside the request head".into(),
+            ));
         }
         let line = String::from_utf8_lossy(&buf)
             .trim_end_matches(['\r', '\n'])
@@ -119,7 +121,11 @@ pub async fn read_request<R: AsyncBufRead + Unpin>(
     let http10 = match version {
         "HTTP/1.1" => false,
         "HTTP/1.0" => true,
-        _ => return Err(HeadError::BadFormat(format!("bad HTTP version {version:?}"))),
+        _ => {
+            return Err(HeadError::BadFormat(format!(
+                "bad HTTP version {version:?}"
+            )));
+        }
     };
     let mut headers = Vec::new();
     for line in it {
@@ -241,7 +247,9 @@ impl Reply {
 }
 
 fn error_body(text: &str) -> Vec<u8> {
-    serde_json::json!({ "Error": text }).to_string().into_bytes()
+    serde_json::json!({ "Error": text })
+        .to_string()
+        .into_bytes()
 }
 
 /// Writes `reply` for `method`. Returns false if the connection must close.
@@ -256,18 +264,25 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(
         (_, Reply::Drop) => return Ok(false),
         (_, Reply::Silence) => return Ok(keep),
         (Generation::Gen2, Reply::Ok) => {
-            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n")
-                .await?
+            w.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n",
+            )
+            .await?
         }
-        (Generation::Gen2, Reply::Json(b)) => write_full(w, 200, "application/json", &b, None).await?,
+        (Generation::Gen2, Reply::Json(b)) => {
+            write_full(w, 200, "application/json", &b, None).await?
+        }
         (Generation::Gen2, Reply::Text(b)) => write_full(w, 200, "text/plain", &b, None).await?,
         (_, Reply::NoContent) => w.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await?,
-        (Generation::Gen2, Reply::Error {
-            code,
-            text,
-            retry_after,
-            ..
-        }) => write_full(w, code, "application/json", &error_body(&text), retry_after).await?,
+        (
+            Generation::Gen2,
+            Reply::Error {
+                code,
+                text,
+                retry_after,
+                ..
+            },
+        ) => write_full(w, code, "application/json", &error_body(&text), retry_after).await?,
         (Generation::Gen2, Reply::File(path)) => {
             stream_file(w, &path, req.http10).await?;
             return Ok(keep && !req.http10);
@@ -283,12 +298,15 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(
             w.write_all(head.as_bytes()).await?;
             w.write_all(&data).await?
         }
-        (Generation::Gen1, Reply::Error {
-            code,
-            text,
-            then_ok,
-            ..
-        }) => {
+        (
+            Generation::Gen1,
+            Reply::Error {
+                code,
+                text,
+                then_ok,
+                ..
+            },
+        ) => {
             let body = error_body(&text);
             let head = format!(
                 "HTTP/1.1 {code} {} \r\nContent-Length: {}\r\nContent-Type: application/json; charset=utf-8\r\n\r\n",
