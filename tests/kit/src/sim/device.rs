@@ -101,6 +101,8 @@ pub struct Device {
     log_credit: f64,
     log_seq: u64,
     last_log: Instant,
+    /// How many times each container was started since this boot.
+    starts: BTreeMap<String, u64>,
 }
 
 /// A progress object, byte for byte as Pantavisor writes it
@@ -136,7 +138,7 @@ fn is_final(p: &Value) -> bool {
     )
 }
 
-fn sha256_file(path: &std::path::Path) -> Option<String> {
+pub fn sha256_file(path: &std::path::Path) -> Option<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut h = Sha256::new();
@@ -189,6 +191,7 @@ impl Device {
             log_credit: 0.0,
             log_seq: 0,
             last_log: now,
+            starts: BTreeMap::new(),
             cfg,
         };
         // The bootloader: try a pending revision once; after a try that did not
@@ -236,6 +239,7 @@ impl Device {
             .values()
             .map(|p| (p.name.clone(), initial(&p.goal)))
             .collect();
+        dev.starts = dev.containers.keys().map(|n| (n.clone(), 1)).collect();
         dev.log("INFO", "pantavisor", &format!("booted revision {target}"));
         for name in dev.containers.keys() {
             dev.store.append_log(
@@ -285,7 +289,7 @@ impl Device {
 
     fn phase_for(&self, outcome: &Outcome, now: Instant) -> Phase {
         match outcome {
-            Outcome::Error => Phase::Fail {
+            Outcome::Error(_) => Phase::Fail {
                 at: now + self.cfg.tick,
                 msg: "A container could not be started".into(),
             },
@@ -306,6 +310,11 @@ impl Device {
 
     pub fn running(&self) -> &str {
         &self.running
+    }
+
+    /// How many times `container` was started since the last boot (0: not running).
+    pub fn starts(&self, container: &str) -> u64 {
+        self.starts.get(container).copied().unwrap_or(0)
     }
 
     pub fn update_active(&self) -> bool {
@@ -421,17 +430,47 @@ impl Device {
         Ok(())
     }
 
-    /// ERROR, then a reboot into the last DONE revision.
+    /// ERROR, then a reboot into the last DONE revision. The `logs` member reads
+    /// like Pantavisor's (golden output of `lifecycle/reboot-nonreboot-rollback`).
     fn fail(&mut self, rev: &str, msg: &str) -> io::Result<Power> {
         let tsec = self.tsec();
-        let logs = [
-            json!({"tsec": tsec, "tnano": 0, "plat": "pantavisor", "lvl": "ERROR", "src": "updater", "msg": msg}),
-            json!({"tsec": tsec, "tnano": 0, "plat": "pantavisor", "lvl": "INFO", "src": "updater", "msg": "rolling back"}),
-        ]
-        .iter()
-        .map(Value::to_string)
-        .collect::<Vec<_>>()
-        .join("\n");
+        let named = match self.rev.outcome() {
+            Outcome::Error(Some(c)) => Some(c),
+            _ => None,
+        };
+        let culprit = named
+            .or_else(|| {
+                self.update
+                    .as_ref()
+                    .and_then(|u| u.restarted.iter().next().cloned())
+            })
+            .or_else(|| self.containers.keys().next().cloned())
+            .unwrap_or_default();
+        let (src, first) = match msg {
+            "A container could not be started" => {
+                ("state", format!("platform '{culprit}' is not running"))
+            }
+            "Status goal not reached" => (
+                "state",
+                format!("platform '{culprit}' did not reach its status goal"),
+            ),
+            "Object validation went wrong" => {
+                ("storage", "object checksum validation failed".to_owned())
+            }
+            other => ("updater", other.to_owned()),
+        };
+        let line = |lvl: &str, src: &str, m: &str| {
+            format!(
+                "{{\"tsec\":{tsec},\"tnano\":0,\"platform\":\"pantavisor\",\"lvl\":\"{lvl}\",\"src\":\"{src}\",\"msg\":{}}}\n",
+                Value::String(m.to_owned())
+            )
+        };
+        let logs = line("ERROR", src, &first)
+            + &line(
+                "ERROR",
+                "controller",
+                "a platform did not work as expected. Tearing down...",
+            );
         let p = progress_with_logs("ERROR", msg, Some(&logs));
         self.log("ERROR", "updater", &format!("revision {rev}: ERROR {msg}"));
         self.store.set_progress(rev, &p)?;
@@ -551,6 +590,7 @@ impl Device {
                 for p in plats.values() {
                     if restarted.contains(&p.name) || !self.containers.contains_key(&p.name) {
                         self.containers.insert(p.name.clone(), initial(&p.goal));
+                        *self.starts.entry(p.name.clone()).or_default() += 1;
                     }
                 }
                 let phase = if missing {
@@ -922,12 +962,14 @@ impl Device {
                     );
                 }
                 *rt = initial(&p.goal);
+                *self.starts.entry(name.to_owned()).or_default() += 1;
             }
             "restart" => {
                 if !matches!(rt.status, "STARTED" | "READY" | "RECOVERING") {
                     return Reply::err(400, "Container state does not allow restart");
                 }
                 *rt = initial(&p.goal);
+                *self.starts.entry(name.to_owned()).or_default() += 1;
             }
             _ => return Reply::err(400, "Invalid action. Use 'start', 'stop', or 'restart'"),
         }

@@ -185,6 +185,12 @@ impl Sim {
         self.shared.dev().running().to_owned()
     }
 
+    /// How many times `container` started since the last boot: a restart in a
+    /// non-reboot transition adds one, a reboot starts again from one.
+    pub fn container_starts(&self, container: &str) -> u64 {
+        self.shared.dev().starts(container)
+    }
+
     /// Waits until the device reaches `state`.
     pub async fn wait_power(&self, state: PowerState) {
         let mut rx = self.power.subscribe();
@@ -463,11 +469,11 @@ async fn put_object(
     if generation == Generation::Gen2 && final_path.is_file() {
         let existing = tokio::task::spawn_blocking({
             let p = final_path.clone();
-            move || std::fs::read(p).map(|b| device::hex(&Sha256::digest(&b)))
+            move || device::sha256_file(&p)
         })
         .await
         .map_err(io::Error::other)?;
-        if existing.is_ok_and(|h| h == sha) {
+        if existing.is_some_and(|h| h == sha) {
             drain(rd, req).await?;
             return Ok(Reply::Ok);
         }

@@ -24,8 +24,9 @@ pub struct Plat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Normal,
-    /// A container fails to start: ERROR and rollback.
-    Error,
+    /// A container (named, or the first restarted) fails to start: ERROR and
+    /// rollback.
+    Error(Option<String>),
     /// Refused when run: WONTGO.
     Wontgo(String),
     /// Goals never reached: ERROR "Status goal not reached" after the goals timeout.
@@ -122,7 +123,11 @@ impl Rev {
         };
         let msg = b.get("message").and_then(Value::as_str);
         match b.get("outcome").and_then(Value::as_str) {
-            Some("error") => Outcome::Error,
+            Some("error") => Outcome::Error(
+                b.get("container")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            ),
             Some("wontgo") => Outcome::Wontgo(msg.unwrap_or("Update aborted").to_owned()),
             Some("goal-timeout") => Outcome::GoalTimeout,
             _ => Outcome::Normal,

@@ -293,10 +293,11 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(
             w.write_all(&[head.as_bytes(), &b].concat()).await?
         }
         (Generation::Gen1, Reply::File(path)) => {
-            let data = tokio::fs::read(&path).await?;
-            let head = format!("HTTP/1.1 200 \r\nContent-Length: {}\r\n\r\n", data.len());
+            let mut f = tokio::fs::File::open(&path).await?;
+            let len = f.metadata().await?.len();
+            let head = format!("HTTP/1.1 200 \r\nContent-Length: {len}\r\n\r\n");
             w.write_all(head.as_bytes()).await?;
-            w.write_all(&data).await?
+            tokio::io::copy(&mut f, w).await?;
         }
         (
             Generation::Gen1,
