@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -15,23 +16,6 @@ use pv_bridge::pvctrl::{
 use pv_bridge::state::Revision;
 use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
-
-/// Runs an async test body once per generation.
-macro_rules! both_generations {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn gen1() {
-                ($body)(Generation::Gen1).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn gen2() {
-                ($body)(Generation::Gen2).await
-            }
-        }
-    };
-}
 
 fn status_of(e: &Error) -> (u16, String) {
     (

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -90,22 +91,6 @@ const NONREBOOT_PATH: [(&str, &str); 4] = [
         "Update finished, revision not set as rollback point",
     ),
 ];
-
-macro_rules! both_generations {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn gen1() {
-                ($body)(Generation::Gen1).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn gen2() {
-                ($body)(Generation::Gen2).await
-            }
-        }
-    };
-}
 
 both_generations!(reboot_update_ends_done, |g| async move {
     let d = start(g).await;

@@ -13,7 +13,8 @@
 //! for c in pv.containers().await? {
 //!     println!("{} {}", c.name, c.status);
 //! }
-//! pv.command(Command::LocalRun("locals/r1".parse().unwrap())).await?;
+//! let rev = "locals/r1".parse().expect("a valid local revision name");
+//! pv.command(Command::LocalRun(rev)).await?;
 //! # Ok(()) }
 //! ```
 
@@ -414,26 +415,14 @@ impl PvCtrl {
                 Ok(h) => h,
                 Err(e) => return Err(write.err().map_or_else(|| read_error(&what, e), io_err)),
             };
-            let framing = head
-                .framing(method == "HEAD")
-                .map_err(|detail| Error::Protocol {
-                    what: what.clone(),
-                    detail,
-                })?;
+            let framing = framing_of(&what, &head, method == "HEAD")?;
             let body = Body::new(reader, framing)
                 .read_to_vec(self.opts.max_response_bytes)
                 .await
                 .map_err(|e| read_error(&what, e))?;
             Ok(Response { head, body })
         };
-        let res = tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    what: what.clone(),
-                    after: timeout,
-                })
-            });
+        let res = within(&what, timeout, work).await;
         match &res {
             Ok(r) => {
                 debug!(request = %what, status = r.head.status, elapsed = ?started.elapsed(), "pv-ctrl")
@@ -488,13 +477,15 @@ impl PvCtrl {
             ContainerAction::Stop => "stop",
             ContainerAction::Restart => "restart",
         };
+        self.put_action(&format!("/containers/{name}"), action)
+            .await
+    }
+
+    /// `PUT <path>` with `{"action": <action>}` (containers and daemons).
+    async fn put_action(&self, path: &str, action: &str) -> Result<(), Error> {
         let body = serde_json::json!({ "action": action }).to_string();
-        self.put_small(
-            &format!("/containers/{name}"),
-            body.as_bytes(),
-            "application/json",
-        )
-        .await
+        self.put_small(path, body.as_bytes(), "application/json")
+            .await
     }
 
     /// `GET /groups`.
@@ -596,10 +587,7 @@ impl PvCtrl {
             let head = http::read_head(&mut reader)
                 .await
                 .map_err(|e| read_error(&what, e))?;
-            let framing = head.framing(false).map_err(|detail| Error::Protocol {
-                what: what.clone(),
-                detail,
-            })?;
+            let framing = framing_of(&what, &head, false)?;
             let mut body = Body::new(reader, framing);
             if head.status != 200 {
                 let text = body
@@ -631,19 +619,9 @@ impl PvCtrl {
                     detail: format!("the {total} bytes received hash to {got}"),
                 });
             }
-            if let Framing::Length(n) = framing {
-                debug_assert_eq!(n, total);
-            }
             Ok(total)
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    what: what.clone(),
-                    after: timeout,
-                })
-            })
+        within(&what, timeout, work).await
     }
 
     /// `PUT /objects/<sha>` streamed from `src`, which must yield exactly `len`
@@ -690,10 +668,7 @@ impl PvCtrl {
                 }
                 (Ok(_), Err(e)) => return Err(read_error(&what, e)),
             };
-            let framing = head.framing(false).map_err(|detail| Error::Protocol {
-                what: what.clone(),
-                detail,
-            })?;
+            let framing = framing_of(&what, &head, false)?;
             let body = Body::new(reader, framing)
                 .read_to_vec(64 * 1024)
                 .await
@@ -704,14 +679,7 @@ impl PvCtrl {
                 Err(status_error(&what, &head, &body))
             }
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    what: what.clone(),
-                    after: timeout,
-                })
-            })
+        within(&what, timeout, work).await
     }
 
     // --- steps ---------------------------------------------------------------
@@ -857,13 +825,7 @@ impl PvCtrl {
             DaemonAction::Start => "start",
             DaemonAction::Stop => "stop",
         };
-        let body = serde_json::json!({ "action": action }).to_string();
-        self.put_small(
-            &format!("/daemons/{name}"),
-            body.as_bytes(),
-            "application/json",
-        )
-        .await
+        self.put_action(&format!("/daemons/{name}"), action).await
     }
 
     /// `GET /xconnect-graph` (027+; 404 when built without xconnect).
@@ -909,6 +871,31 @@ impl PvCtrl {
             version,
         })
     }
+}
+
+/// Runs `work`, turning an elapsed `timeout` into [`Error::Timeout`].
+async fn within<T>(
+    what: &str,
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                what: what.to_owned(),
+                after: timeout,
+            })
+        })
+}
+
+/// How the body after `head` ends, or a protocol error naming the request.
+fn framing_of(what: &str, head: &Head, head_request: bool) -> Result<Framing, Error> {
+    head.framing(head_request)
+        .map_err(|detail| Error::Protocol {
+            what: what.to_owned(),
+            detail,
+        })
 }
 
 fn read_error(what: &str, e: std::io::Error) -> Error {

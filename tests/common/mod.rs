@@ -1,6 +1,6 @@
 //! Shared helpers: a pv-sim per test in a temporary directory, and waiting for
 //! observable conditions with deadlines (never bare sleeps).
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -8,6 +8,24 @@ use std::time::{Duration, Instant};
 
 use pv_bridge::pvctrl::{Options, Progress, PvCtrl};
 use pv_testkit::sim::{Generation, Sim, SimConfig};
+
+/// Defines a module `$name` with one test per pv-ctrl generation, each running the
+/// async closure `$body` with that generation.
+macro_rules! both_generations {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn gen1() {
+                ($body)(pv_testkit::sim::Generation::Gen1).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn gen2() {
+                ($body)(pv_testkit::sim::Generation::Gen2).await
+            }
+        }
+    };
+}
 
 pub struct Device {
     pub dir: tempfile::TempDir,
