@@ -533,3 +533,21 @@ async fn a_missing_socket_is_a_connect_error() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_caller_gets_500_everywhere() {
+    // A process whose container is not in the running revision.
+    let d = common::start_with(Generation::Gen2, |c| c.mgmt_caller = "ghost".into()).await;
+    expect_status(
+        d.pv.containers().await,
+        500,
+        "Internal error, unknown caller",
+    )
+    .await;
+    expect_status(
+        d.pv.signal_ready().await,
+        500,
+        "Internal error, unknown caller",
+    )
+    .await;
+}

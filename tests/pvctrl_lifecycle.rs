@@ -720,3 +720,26 @@ async fn missing_or_corrupt_state_on_disk_is_wontgo() {
         assert_eq!(running(&d.pv).await, "0");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_object_is_caught_at_boot_and_rolled_back() {
+    let d = start(Generation::Gen2).await;
+    let kernel = b"kernel v6".repeat(100);
+    let sha = sha256_hex(&kernel);
+    let rev = stage(&d, "corrupt", &[&kernel], |s| {
+        s["bsp/kernel.img"] = json!(sha)
+    })
+    .await;
+    // Bit rot between upload and boot.
+    std::fs::write(d.storage().join(format!("objects/{sha}")), b"flipped bits").unwrap();
+    run(&d, &rev).await;
+    let seen = follow(&d.pv, "locals/corrupt", true, LIFE).await;
+    assert_eq!(
+        seen.last().unwrap(),
+        &(
+            "ERROR".to_string(),
+            "Object validation went wrong".to_string()
+        )
+    );
+    assert_eq!(running(&d.pv).await, "0");
+}

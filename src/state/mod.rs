@@ -304,6 +304,20 @@ fn check_manifest(key: &str, value: &Value, p: &mut Problems) {
     }
 }
 
+/// What changed between two states, key by key (`#spec` included).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
 /// A container declared by a state, with the group defaults applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Platform {
@@ -454,6 +468,38 @@ impl State {
     /// The distinct objects the state needs, sorted.
     pub fn object_ids(&self) -> std::collections::BTreeSet<&str> {
         self.objects().map(|(_, sha)| sha).collect()
+    }
+
+    /// Keys added, removed and changed going from `self` to `newer`, each sorted.
+    pub fn diff(&self, newer: &State) -> Diff {
+        let mut d = Diff::default();
+        for (k, v) in &self.doc {
+            match newer.doc.get(k) {
+                None => d.removed.push(k.clone()),
+                Some(n) if n != v => d.changed.push(k.clone()),
+                Some(_) => {}
+            }
+        }
+        d.added = newer
+            .doc
+            .keys()
+            .filter(|k| !self.doc.contains_key(*k))
+            .cloned()
+            .collect();
+        for list in [&mut d.added, &mut d.removed, &mut d.changed] {
+            list.sort();
+        }
+        d
+    }
+
+    /// Objects `newer` references that `self` does not: what an update must bring.
+    pub fn new_objects<'a>(&self, newer: &'a State) -> std::collections::BTreeSet<&'a str> {
+        let have = self.object_ids();
+        newer
+            .object_ids()
+            .into_iter()
+            .filter(|sha| !have.contains(sha))
+            .collect()
     }
 
     /// The containers the state declares, keyed by name, with group defaults

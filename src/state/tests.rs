@@ -361,3 +361,23 @@ fn specially_parsed_files_and_build_metadata_are_not_compared() {
         restarted(&[])
     );
 }
+
+#[test]
+fn diff_lists_added_removed_and_changed_keys() {
+    let cur = device_state();
+    let mut new = cur.clone();
+    new["app/root.squashfs"] = json!(sha(70));
+    new["web/root.squashfs"] = json!(sha(71));
+    new.as_object_mut()
+        .unwrap()
+        .remove("_config/app/etc/app/settings.json");
+    new["device.json"]["volumes"] = json!({});
+    let (a, b) = (parse(&cur), parse(&new));
+    let d = a.diff(&b);
+    assert_eq!(d.added, ["web/root.squashfs"]);
+    assert_eq!(d.removed, ["_config/app/etc/app/settings.json"]);
+    assert_eq!(d.changed, ["app/root.squashfs", "device.json"]);
+    assert!(a.diff(&a).is_empty());
+    let fresh: Vec<&str> = a.new_objects(&b).into_iter().collect();
+    assert_eq!(fresh, [sha(70).as_str(), sha(71).as_str()]);
+}

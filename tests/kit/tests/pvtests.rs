@@ -836,3 +836,95 @@ fn kill_dash_nine_loses_nothing() {
             .contains(r#""status":"DONE""#)
     });
 }
+
+// --- the remaining error texts of reference §2 --------------------------------------
+
+#[test]
+fn remaining_error_texts_gen2() {
+    let s = PvSim::start(&[]);
+    let put = |path: &str, body: &str| s.curl(&["-X", "PUT", "--data", body, &u(path)]);
+    let err = |r: Reply| (r.code, r.body);
+    let e = |code: u16, text: &str| (code, format!(r#"{{"Error":"{text}"}}"#));
+    assert_eq!(
+        err(put("/containers/app", "not json")),
+        e(400, "Invalid JSON")
+    );
+    assert_eq!(
+        err(put("/containers/app", "{}")),
+        e(400, "Missing 'action' field")
+    );
+    assert_eq!(
+        err(put("/containers/app", r#"{"action":"pause"}"#)),
+        e(400, "Invalid action. Use 'start', 'stop', or 'restart'")
+    );
+    let big = format!(r#"{{"action":"stop","pad":"{}"}}"#, "x".repeat(1100));
+    assert_eq!(
+        err(put("/containers/app", &big)),
+        e(507, "Not enough disk space available")
+    );
+    assert_eq!(
+        err(s.curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Length: 0",
+            &u("/steps/locals/empty")
+        ])),
+        e(422, "Storage: Cannot read state JSON")
+    );
+    let dots = s.curl(&[
+        "--path-as-is",
+        "-X",
+        "PUT",
+        "--data",
+        "v",
+        &u("/user-meta/.."),
+    ]);
+    assert_eq!(err(dots), e(500, "Cannot add or update user meta"));
+    assert_eq!(err(put("/drivers//load", "")), e(400, "No driver name"));
+    let r = s.curl(&["-X", "PATCH", &u("/containers")]);
+    assert_eq!(
+        r.code, 405,
+        "methods outside libevent's set are refused by libevent"
+    );
+}
+
+#[test]
+fn remaining_error_texts_gen1() {
+    let s = PvSim::start(&["--generation", "1"]);
+    let r = s.curl(&[
+        "-X",
+        "PUT",
+        "--data",
+        "{}",
+        &u(&format!("/steps/locals/{}", "y".repeat(65))),
+    ]);
+    assert_eq!(
+        (r.code, r.body.as_str()),
+        (400, r#"{"Error":"Step name has bad name"}"#)
+    );
+    let r = s.curl(&["-X", "PUT", "--data", "[]", &u("/steps/locals/bad")]);
+    assert_eq!(
+        (r.code, r.body.as_str()),
+        (422, r#"{"Error":"State verification has failed"}"#)
+    );
+    let r = s.curl(&[
+        "-X",
+        "POST",
+        "--data",
+        r#"{"op":"GO_REMOTE","payload":""}"#,
+        &u("/commands"),
+    ]);
+    assert_eq!(
+        (r.code, r.body.as_str()),
+        (
+            409,
+            r#"{"Error":"Cannot do this operation when remote mode is disabled by config"}"#
+        )
+    );
+    let r = s.curl(&[&u(&format!("/objects/{}", "d".repeat(64)))]);
+    assert_eq!(
+        (r.code, r.body.as_str()),
+        (404, r#"{"Error":"Resource does not exist"}"#)
+    );
+}
