@@ -928,3 +928,71 @@ fn remaining_error_texts_gen1() {
         (404, r#"{"Error":"Resource does not exist"}"#)
     );
 }
+
+#[test]
+fn poweroff_ends_the_simulator_cleanly() {
+    let mut s = PvSim::start(&[]);
+    let r = s.curl(&[
+        "-X",
+        "POST",
+        "--data",
+        r#"{"op":"POWEROFF_DEVICE","payload":"bye"}"#,
+        &u("/commands"),
+    ]);
+    assert_eq!(r.code, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pv-sim still running after POWEROFF_DEVICE"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(!s.sock().exists(), "the socket is gone");
+}
+
+#[test]
+fn a_try_revision_whose_state_rotted_falls_back_to_the_done_one() {
+    let mut s = PvSim::start(&[]);
+    let k = s.dir.path().join("k");
+    std::fs::write(&k, b"kernel v7").unwrap();
+    let sha = sha256(b"kernel v7");
+    s.curl(&[
+        "-X",
+        "PUT",
+        "-T",
+        k.to_str().unwrap(),
+        &u(&format!("/objects/{sha}")),
+    ]);
+    let mut state = s.curl(&[&u("/steps/current")]).json();
+    state["bsp/kernel.img"] = json!(sha);
+    s.curl(&[
+        "-X",
+        "PUT",
+        "--data",
+        &state.to_string(),
+        &u("/steps/locals/rot"),
+    ]);
+    // Stop the device before it runs anything, make it try `locals/rot` at the next
+    // boot, and corrupt that revision's state on disk.
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    let boot = s.storage().join("boot.json");
+    std::fs::write(&boot, r#"{"rev":"0","try":"locals/rot","tried":false}"#).unwrap();
+    std::fs::write(s.storage().join("trails/locals/rot/.pvr/json"), b"{garbage").unwrap();
+    s.child = spawn(&s.args);
+    s.wait_up();
+    assert_eq!(
+        s.curl(&[&u("/device-meta")]).json()["pantavisor.revision"],
+        json!("0")
+    );
+    let p = s.curl(&[&u("/steps/locals/rot/progress")]).json();
+    assert_eq!(
+        (p["status"].as_str(), p["status-msg"].as_str()),
+        (Some("ERROR"), Some("State JSON has bad format"))
+    );
+}

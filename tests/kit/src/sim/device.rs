@@ -219,17 +219,24 @@ impl Device {
             }
             None => {}
         }
+        let load = |rev: &str| dev.store.state_json(rev).and_then(|j| Rev::parse(&j).ok());
+        if let Some(t) = trying.clone().filter(|t| load(t).is_none()) {
+            // The try revision cannot even be parsed: it fails and the bootloader
+            // falls back to the last DONE revision.
+            dev.store
+                .set_progress(&t, &progress_json("ERROR", "State JSON has bad format"))?;
+            boot.try_rev = None;
+            boot.tried = false;
+            dev.store.set_boot(&boot)?;
+            trying = None;
+        }
         let target = trying.clone().unwrap_or_else(|| boot.rev.clone());
-        let rev = dev
-            .store
-            .state_json(&target)
-            .and_then(|j| Rev::parse(&j).ok())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("cannot boot: revision {target} has no valid state JSON"),
-                )
-            })?;
+        let rev = load(&target).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("cannot boot: revision {target} has no valid state JSON"),
+            )
+        })?;
         dev.running = target.clone();
         dev.rev = rev;
         dev.store.set_current(&target)?;
