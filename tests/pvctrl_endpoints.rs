@@ -551,3 +551,46 @@ async fn an_unknown_caller_gets_500_everywhere() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_upload_source_fails_fast_and_a_retry_repairs_the_partial_object() {
+    let d = start(Generation::Gen2).await;
+    let data = vec![42u8; 200_000];
+    let sha = sha256_hex(&data);
+    let started = std::time::Instant::now();
+    let e =
+        d.pv.put_object(&sha, &data[..1000], data.len() as u64)
+            .await
+            .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(
+        e.to_string().contains("ended after 1000 of 200000 bytes"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no wait for an answer"
+    );
+    // Pantavisor (gen-2) keeps the partial file under the final name: it is listed
+    // with the wrong size until a complete upload replaces it.
+    let partial = common::eventually(Duration::from_secs(5), "partial object listed", || async {
+        d.pv.objects()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|o| o.sha256 == sha)
+    })
+    .await;
+    assert!(partial.size < data.len() as u64, "{partial:?}");
+    d.pv.put_object(&sha, &data[..], data.len() as u64)
+        .await
+        .unwrap();
+    let fixed =
+        d.pv.objects()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|o| o.sha256 == sha)
+            .unwrap();
+    assert_eq!(fixed.size, data.len() as u64);
+}

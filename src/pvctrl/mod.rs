@@ -649,16 +649,20 @@ impl PvCtrl {
                 Ok::<u64, std::io::Error>(n)
             }
             .await;
+            if let Ok(n) = sent {
+                if n < len {
+                    // The server still waits for the rest: give up on this
+                    // connection now rather than wait for an answer.
+                    return Err(Error::InvalidArgument(format!(
+                        "object source for {sha} ended after {n} of {len} bytes"
+                    )));
+                }
+            }
             // Pantavisor may answer (and close) before taking the whole body; read
             // its answer before reporting a failed write.
             let mut reader = BufReader::new(stream);
             let answer = http::read_head(&mut reader).await;
             let head = match (sent, answer) {
-                (Ok(n), _) if n < len => {
-                    return Err(Error::InvalidArgument(format!(
-                        "object source for {sha} ended after {n} of {len} bytes"
-                    )));
-                }
                 (_, Ok(h)) => h,
                 (Err(e), Err(_)) => {
                     return Err(Error::Io {
