@@ -7,6 +7,7 @@
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod engine;
 pub mod pvctrl;
 pub mod state;
 pub mod telemetry;

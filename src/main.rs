@@ -92,37 +92,44 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime on the current thread")
 }
 
-/// The daemon. Until the engine lands, it confirms pv-ctrl is reachable and waits
-/// for a stop signal.
+/// The daemon: the engine, plus a note of which Pantavisor answers.
 async fn run(cfg: Config) -> ExitCode {
     info!(version = pv_bridge::VERSION, socket = %cfg.pantavisor.socket.display(), backends = cfg.backends.len(), "pv-bridge starting");
-    let pv = PvCtrl::new(&cfg.pantavisor.socket);
+    tokio::spawn(report_pvctrl(PvCtrl::new(&cfg.pantavisor.socket)));
+    match pv_bridge::engine::run(
+        cfg,
+        pv_bridge::engine::UpdateOptions::default(),
+        shutdown_signal(),
+    )
+    .await
+    {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs once which pv-ctrl answers, retrying with backoff while it is absent.
+async fn report_pvctrl(pv: PvCtrl) {
     let mut wait = Duration::from_millis(500);
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
-        tokio::select! {
-            _ = &mut stop => {
-                info!("stopping");
-                return ExitCode::SUCCESS;
+        match pv.probe().await {
+            Ok(s) => {
+                info!(generation = ?s.generation, pantavisor = s.version.as_deref().unwrap_or("unknown"), "pv-ctrl reachable");
+                return;
             }
-            probe = pv.probe() => match probe {
-                Ok(s) => {
-                    info!(generation = ?s.generation, pantavisor = s.version.as_deref().unwrap_or("unknown"), "pv-ctrl reachable");
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, retry_in = ?wait, "pv-ctrl not reachable yet");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?wait, "pv-ctrl not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
             }
         }
     }
-    warn!("no backend adapters are wired yet in this version; idling until stopped");
-    stop.await;
-    info!("stopping");
-    ExitCode::SUCCESS
 }
 
 async fn shutdown_signal() {

@@ -34,7 +34,7 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
     let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
-        "[pantavisor]\nsocket = \"/pantavisor/pv-ctrl\"\n\n[bridge]\nstate_dir = \"/storage/pv-bridge\"\n\n[[backend]]\ntype = \"mqtt\"\nname = \"plant\"\nbroker = \"mqtt://127.0.0.1:1883\"\ndevice_id = \"dev-1\"\n",
+        "[pantavisor]\nsocket = \"/pantavisor/pv-ctrl\"\n\n[bridge]\nstate_dir = \"/storage/pv-bridge\"\n\n[[backend]]\ntype = \"local\"\nname = \"usb\"\ndir = \"/media/updates\"\n",
     )
     .unwrap();
     let out = bridge().arg("check-config").arg(&good).output().unwrap();
@@ -46,7 +46,7 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(": OK") && text.contains("  - plant (mqtt)"),
+        text.contains(": OK") && text.contains("  - usb (local)"),
         "{text}"
     );
 

@@ -74,6 +74,26 @@ pub struct Backend {
     pub settings: toml::Table,
 }
 
+/// Backend types this build carries an adapter for.
+pub const AVAILABLE_TYPES: &[&str] = &[
+    #[cfg(feature = "local")]
+    "local",
+];
+
+/// Checks a backend's own settings by parsing them as its adapter does.
+#[cfg_attr(not(feature = "local"), allow(unused_variables))]
+fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
+    match kind {
+        #[cfg(feature = "local")]
+        "local" => settings
+            .clone()
+            .try_into::<pv_adapter_local::LocalConfig>()
+            .map(drop)
+            .map_err(|e| e.message().trim().to_owned()),
+        _ => Ok(()),
+    }
+}
+
 /// A configuration error with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -151,6 +171,21 @@ impl Config {
             if !names.insert(name.clone()) {
                 return Err(err(at, format!("backend name {name:?} is used twice")));
             }
+            if !AVAILABLE_TYPES.contains(&kind.as_str()) {
+                return Err(err(
+                    Some(line_of(text, b.kind.span().start)),
+                    format!(
+                        "backend {name:?}: type {kind:?} is not available in this build (available: {})",
+                        if AVAILABLE_TYPES.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            AVAILABLE_TYPES.join(", ")
+                        }
+                    ),
+                ));
+            }
+            check_settings(kind, &b.settings)
+                .map_err(|m| err(at, format!("backend {name:?}: {m}")))?;
         }
         Ok(cfg)
     }
@@ -184,6 +219,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "local")]
     fn the_minimal_form_of_the_architecture_parses() {
         let c = parse(
             r#"
@@ -195,16 +231,18 @@ logs = "/pantavisor/logs"
 state_dir = "/storage/pv-bridge"
 
 [[backend]]
-type = "mqtt"
-name = "plant"
-broker = "mqtt://127.0.0.1:1883"
-device_id = "dev-1"
+type = "local"
+name = "usb"
+dir = "/media/updates"
 "#,
         )
         .unwrap();
         assert_eq!(c.backends.len(), 1);
-        assert_eq!(c.backends[0].settings["device_id"].as_str(), Some("dev-1"));
-        assert!(c.summary().contains("  - plant (mqtt)"));
+        assert_eq!(
+            c.backends[0].settings["dir"].as_str(),
+            Some("/media/updates")
+        );
+        assert!(c.summary().contains("  - usb (local)"));
     }
 
     #[test]
@@ -215,20 +253,29 @@ device_id = "dev-1"
     }
 
     #[test]
+    #[cfg(feature = "local")]
     fn errors_name_the_file_and_line() {
         assert_eq!(
             parse("[pantavisor]\nsocket = \"/x\"\nsockte = \"/y\"\n").unwrap_err(),
             "config.toml:3: unknown field `sockte`, expected `socket` or `logs`"
         );
         assert_eq!(
-            parse("[[backend]]\ntype = \"mqtt\"\nname = \"a\"\n[[backend]]\ntype = \"http\"\nname = \"b\"\n")
+            parse("[[backend]]\ntype = \"local\"\nname = \"a\"\ndir = \"/x\"\n[[backend]]\ntype = \"http\"\nname = \"b\"\n")
                 .unwrap_err(),
-            "config.toml:5: backend type must be one of mqtt, pantahub, azure, local, got \"http\""
+            "config.toml:6: backend type must be one of mqtt, pantahub, azure, local, got \"http\""
         );
         assert_eq!(
-            parse("[[backend]]\ntype = \"mqtt\"\nname = \"a\"\n[[backend]]\ntype = \"local\"\nname = \"a\"\n")
+            parse("[[backend]]\ntype = \"local\"\nname = \"a\"\ndir = \"/x\"\n[[backend]]\ntype = \"local\"\nname = \"a\"\ndir = \"/y\"\n")
                 .unwrap_err(),
-            "config.toml:6: backend name \"a\" is used twice"
+            "config.toml:7: backend name \"a\" is used twice"
+        );
+        assert_eq!(
+            parse("[[backend]]\ntype = \"local\"\nname = \"usb\"\ndri = \"/x\"\n").unwrap_err(),
+            "config.toml:3: backend \"usb\": unknown field `dri`, expected `dir` or `scan_interval_secs`"
+        );
+        assert_eq!(
+            parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
+            "config.toml:2: backend \"cloud\": type \"azure\" is not available in this build (available: local)"
         );
         assert!(
             parse("[bridge\n")

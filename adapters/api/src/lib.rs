@@ -6,15 +6,24 @@
 //! device-meta, logs and health. This crate has no I/O dependencies so that an
 //! adapter can be read, built and tested on its own.
 //!
-//! The asynchronous link between engine and adapters (channels, the `Adapter` trait
-//! object) is added by the engine issue; the message types below are already final
-//! in shape and are what both sides serialise into backend payloads.
+//! An adapter implements [`Adapter`]; the engine runs it with an [`EngineLink`]
+//! through which it sends [`BackendEvent`]s and watches its [`DeviceView`].
+//! See `docs/writing-an-adapter.md`.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
+use tokio::sync::{mpsc, watch};
+
+/// A boxed, sendable future (the trait methods below return these so that adapters
+/// can be trait objects).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Status of an update as reported to backends: Pantavisor's own vocabulary plus the
 /// bridge's DOWNLOADING phase and CANCELLED.
@@ -152,16 +161,50 @@ pub struct ObjectRef {
     pub source: ObjectSource,
 }
 
+/// Streams the bytes of objects an adapter provides itself (a file on a USB stick,
+/// MQTT chunk pulls, a signed URL fetched lazily).
+pub trait ObjectFetcher: Send + Sync {
+    /// Opens the object the adapter named `key`, returning its reader and length.
+    fn open(&self, key: &str) -> BoxFuture<'_, Result<(ObjectReader, u64), AdapterError>>;
+}
+
+/// The bytes of one object.
+pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
+
 /// A new revision offered by a backend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone)]
 pub struct Offer {
     /// Backend-chosen id, `[A-Za-z0-9._-]{1,64}`; the revision is installed as
     /// `locals/<id>`.
     pub id: String,
-    /// The state JSON, verbatim as the backend sent it.
-    pub state: serde_json::Value,
-    /// Sources of the objects the state references, keyed by sha256.
+    /// The state JSON, byte for byte as the backend sent it (signatures cover it).
+    pub state: Vec<u8>,
+    /// Sources of the objects the state references, keyed by sha256. Objects the
+    /// device already has need no source.
     pub objects: BTreeMap<String, ObjectRef>,
+    /// Opens [`ObjectSource::Adapter`] objects.
+    pub fetcher: Option<Arc<dyn ObjectFetcher>>,
+}
+
+impl fmt::Debug for Offer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Offer")
+            .field("id", &self.id)
+            .field("state_bytes", &self.state.len())
+            .field("objects", &self.objects.len())
+            .field("fetcher", &self.fetcher.is_some())
+            .finish()
+    }
+}
+
+/// True for ids an offer may carry: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`.
+pub fn valid_offer_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// A command a backend asks the device to carry out.
@@ -189,8 +232,7 @@ pub enum CommandStatus {
 }
 
 /// Events an adapter sends to the engine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+#[derive(Debug, Clone)]
 pub enum BackendEvent {
     Offer(Offer),
     /// Withdraw the offer with this id (honoured before INPROGRESS).
@@ -208,6 +250,95 @@ pub enum BackendEvent {
         /// Unix seconds after which the command must be refused.
         expires_at: Option<u64>,
     },
+    /// The backend link is up: the engine may signal the device ready.
+    Connected,
+    /// The backend link is down, and why.
+    Disconnected {
+        reason: String,
+    },
+}
+
+/// Health of one backend as the engine sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub connected: bool,
+    pub last_error: Option<String>,
+    /// Unix seconds of the last success.
+    pub last_success: Option<u64>,
+}
+
+/// What an adapter sees of the device; the engine updates it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceView {
+    /// The running revision.
+    pub running: Option<String>,
+    /// Progress of the latest update this adapter offered.
+    pub update: Option<Progress>,
+    /// Device-meta as last read from Pantavisor.
+    pub device_meta: BTreeMap<String, serde_json::Value>,
+    /// Health of every backend, by name.
+    pub health: BTreeMap<String, Health>,
+}
+
+/// An event tagged with the backend that sent it.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub backend: String,
+    pub event: BackendEvent,
+}
+
+/// An adapter's side of its connection to the engine.
+#[derive(Debug, Clone)]
+pub struct EngineLink {
+    backend: String,
+    events: mpsc::Sender<Envelope>,
+    view: watch::Receiver<DeviceView>,
+}
+
+impl EngineLink {
+    /// Made by the engine for each adapter it runs.
+    pub fn new(
+        backend: &str,
+        events: mpsc::Sender<Envelope>,
+        view: watch::Receiver<DeviceView>,
+    ) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            events,
+            view,
+        }
+    }
+
+    /// The configured name of this backend.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// Sends an event; fails only when the engine has stopped.
+    pub async fn send(&self, event: BackendEvent) -> Result<(), AdapterError> {
+        self.events
+            .send(Envelope {
+                backend: self.backend.clone(),
+                event,
+            })
+            .await
+            .map_err(|_| AdapterError::EngineGone)
+    }
+
+    /// A receiver of this adapter's device view.
+    pub fn view(&self) -> watch::Receiver<DeviceView> {
+        self.view.clone()
+    }
+}
+
+/// A backend adapter. `run` owns the adapter until it returns; the engine's
+/// supervisor builds a fresh one to restart it.
+pub trait Adapter: Send + 'static {
+    /// The configured backend name.
+    fn name(&self) -> &str;
+    fn capabilities(&self) -> Capabilities;
+    /// Runs until the engine stops (`Ok`) or the adapter fails (`Err`).
+    fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>>;
 }
 
 /// Errors an adapter reports to its supervisor.
@@ -222,6 +353,12 @@ pub enum AdapterError {
     /// The backend broke its own protocol.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// Reading an adapter-provided object failed.
+    #[error("object {key}: {reason}")]
+    Object { key: String, reason: String },
+    /// The engine stopped; the adapter should return.
+    #[error("the engine has stopped")]
+    EngineGone,
 }
 
 #[cfg(test)]
@@ -250,11 +387,12 @@ mod tests {
     }
 
     #[test]
-    fn events_serialise_with_a_tag() {
-        let ev = BackendEvent::Cancel { id: "r1".into() };
-        assert_eq!(
-            serde_json::to_value(&ev).unwrap(),
-            serde_json::json!({"event": "cancel", "id": "r1"})
-        );
+    fn offer_ids_follow_the_protocol() {
+        for ok in ["r1", "v1.2.3", "a_b-c", &"x".repeat(64)] {
+            assert!(valid_offer_id(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!valid_offer_id(bad), "{bad:?}");
+        }
     }
 }

@@ -1,0 +1,221 @@
+//! The engine: runs the configured adapters under supervision and carries out what
+//! they ask of the device through pv-ctrl (architecture.md §2–§4).
+
+pub mod journal;
+pub mod update;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use pv_adapter_api::{Adapter, BackendEvent, DeviceView, EngineLink, Envelope};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::pvctrl::PvCtrl;
+pub use update::UpdateOptions;
+
+/// Builds a fresh adapter instance; the supervisor calls it again to restart one.
+pub type AdapterFactory = Arc<dyn Fn() -> Box<dyn Adapter> + Send + Sync>;
+
+/// Errors that stop the engine from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot open the update journal in {dir}: {source}")]
+    Journal { dir: String, source: std::io::Error },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Builds the adapters the configuration asks for.
+pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineError> {
+    cfg.backends
+        .iter()
+        .map(|b| {
+            let name = b.name.get_ref().clone();
+            factory(&name, b.kind.get_ref(), &b.settings).map(|f| (name, f))
+        })
+        .collect()
+}
+
+#[cfg_attr(not(feature = "local"), allow(unused_variables))]
+fn factory(name: &str, kind: &str, settings: &toml::Table) -> Result<AdapterFactory, EngineError> {
+    match kind {
+        #[cfg(feature = "local")]
+        "local" => {
+            let lc: pv_adapter_local::LocalConfig =
+                settings.clone().try_into().map_err(|e: toml::de::Error| {
+                    EngineError::Config(format!("backend {name:?}: {}", e.message().trim()))
+                })?;
+            let name = name.to_owned();
+            Ok(Arc::new(move || {
+                Box::new(pv_adapter_local::LocalAdapter::new(&name, lc.clone())) as Box<dyn Adapter>
+            }))
+        }
+        other => Err(EngineError::Config(format!(
+            "backend {name:?}: type {other:?} is not available in this build"
+        ))),
+    }
+}
+
+/// Runs one adapter, restarting it with jittered exponential backoff whenever it
+/// returns an error or panics.
+async fn supervise(name: String, factory: AdapterFactory, link: EngineLink) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let adapter = factory();
+        let started = std::time::Instant::now();
+        match tokio::spawn(adapter.run(link.clone())).await {
+            Ok(Ok(())) => {
+                info!(backend = %name, "adapter stopped");
+                return;
+            }
+            Ok(Err(pv_adapter_api::AdapterError::EngineGone)) => return,
+            Ok(Err(e)) => warn!(backend = %name, error = %e, "adapter failed; restarting"),
+            Err(e) if e.is_panic() => warn!(backend = %name, "adapter panicked; restarting"),
+            Err(_) => return,
+        }
+        let _ = link
+            .send(BackendEvent::Disconnected {
+                reason: "adapter restarting".into(),
+            })
+            .await;
+        if started.elapsed() > Duration::from_secs(60) {
+            delay = Duration::from_millis(500);
+        }
+        let jitter = Duration::from_millis(
+            u64::from(std::process::id() ^ started.elapsed().subsec_nanos()) % 250,
+        );
+        tokio::time::sleep(delay + jitter).await;
+        delay = (delay * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Keeps the container's status goal met: signals READY once the backend that owns
+/// updates is connected (`ready` set), and again whenever pv-ctrl comes back after
+/// being unreachable: the device rebooted, and Pantavisor waits for the signal
+/// before it commits an update. Signalling is idempotent.
+async fn keep_ready(pv: PvCtrl, ready: Arc<AtomicBool>, mut connected: watch::Receiver<bool>) {
+    if connected.wait_for(|c| *c).await.is_err() {
+        return;
+    }
+    ready.store(true, Ordering::Relaxed);
+    let mut need = true;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        if need {
+            match pv.signal_ready().await {
+                Ok(()) => {
+                    info!("signalled READY to Pantavisor");
+                    need = false;
+                    wait = Duration::from_millis(200);
+                }
+                Err(e) if e.status() == Some(500) => {
+                    info!(reason = %e, "Pantavisor does not expect a ready signal from this container");
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, retry_in = ?wait, "cannot signal ready yet");
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        } else if pv.buildinfo().await.is_err() {
+            need = true;
+        }
+        tokio::time::sleep(if need { wait } else { Duration::from_secs(1) }).await;
+    }
+}
+
+/// Runs the engine until `shutdown` completes.
+pub async fn run(
+    cfg: Config,
+    opts: UpdateOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), EngineError> {
+    let pv = PvCtrl::new(&cfg.pantavisor.socket);
+    let journal_path = cfg.bridge.state_dir.join("journal/updates.json");
+    let journal = journal::Journal::open(&journal_path).map_err(|source| EngineError::Journal {
+        dir: cfg.bridge.state_dir.display().to_string(),
+        source,
+    })?;
+    let adapters = adapters(&cfg)?;
+    let (events_tx, mut events) = mpsc::channel::<Envelope>(64);
+    let mut views = BTreeMap::new();
+    let mut receivers = Vec::new();
+    for (name, factory) in adapters {
+        let (tx, rx) = watch::channel(DeviceView::default());
+        views.insert(name.clone(), tx);
+        receivers.push((name, factory, rx));
+    }
+    let views: update::Views = Arc::new(views);
+    let (jobs_tx, jobs) = mpsc::channel(16);
+    let ready = Arc::new(AtomicBool::new(false));
+    let (connected_tx, connected_rx) = watch::channel(false);
+    tokio::spawn(keep_ready(pv.clone(), ready.clone(), connected_rx));
+    let coordinator = update::Coordinator::new(pv.clone(), journal, views.clone(), opts, ready);
+    let coordinator = tokio::spawn(coordinator.run(jobs));
+    let mut supervisors = Vec::new();
+    for (name, factory, rx) in receivers {
+        let link = EngineLink::new(&name, events_tx.clone(), rx);
+        supervisors.push(tokio::spawn(supervise(name, factory, link)));
+    }
+    drop(events_tx);
+    tokio::pin!(shutdown);
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = &mut shutdown => break,
+        };
+        let Some(Envelope { backend, event }) = ev else {
+            // No adapter is left to send anything (or none is configured): keep the
+            // coordinator finishing its work until asked to stop.
+            shutdown.as_mut().await;
+            break;
+        };
+        match event {
+            BackendEvent::Offer(offer) => {
+                if jobs_tx.send(update::Job { backend, offer }).await.is_err() {
+                    break;
+                }
+            }
+            BackendEvent::Connected => {
+                set_health(&views, &backend, true, None);
+                connected_tx.send_replace(true);
+            }
+            BackendEvent::Disconnected { reason } => {
+                set_health(&views, &backend, false, Some(reason))
+            }
+            other => {
+                warn!(backend = %backend, event = ?other, "not handled by this version of the engine yet")
+            }
+        }
+    }
+    info!("engine stopping");
+    for s in supervisors {
+        s.abort();
+    }
+    coordinator.abort();
+    Ok(())
+}
+
+fn set_health(views: &update::Views, backend: &str, connected: bool, error: Option<String>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .ok();
+    for v in views.values() {
+        v.send_modify(|view| {
+            let h = view.health.entry(backend.to_owned()).or_default();
+            h.connected = connected;
+            if connected {
+                h.last_success = now;
+            }
+            if error.is_some() {
+                h.last_error = error.clone();
+            }
+        });
+    }
+}
