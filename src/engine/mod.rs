@@ -129,9 +129,20 @@ async fn keep_ready(pv: PvCtrl, ready: Arc<AtomicBool>, mut connected: watch::Re
     }
 }
 
-/// Runs the engine until `shutdown` completes.
+/// Runs the engine with the configured adapters until `shutdown` completes.
 pub async fn run(
     cfg: Config,
+    opts: UpdateOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), EngineError> {
+    let adapters = adapters(&cfg)?;
+    run_with(cfg, adapters, opts, shutdown).await
+}
+
+/// Runs the engine with the given adapters (tests and embedders supply their own).
+pub async fn run_with(
+    cfg: Config,
+    adapters: Vec<(String, AdapterFactory)>,
     opts: UpdateOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EngineError> {
@@ -141,7 +152,6 @@ pub async fn run(
         dir: cfg.bridge.state_dir.display().to_string(),
         source,
     })?;
-    let adapters = adapters(&cfg)?;
     let (events_tx, mut events) = mpsc::channel::<Envelope>(64);
     let mut views = BTreeMap::new();
     let mut receivers = Vec::new();
