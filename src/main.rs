@@ -96,13 +96,8 @@ fn runtime() -> tokio::runtime::Runtime {
 async fn run(cfg: Config) -> ExitCode {
     info!(version = pv_bridge::VERSION, socket = %cfg.pantavisor.socket.display(), backends = cfg.backends.len(), "pv-bridge starting");
     tokio::spawn(report_pvctrl(PvCtrl::new(&cfg.pantavisor.socket)));
-    match pv_bridge::engine::run(
-        cfg,
-        pv_bridge::engine::UpdateOptions::default(),
-        shutdown_signal(),
-    )
-    .await
-    {
+    let opts = cfg.updates.options();
+    match pv_bridge::engine::run(cfg, opts, shutdown_signal()).await {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS

@@ -27,11 +27,16 @@ struct Bridge {
 
 impl Bridge {
     fn start(d: &Device, updates: &Path) -> Bridge {
+        Self::start_with(d, updates, "")
+    }
+
+    /// With extra configuration lines (e.g. an `[updates]` section).
+    fn start_with(d: &Device, updates: &Path, extra: &str) -> Bridge {
         let config = d.dir.path().join("bridge.toml");
         std::fs::write(
             &config,
             format!(
-                "[pantavisor]\nsocket = \"{}\"\n\n[bridge]\nstate_dir = \"{}\"\n\n[[backend]]\ntype = \"local\"\nname = \"usb\"\ndir = \"{}\"\nscan_interval_secs = 0.2\n",
+                "[pantavisor]\nsocket = \"{}\"\n\n[bridge]\nstate_dir = \"{}\"\n{extra}\n[[backend]]\ntype = \"local\"\nname = \"usb\"\ndir = \"{}\"\nscan_interval_secs = 0.2\n",
                 d.dir.path().join("pv-ctrl").display(),
                 d.dir.path().join("bridge-state").display(),
                 updates.display()
@@ -365,4 +370,116 @@ async fn the_bridge_waits_for_pv_ctrl_at_start() {
     d.sim = Some(pv_testkit::sim::Sim::start(cfg).await.unwrap());
     let s = final_status(&b, &dir, "late").await;
     assert_eq!(s["status"], "UPDATED", "{s}\n{}", b.log());
+}
+
+/// Every "object <sha> stored" line pv-sim logged, across revisions.
+fn stored_count(d: &Device, sha: &str) -> usize {
+    let mut n = 0;
+    for entry in walk(&d.storage().join("logs")) {
+        if entry.ends_with("pantavisor/pantavisor.log") {
+            n += std::fs::read_to_string(&entry)
+                .unwrap_or_default()
+                .matches(&format!("object {sha} stored"))
+                .count();
+        }
+    }
+    n
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_downloading_resumes_without_refetching_verified_objects() {
+    let d = start(Generation::Gen2).await;
+    let dir = updates_dir(&d);
+    // One object at a time at 2 MiB/s: the small ones land first, the big one takes
+    // a few seconds.
+    let mut b = Bridge::start_with(
+        &d,
+        &dir,
+        "[updates]\nconcurrency = 1\nbandwidth_limit = 2097152\n",
+    );
+    let smalls: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 16 * 1024]).collect();
+    let big: Vec<u8> = (0..6 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut blobs: Vec<&[u8]> = smalls.iter().map(Vec::as_slice).collect();
+    blobs.push(&big);
+    export(&d, &dir, "resume", &blobs, |s| {
+        for (i, b) in smalls.iter().enumerate() {
+            s[format!("app/extra-{i}")] = json!(sha256_hex(b));
+        }
+        s["app/root.squashfs"] = json!(sha256_hex(&big));
+    })
+    .await;
+    eventually(LIFE, "the big object half way", || async {
+        let s = status(&dir, "resume")?;
+        (s["status"] == "DOWNLOADING" && s["bytes_done"].as_u64()? > 48 * 1024 + 1024 * 1024)
+            .then_some(())
+    })
+    .await;
+    b.kill9_and_restart();
+    let s = final_status(&b, &dir, "resume").await;
+    assert_eq!(s["status"], "UPDATED", "{s}\n{}", b.log());
+    for small in &smalls {
+        assert_eq!(
+            stored_count(&d, &sha256_hex(small)),
+            1,
+            "a verified object was uploaded again"
+        );
+    }
+    assert_eq!(
+        stored_count(&d, &sha256_hex(&big)),
+        1,
+        "the interrupted object completed once"
+    );
+    assert_eq!(running(&d).await, "locals/resume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_right_after_local_run_reports_the_true_outcome() {
+    let d = common::start_with(Generation::Gen2, |c| {
+        c.commit_delay = Duration::from_secs(2)
+    })
+    .await;
+    let dir = updates_dir(&d);
+    let mut b = Bridge::start(&d, &dir);
+    let root = b"app after LOCAL_RUN".repeat(100);
+    export(&d, &dir, "lr", &[&root], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&root))
+    })
+    .await;
+    eventually(LIFE, "the run handed to Pantavisor", || async {
+        let s = status(&dir, "lr")?;
+        matches!(s["status"].as_str()?, "QUEUED" | "INPROGRESS" | "TESTING")
+            .then_some(())
+            .filter(|_| {
+                s["status_msg"] != "Offered to the bridge"
+                    && s["status_msg"] != "Validating the state"
+            })
+    })
+    .await;
+    b.kill9_and_restart();
+    let s = final_status(&b, &dir, "lr").await;
+    assert_eq!(s["status"], "UPDATED", "{s}\n{}", b.log());
+    let log = walk(&d.storage().join("logs"))
+        .into_iter()
+        .filter(|p| p.ends_with("pantavisor/pantavisor.log"))
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect::<String>();
+    assert_eq!(
+        log.matches("processing command LOCAL_RUN \"locals/lr\"")
+            .count(),
+        1,
+        "{log}"
+    );
 }

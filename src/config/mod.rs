@@ -25,6 +25,8 @@ pub struct Config {
     pub pantavisor: Pantavisor,
     #[serde(default)]
     pub bridge: Bridge,
+    #[serde(default)]
+    pub updates: Updates,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -60,6 +62,44 @@ impl Default for Bridge {
     fn default() -> Self {
         Self {
             state_dir: "/storage/pv-bridge".into(),
+        }
+    }
+}
+
+/// How updates are fetched and followed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Updates {
+    /// Objects fetched and uploaded at once (1 to 64).
+    pub concurrency: usize,
+    /// Cap on fetch bandwidth in bytes per second, across all objects; 0 = none.
+    pub bandwidth_limit: u64,
+    /// Largest state JSON accepted, in bytes.
+    pub max_state_bytes: usize,
+    /// How often Pantavisor's progress is read during an update, in milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for Updates {
+    fn default() -> Self {
+        let o = crate::engine::UpdateOptions::default();
+        Self {
+            concurrency: o.fetch_concurrency,
+            bandwidth_limit: o.bandwidth_limit,
+            max_state_bytes: o.max_state_bytes,
+            poll_interval_ms: o.poll_interval.as_millis() as u64,
+        }
+    }
+}
+
+impl Updates {
+    /// The engine's options for these settings.
+    pub fn options(&self) -> crate::engine::UpdateOptions {
+        crate::engine::UpdateOptions {
+            fetch_concurrency: self.concurrency,
+            bandwidth_limit: self.bandwidth_limit,
+            max_state_bytes: self.max_state_bytes,
+            poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
         }
     }
 }
@@ -144,6 +184,36 @@ impl Config {
             let line = e.span().map(|s| line_of(text, s.start));
             err(line, e.message().trim().to_owned())
         })?;
+        let u = &cfg.updates;
+        let section = |key: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(key))
+                .map(|i| i + 1)
+        };
+        if !(1..=64).contains(&u.concurrency) {
+            return Err(err(
+                section("concurrency"),
+                format!("updates.concurrency must be 1 to 64, got {}", u.concurrency),
+            ));
+        }
+        if u.poll_interval_ms < 50 {
+            return Err(err(
+                section("poll_interval_ms"),
+                format!(
+                    "updates.poll_interval_ms must be at least 50, got {}",
+                    u.poll_interval_ms
+                ),
+            ));
+        }
+        if u.max_state_bytes < 1024 {
+            return Err(err(
+                section("max_state_bytes"),
+                format!(
+                    "updates.max_state_bytes must be at least 1024, got {}",
+                    u.max_state_bytes
+                ),
+            ));
+        }
         let mut names = BTreeSet::new();
         for b in &cfg.backends {
             let kind = b.kind.get_ref();
@@ -192,11 +262,16 @@ impl Config {
 
     /// One line per setting, for `check-config`.
     pub fn summary(&self) -> String {
+        let limit = match self.updates.bandwidth_limit {
+            0 => "none".to_owned(),
+            n => format!("{n} B/s"),
+        };
         let mut s = format!(
-            "pv-ctrl socket: {}\nlogs: {}\nstate_dir: {}\nbackends: {}\n",
+            "pv-ctrl socket: {}\nlogs: {}\nstate_dir: {}\nupdates: {} at once, bandwidth limit {limit}\nbackends: {}\n",
             self.pantavisor.socket.display(),
             self.pantavisor.logs.display(),
             self.bridge.state_dir.display(),
+            self.updates.concurrency,
             self.backends.len()
         );
         for b in &self.backends {
@@ -243,6 +318,26 @@ dir = "/media/updates"
             Some("/media/updates")
         );
         assert!(c.summary().contains("  - usb (local)"));
+    }
+
+    #[test]
+    fn update_settings_are_checked() {
+        let c = parse("[updates]\nconcurrency = 2\nbandwidth_limit = 1048576\n").unwrap();
+        let o = c.updates.options();
+        assert_eq!((o.fetch_concurrency, o.bandwidth_limit), (2, 1 << 20));
+        assert_eq!(
+            parse("[updates]\nconcurrency = 0\n").unwrap_err(),
+            "config.toml:2: updates.concurrency must be 1 to 64, got 0"
+        );
+        assert_eq!(
+            parse("[updates]\npoll_interval_ms = 5\n").unwrap_err(),
+            "config.toml:2: updates.poll_interval_ms must be at least 50, got 5"
+        );
+        assert!(
+            parse("[updates]\nparallel = 3\n")
+                .unwrap_err()
+                .contains("unknown field `parallel`")
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! reason; nothing half-installed ever runs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use pv_adapter_api::{
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -34,6 +35,8 @@ use crate::state::{Revision, State};
 pub struct UpdateOptions {
     /// Objects fetched and uploaded at once.
     pub fetch_concurrency: usize,
+    /// Cap on fetch bandwidth in bytes per second across all objects; 0 = none.
+    pub bandwidth_limit: u64,
     /// How often Pantavisor's progress is read while an update runs.
     pub poll_interval: Duration,
     /// Largest state JSON accepted.
@@ -44,6 +47,7 @@ impl Default for UpdateOptions {
     fn default() -> Self {
         Self {
             fetch_concurrency: 4,
+            bandwidth_limit: 0,
             poll_interval: Duration::from_millis(500),
             max_state_bytes: crate::state::DEFAULT_MAX_STATE_BYTES,
         }
@@ -142,11 +146,45 @@ fn plan(state: &State, offer: &Offer, have: &BTreeMap<String, u64>) -> Result<Ve
     Ok(out)
 }
 
-/// Hashes and counts the bytes that stream through it.
+/// A token bucket shared by every fetch of an update: at most `rate` bytes per
+/// second on average, with bursts of one second's worth.
+pub struct Throttle {
+    rate: f64,
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let rate = bytes_per_sec as f64;
+        Self {
+            rate,
+            state: std::sync::Mutex::new((rate, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens; returns how long to wait before the next
+    /// read to stay under the rate.
+    pub fn take(&self, n: usize) -> Duration {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
+        st.0 = (st.0 + refill).min(self.rate) - n as f64;
+        st.1 = now;
+        if st.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-st.0 / self.rate)
+        }
+    }
+}
+
+/// Hashes and counts the bytes that stream through it, within the bandwidth cap.
 struct Hashing {
     inner: ObjectReader,
     hasher: Sha256,
     counter: Arc<AtomicU64>,
+    throttle: Option<Arc<Throttle>>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl AsyncRead for Hashing {
@@ -155,12 +193,23 @@ impl AsyncRead for Hashing {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(pause) = self.pause.as_mut() {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
+            let this = &mut *self;
             let new = &buf.filled()[before..];
-            self.hasher.update(new);
-            self.counter.fetch_add(new.len() as u64, Ordering::Relaxed);
+            this.hasher.update(new);
+            this.counter.fetch_add(new.len() as u64, Ordering::Relaxed);
+            let wait = this.throttle.as_ref().map(|t| t.take(new.len()));
+            if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+                this.pause = Some(Box::pin(tokio::time::sleep(wait)));
+            }
         }
         r
     }
@@ -172,6 +221,7 @@ async fn upload(
     fetcher: Arc<dyn ObjectFetcher>,
     f: Fetch,
     counter: Arc<AtomicU64>,
+    throttle: Option<Arc<Throttle>>,
 ) -> Result<u64, Refusal> {
     let sha = &f.sha;
     let mut attempt = 0;
@@ -191,6 +241,8 @@ async fn upload(
             inner: reader,
             hasher: Sha256::new(),
             counter: counter.clone(),
+            throttle: throttle.clone(),
+            pause: None,
         };
         match pv.put_object(sha, &mut hashing, len).await {
             Ok(()) => {
@@ -531,21 +583,16 @@ impl Coordinator {
     ) -> Result<(), Refusal> {
         let objects_total = todo.len() as u32;
         let counter = Arc::new(AtomicU64::new(0));
-        let permits = Arc::new(Semaphore::new(self.opts.fetch_concurrency.max(1)));
+        let throttle = (self.opts.bandwidth_limit > 0)
+            .then(|| Arc::new(Throttle::new(self.opts.bandwidth_limit)));
+        // Smallest first: cheap objects finish early and progress moves.
+        let mut queue: std::collections::VecDeque<Fetch> = {
+            let mut v = todo;
+            v.sort_by_key(|f| (f.size.unwrap_or(u64::MAX), f.sha.clone()));
+            v.into()
+        };
         let mut set = JoinSet::new();
-        for f in todo {
-            let (pv, fetcher, counter, permits) = (
-                self.pv.clone(),
-                fetcher.clone(),
-                counter.clone(),
-                permits.clone(),
-            );
-            set.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                let sha = f.sha.clone();
-                upload(pv, fetcher, f, counter).await.map(|len| (sha, len))
-            });
-        }
+        let limit = self.opts.fetch_concurrency.max(1);
         let mut uploaded = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let report = |objects_done: u32| {
@@ -557,6 +604,21 @@ impl Coordinator {
             self.report(backend, p);
         };
         loop {
+            while set.len() < limit {
+                let Some(f) = queue.pop_front() else { break };
+                let (pv, fetcher, counter, throttle) = (
+                    self.pv.clone(),
+                    fetcher.clone(),
+                    counter.clone(),
+                    throttle.clone(),
+                );
+                set.spawn(async move {
+                    let sha = f.sha.clone();
+                    upload(pv, fetcher, f, counter, throttle)
+                        .await
+                        .map(|len| (sha, len))
+                });
+            }
             tokio::select! {
                 r = set.join_next() => match r {
                     None => break,
@@ -746,6 +808,23 @@ mod tests {
         ]);
         let e = plan(&state(), &o, &BTreeMap::new()).unwrap_err();
         assert!(e.msg.contains("URL sources"), "{}", e.msg);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_keeps_the_average_rate() {
+        let t = Throttle::new(1000);
+        // One second of burst is free, then every 500 bytes cost half a second.
+        assert_eq!(t.take(1000), Duration::ZERO);
+        assert_eq!(t.take(500), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(t.take(500), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            t.take(1000),
+            Duration::ZERO,
+            "idle time refills up to one second's worth"
+        );
+        assert_eq!(t.take(1), Duration::from_millis(1));
     }
 
     #[test]
