@@ -483,3 +483,94 @@ async fn kill_9_right_after_local_run_reports_the_true_outcome() {
         "{log}"
     );
 }
+
+/// Packs an export with the system `tar`, as `pvr export` users do.
+async fn export_archive(
+    d: &Device,
+    dir: &Path,
+    file: &str,
+    blobs: &[&[u8]],
+    edit: impl FnOnce(&mut Value),
+) {
+    let staging = d.dir.path().join(format!(".pack-{file}"));
+    std::fs::create_dir_all(staging.join("objects")).unwrap();
+    let mut state: Value = serde_json::from_slice(&d.pv.step("current").await.unwrap()).unwrap();
+    edit(&mut state);
+    std::fs::write(staging.join("json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    for b in blobs {
+        std::fs::write(staging.join("objects").join(sha256_hex(b)), b).unwrap();
+    }
+    let packed = d.dir.path().join(file);
+    let flags = if file.ends_with(".tar") {
+        "-cf"
+    } else {
+        "-czf"
+    };
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&staging)
+        .arg(flags)
+        .arg(&packed)
+        .args(["json", "objects"])
+        .status()
+        .expect("tar is needed to build archives for this test");
+    assert!(ok.success());
+    std::fs::rename(&packed, dir.join(file)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgz_and_tar_archives_install_and_bad_ones_are_refused() {
+    let d = start(Generation::Gen2).await;
+    let dir = updates_dir(&d);
+    let b = Bridge::start(&d, &dir);
+    let root = b"app from a tgz".repeat(2000);
+    export_archive(&d, &dir, "release-8.tgz", &[&root], |s| {
+        s["app/root.squashfs"] = json!(sha256_hex(&root))
+    })
+    .await;
+    let s = final_status(&b, &dir, "release-8.tgz").await;
+    assert_eq!(
+        (s["status"].as_str(), s["rev"].as_str()),
+        (Some("UPDATED"), Some("locals/release-8")),
+        "{s}"
+    );
+    assert_eq!(running(&d).await, "locals/release-8");
+    let unpacked = d.dir.path().join("bridge-state/adapters/usb/release-8");
+    eventually(LIFE, "the unpacked copy removed", || async {
+        (!unpacked.exists()).then_some(())
+    })
+    .await;
+
+    let kernel = b"kernel from a tar".repeat(500);
+    export_archive(&d, &dir, "release-9.tar", &[&kernel], |s| {
+        s["bsp/kernel.img"] = json!(sha256_hex(&kernel))
+    })
+    .await;
+    let s = final_status(&b, &dir, "release-9.tar").await;
+    assert_eq!(s["status"], "DONE", "{s}");
+
+    std::fs::write(dir.join("garbage.tgz"), b"definitely not an archive").unwrap();
+    let s = final_status(&b, &dir, "garbage.tgz").await;
+    assert_eq!(s["status"], "WONTGO");
+    assert!(
+        s["status_msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("unusable export: "),
+        "{s}"
+    );
+    // A truncated archive: the first half of a real one.
+    export_archive(&d, &dir, "whole.tar", &[&vec![9u8; 200_000]], |s| {
+        s["app/extra"] = json!(sha256_hex(&[9u8; 200_000]))
+    })
+    .await;
+    let whole = std::fs::read(dir.join("whole.tar")).unwrap();
+    std::fs::write(dir.join("half.tar"), &whole[..whole.len() / 2]).unwrap();
+    let s = final_status(&b, &dir, "half.tar").await;
+    assert_eq!(s["status"], "WONTGO", "{s}");
+    assert!(
+        s["status_msg"].as_str().unwrap().contains("truncated")
+            || s["status_msg"].as_str().unwrap().contains("corrupt"),
+        "{s}"
+    );
+}

@@ -36,13 +36,19 @@ pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineErr
         .iter()
         .map(|b| {
             let name = b.name.get_ref().clone();
-            factory(&name, b.kind.get_ref(), &b.settings).map(|f| (name, f))
+            let work = cfg.bridge.state_dir.join("adapters").join(&name);
+            factory(&name, b.kind.get_ref(), &b.settings, work).map(|f| (name, f))
         })
         .collect()
 }
 
 #[cfg_attr(not(feature = "local"), allow(unused_variables))]
-fn factory(name: &str, kind: &str, settings: &toml::Table) -> Result<AdapterFactory, EngineError> {
+fn factory(
+    name: &str,
+    kind: &str,
+    settings: &toml::Table,
+    work_dir: std::path::PathBuf,
+) -> Result<AdapterFactory, EngineError> {
     match kind {
         #[cfg(feature = "local")]
         "local" => {
@@ -52,7 +58,11 @@ fn factory(name: &str, kind: &str, settings: &toml::Table) -> Result<AdapterFact
                 })?;
             let name = name.to_owned();
             Ok(Arc::new(move || {
-                Box::new(pv_adapter_local::LocalAdapter::new(&name, lc.clone())) as Box<dyn Adapter>
+                Box::new(pv_adapter_local::LocalAdapter::new(
+                    &name,
+                    lc.clone(),
+                    work_dir.clone(),
+                )) as Box<dyn Adapter>
             }))
         }
         other => Err(EngineError::Config(format!(

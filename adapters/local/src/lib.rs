@@ -1,9 +1,10 @@
 //! The `local` adapter: offline updates from a directory (a USB stick, a share on an
 //! air-gapped site).
 //!
-//! Each unpacked `pvr export` in the watched directory (a folder holding a `json`
-//! state file and `objects/<sha256>` files) is offered once as the revision
-//! `locals/<folder name, sanitised>`. Progress is written beside it to
+//! Each `pvr export` in the watched directory is offered once as the revision
+//! `locals/<name, sanitised>`: an unpacked folder (a `json` state file and
+//! `objects/<sha256>` files) or an archive (`.tar`, `.tgz`, `.tar.gz`, unpacked into
+//! the bridge's state directory first). Progress is written beside it to
 //! `<name>.status.json` as it changes; once that file holds a final status the
 //! export is never offered again.
 //!
@@ -15,7 +16,7 @@
 //! scan_interval_secs = 2   # optional
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,8 @@ use pv_adapter_api::{
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+
+mod archive;
 
 /// Largest state file read from an export.
 const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
@@ -115,15 +118,26 @@ impl ObjectFetcher for Files {
 pub struct LocalAdapter {
     name: String,
     cfg: LocalConfig,
+    /// Where archives are unpacked (the bridge gives each adapter its own).
+    work_dir: PathBuf,
 }
 
 impl LocalAdapter {
-    pub fn new(name: &str, cfg: LocalConfig) -> Self {
+    pub fn new(name: &str, cfg: LocalConfig, work_dir: PathBuf) -> Self {
         Self {
             name: name.to_owned(),
             cfg,
+            work_dir,
         }
     }
+}
+
+/// An export being offered: its entry in the watched directory and, for archives,
+/// where it was unpacked.
+#[derive(Debug, Clone)]
+struct Offered {
+    entry: String,
+    unpacked: Option<PathBuf>,
 }
 
 fn status_path(dir: &Path, entry: &str) -> PathBuf {
@@ -202,7 +216,7 @@ impl LocalAdapter {
     async fn scan(
         &self,
         link: &EngineLink,
-        offered: &mut BTreeMap<String, String>,
+        offered: &mut BTreeMap<String, Offered>,
     ) -> Result<(), AdapterError> {
         let dir = &self.cfg.dir;
         let mut rd = match tokio::fs::read_dir(dir).await {
@@ -212,30 +226,80 @@ impl LocalAdapter {
                 return Ok(());
             }
         };
-        let mut entries = BTreeSet::new();
+        // entry name → archive compression (None for folders)
+        let mut entries: BTreeMap<String, Option<archive::Compression>> = BTreeMap::new();
         while let Ok(Some(e)) = rd.next_entry().await {
-            if e.file_type().await.is_ok_and(|t| t.is_dir()) {
-                entries.insert(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-        for entry in entries {
-            let folder = dir.join(&entry);
-            if !folder.join("json").exists() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
                 continue;
             }
-            let id = offer_id(&entry);
+            match e.file_type().await {
+                Ok(t) if t.is_dir() && e.path().join("json").exists() => {
+                    entries.insert(name, None);
+                }
+                Ok(t) if t.is_file() => {
+                    if let Some(kind) = archive::kind(&name) {
+                        entries.insert(name, Some(kind));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (entry, compression) in entries {
+            let stem = if compression.is_some() {
+                archive::stem(&entry)
+            } else {
+                &entry
+            };
+            let id = offer_id(stem);
             if offered.contains_key(&id) {
                 continue;
             }
             let status = status_path(dir, &entry);
             if read_status(&status).await.is_some_and(|s| s.is_final()) {
-                offered.insert(id, entry);
+                offered.insert(
+                    id,
+                    Offered {
+                        entry,
+                        unpacked: None,
+                    },
+                );
                 continue;
             }
+            let (folder, unpacked) = match compression {
+                None => (dir.join(&entry), None),
+                Some(kind) => {
+                    let dest = self.work_dir.join(&id);
+                    let src = dir.join(&entry);
+                    let d2 = dest.clone();
+                    let res = tokio::task::spawn_blocking(move || archive::unpack(&src, kind, &d2))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("unpacking failed: {e}")));
+                    if let Err(why) = res {
+                        let _ = tokio::fs::remove_dir_all(&dest).await;
+                        self.refuse(&status, &id, &entry, &why).await;
+                        offered.insert(
+                            id,
+                            Offered {
+                                entry,
+                                unpacked: None,
+                            },
+                        );
+                        continue;
+                    }
+                    (dest.clone(), Some(dest))
+                }
+            };
             match export_offer(&folder, &id).await {
                 Ok(offer) => {
                     info!(backend = %self.name, export = %entry, id = %id, objects = offer.objects.len(), "offering update");
-                    offered.insert(id.clone(), entry.clone());
+                    offered.insert(
+                        id.clone(),
+                        Offered {
+                            entry: entry.clone(),
+                            unpacked,
+                        },
+                    );
                     write_status(
                         &status,
                         &StatusFile {
@@ -250,23 +314,33 @@ impl LocalAdapter {
                     link.send(BackendEvent::Offer(offer)).await?;
                 }
                 Err(why) => {
-                    warn!(backend = %self.name, export = %entry, reason = %why, "unusable export");
-                    offered.insert(id.clone(), entry.clone());
-                    write_status(
-                        &status,
-                        &StatusFile {
-                            status: "WONTGO".into(),
-                            status_msg: format!("unusable export: {why}"),
-                            rev: format!("locals/{id}"),
-                            bytes_done: 0,
-                            bytes_total: 0,
+                    self.refuse(&status, &id, &entry, &why).await;
+                    offered.insert(
+                        id,
+                        Offered {
+                            entry,
+                            unpacked: None,
                         },
-                    )
-                    .await;
+                    );
                 }
             }
         }
         Ok(())
+    }
+
+    async fn refuse(&self, status: &Path, id: &str, entry: &str, why: &str) {
+        warn!(backend = %self.name, export = %entry, reason = %why, "unusable export");
+        write_status(
+            status,
+            &StatusFile {
+                status: "WONTGO".into(),
+                status_msg: format!("unusable export: {why}"),
+                rev: format!("locals/{id}"),
+                bytes_done: 0,
+                bytes_total: 0,
+            },
+        )
+        .await;
     }
 }
 
@@ -292,8 +366,7 @@ impl Adapter for LocalAdapter {
                 })?;
             link.send(BackendEvent::Connected).await?;
             let mut view = link.view();
-            // offer id → export folder name
-            let mut offered: BTreeMap<String, String> = BTreeMap::new();
+            let mut offered: BTreeMap<String, Offered> = BTreeMap::new();
             let mut last_written: Option<StatusFile> = None;
             let mut tick = tokio::time::interval(period);
             loop {
@@ -305,10 +378,15 @@ impl Adapter for LocalAdapter {
                         }
                         let update = view.borrow_and_update().update.clone();
                         let Some(p) = update else { continue };
-                        let Some(entry) = offered.get(&p.id).cloned() else { continue };
+                        let Some(o) = offered.get(&p.id).cloned() else { continue };
                         let s = StatusFile::from_progress(&p);
                         if last_written.as_ref() != Some(&s) {
-                            write_status(&status_path(&self.cfg.dir, &entry), &s).await;
+                            write_status(&status_path(&self.cfg.dir, &o.entry), &s).await;
+                            if s.is_final() {
+                                if let Some(dir) = &o.unpacked {
+                                    let _ = tokio::fs::remove_dir_all(dir).await;
+                                }
+                            }
                             last_written = Some(s);
                         }
                     }
