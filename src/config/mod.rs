@@ -27,6 +27,8 @@ pub struct Config {
     pub bridge: Bridge,
     #[serde(default)]
     pub updates: Updates,
+    #[serde(default)]
+    pub metadata: Metadata,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -104,12 +106,52 @@ impl Updates {
     }
 }
 
-/// One backend. Keys beyond `type` and `name` belong to its adapter.
+/// How metadata is synchronised.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metadata {
+    /// How often device-meta is read and changes sent to backends, in milliseconds.
+    pub device_meta_interval_ms: u64,
+    /// How often the desired user-meta is applied again (repairs drift), in
+    /// milliseconds.
+    pub user_meta_interval_ms: u64,
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Self {
+            device_meta_interval_ms: 10_000,
+            user_meta_interval_ms: 30_000,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One backend. `type`, `name`, `priority` and the switches are common; every other
+/// key belongs to its adapter.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Backend {
     #[serde(rename = "type")]
     pub kind: Spanned<String>,
     pub name: Spanned<String>,
+    /// Higher wins when backends disagree (user-meta keys, updates).
+    #[serde(default)]
+    pub priority: i64,
+    /// Accept updates from this backend.
+    #[serde(default = "yes")]
+    pub updates: bool,
+    /// Apply this backend's user-meta.
+    #[serde(default = "yes")]
+    pub user_meta: bool,
+    /// Send device-meta to this backend.
+    #[serde(default = "yes")]
+    pub device_meta: bool,
+    /// Forward logs to this backend.
+    #[serde(default = "yes")]
+    pub logs: bool,
     #[serde(flatten)]
     pub settings: toml::Table,
 }
@@ -214,6 +256,20 @@ impl Config {
                 ),
             ));
         }
+        for (key, v) in [
+            (
+                "device_meta_interval_ms",
+                cfg.metadata.device_meta_interval_ms,
+            ),
+            ("user_meta_interval_ms", cfg.metadata.user_meta_interval_ms),
+        ] {
+            if v < 100 {
+                return Err(err(
+                    section(key),
+                    format!("metadata.{key} must be at least 100, got {v}"),
+                ));
+            }
+        }
         let mut names = BTreeSet::new();
         for b in &cfg.backends {
             let kind = b.kind.get_ref();
@@ -275,11 +331,25 @@ impl Config {
             self.backends.len()
         );
         for b in &self.backends {
-            s.push_str(&format!(
-                "  - {} ({})\n",
-                b.name.get_ref(),
-                b.kind.get_ref()
-            ));
+            let off: Vec<&str> = [
+                ("updates", b.updates),
+                ("user_meta", b.user_meta),
+                ("device_meta", b.device_meta),
+                ("logs", b.logs),
+            ]
+            .into_iter()
+            .filter(|(_, on)| !on)
+            .map(|(k, _)| k)
+            .collect();
+            let mut line = format!("  - {} ({})", b.name.get_ref(), b.kind.get_ref());
+            if b.priority != 0 {
+                line.push_str(&format!(", priority {}", b.priority));
+            }
+            if !off.is_empty() {
+                line.push_str(&format!(", off: {}", off.join(", ")));
+            }
+            s.push_str(&line);
+            s.push('\n');
         }
         s
     }
@@ -337,6 +407,22 @@ dir = "/media/updates"
             parse("[updates]\nparallel = 3\n")
                 .unwrap_err()
                 .contains("unknown field `parallel`")
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "local")]
+    fn common_backend_keys_are_not_passed_to_the_adapter() {
+        let c = parse(
+            "[[backend]]\ntype = \"local\"\nname = \"usb\"\ndir = \"/m\"\npriority = 5\nlogs = false\n",
+        )
+        .unwrap();
+        let b = &c.backends[0];
+        assert_eq!((b.priority, b.logs, b.updates), (5, false, true));
+        assert!(!b.settings.contains_key("priority"));
+        assert!(
+            c.summary()
+                .contains("  - usb (local), priority 5, off: logs")
         );
     }
 

@@ -2,6 +2,7 @@
 //! they ask of the device through pv-ctrl (architecture.md §2–§4).
 
 pub mod journal;
+pub mod meta;
 pub mod update;
 
 use std::collections::BTreeMap;
@@ -171,6 +172,35 @@ pub async fn run_with(
         receivers.push((name, factory, rx));
     }
     let views: update::Views = Arc::new(views);
+    let policies: meta::Policies = cfg
+        .backends
+        .iter()
+        .map(|b| {
+            (
+                b.name.get_ref().clone(),
+                meta::Policy {
+                    priority: b.priority,
+                    updates: b.updates,
+                    user_meta: b.user_meta,
+                    device_meta: b.device_meta,
+                    logs: b.logs,
+                },
+            )
+        })
+        .collect();
+    let (desired_tx, desired_rx) = mpsc::channel(16);
+    let meta_opts = meta::MetaOptions {
+        device_meta_interval: Duration::from_millis(cfg.metadata.device_meta_interval_ms),
+        user_meta_interval: Duration::from_millis(cfg.metadata.user_meta_interval_ms),
+    };
+    let metasync = meta::MetaSync::new(
+        pv.clone(),
+        views.clone(),
+        policies.clone(),
+        meta_opts,
+        &cfg.bridge.state_dir,
+    );
+    let metasync = tokio::spawn(metasync.run(desired_rx));
     let (jobs_tx, jobs) = mpsc::channel(16);
     let ready = Arc::new(AtomicBool::new(false));
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -197,9 +227,38 @@ pub async fn run_with(
         };
         match event {
             BackendEvent::Offer(offer) => {
+                if !policies.get(&backend).is_none_or(|p| p.updates) {
+                    warn!(backend = %backend, id = %offer.id, "updates are switched off for this backend; refusing");
+                    if let Some(v) = views.get(&backend) {
+                        let mut p = update::progress(
+                            &offer.id,
+                            &format!("locals/{}", offer.id),
+                            pv_adapter_api::UpdateStatus::Wontgo,
+                            &format!(
+                                "updates from backend {backend:?} are switched off (updates = false)"
+                            ),
+                        );
+                        p.progress = 100;
+                        v.send_replace({
+                            let mut view = v.borrow().clone();
+                            view.update = Some(p);
+                            view
+                        });
+                    }
+                    continue;
+                }
                 if jobs_tx.send(update::Job { backend, offer }).await.is_err() {
                     break;
                 }
+            }
+            BackendEvent::UserMeta { version, data } => {
+                let _ = desired_tx
+                    .send(meta::Desired {
+                        backend,
+                        version,
+                        data,
+                    })
+                    .await;
             }
             BackendEvent::Connected => {
                 set_health(&views, &backend, true, None);
@@ -218,6 +277,7 @@ pub async fn run_with(
         s.abort();
     }
     coordinator.abort();
+    metasync.abort();
     Ok(())
 }
 

@@ -288,7 +288,8 @@ pub struct Coordinator {
     ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
-fn progress(id: &str, rev: &str, status: UpdateStatus, msg: &str) -> Progress {
+/// A progress report with the coarse percentage of its status.
+pub(crate) fn progress(id: &str, rev: &str, status: UpdateStatus, msg: &str) -> Progress {
     let pct = match status {
         UpdateStatus::Queued => 5,
         UpdateStatus::Downloading => 25,

@@ -1,0 +1,294 @@
+//! Metadata sync through the engine against pv-sim: user-meta desired maps applied
+//! with ownership (only keys the bridge set are deleted) and priority, device-meta
+//! sent to backends and coalesced, the bridge's own device-meta keys, and the
+//! per-backend switches.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::eventually;
+use pv_adapter_api::{
+    Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, DeviceView, EngineLink, Offer,
+};
+use pv_bridge::config::Config;
+use pv_bridge::engine::{AdapterFactory, UpdateOptions, run_with};
+use pv_bridge::pvctrl::Meta;
+use pv_testkit::sim::Generation;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+/// An adapter the test drives: it forwards events from a channel and hands its view
+/// to the test.
+struct Scripted {
+    name: String,
+    events: Arc<Mutex<Option<mpsc::Receiver<BackendEvent>>>>,
+    view: Arc<Mutex<Option<watch::Receiver<DeviceView>>>>,
+}
+
+impl Adapter for Scripted {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            *self.view.lock().unwrap() = Some(link.view());
+            link.send(BackendEvent::Connected).await?;
+            let Some(mut rx) = self.events.lock().unwrap().take() else {
+                return Ok(());
+            };
+            while let Some(ev) = rx.recv().await {
+                link.send(ev).await?;
+            }
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+    }
+}
+
+struct Backend {
+    tx: mpsc::Sender<BackendEvent>,
+    view: Arc<Mutex<Option<watch::Receiver<DeviceView>>>>,
+}
+
+impl Backend {
+    async fn user_meta(&self, version: u64, data: Value) {
+        let data: BTreeMap<String, Value> = serde_json::from_value(data).unwrap();
+        self.tx
+            .send(BackendEvent::UserMeta { version, data })
+            .await
+            .unwrap();
+    }
+
+    async fn view(&self) -> watch::Receiver<DeviceView> {
+        eventually(Duration::from_secs(5), "adapter running", || async {
+            self.view.lock().unwrap().clone()
+        })
+        .await
+    }
+}
+
+fn scripted(name: &str) -> ((String, AdapterFactory), Backend) {
+    let (tx, rx) = mpsc::channel(16);
+    let events = Arc::new(Mutex::new(Some(rx)));
+    let view = Arc::new(Mutex::new(None));
+    let (n, e, v) = (name.to_owned(), events.clone(), view.clone());
+    let f: AdapterFactory = Arc::new(move || {
+        Box::new(Scripted {
+            name: n.clone(),
+            events: e.clone(),
+            view: v.clone(),
+        }) as Box<dyn Adapter>
+    });
+    ((name.to_owned(), f), Backend { tx, view })
+}
+
+/// Starts the engine with scripted backends declared in `backends_toml`.
+fn engine(
+    d: &common::Device,
+    backends_toml: &str,
+    names: &[&str],
+) -> (
+    Vec<Backend>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let text = format!(
+        "[pantavisor]\nsocket = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[metadata]\ndevice_meta_interval_ms = 300\nuser_meta_interval_ms = 500\n{backends_toml}",
+        d.cfg().socket.display(),
+        d.dir.path().join("state").display()
+    );
+    let cfg = Config::parse(Path::new("test.toml"), &text).unwrap();
+    let (adapters, backends): (Vec<_>, Vec<_>) = names.iter().map(|n| scripted(n)).unzip();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        run_with(cfg, adapters, UpdateOptions::default(), async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (backends, stop_tx, task)
+}
+
+fn local(name: &str, extra: &str) -> String {
+    format!("[[backend]]\ntype = \"local\"\nname = \"{name}\"\ndir = \"/nonexistent\"\n{extra}\n")
+}
+
+async fn user_meta(d: &common::Device) -> BTreeMap<String, Value> {
+    d.pv.meta(Meta::User).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_user_meta_is_applied_and_only_owned_keys_are_deleted() {
+    let d = common::start(Generation::Gen2).await;
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    b[0].user_meta(1, json!({"a": "1", "b": {"x": 1}, "n": 7}))
+        .await;
+    eventually(Duration::from_secs(5), "user-meta applied", || async {
+        let m = user_meta(&d).await;
+        (m.get("a") == Some(&json!("1"))
+            && m.get("b") == Some(&json!({"x": 1}))
+            && m.get("n") == Some(&json!("7")))
+        .then_some(())
+    })
+    .await;
+    // An operator sets a key by hand; the bridge must never delete it.
+    d.pv.put_meta(Meta::User, "c", b"manual").await.unwrap();
+    b[0].user_meta(2, json!({"b": {"x": 2}})).await;
+    eventually(
+        Duration::from_secs(5),
+        "a and n deleted, b updated",
+        || async {
+            let m = user_meta(&d).await;
+            (!m.contains_key("a") && !m.contains_key("n") && m.get("b") == Some(&json!({"x": 2})))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(user_meta(&d).await["c"], json!("manual"));
+    // Drift is repaired: someone deletes an owned key; it comes back.
+    d.pv.delete_meta(Meta::User, "b").await.unwrap();
+    eventually(Duration::from_secs(5), "b restored", || async {
+        (user_meta(&d).await.get("b") == Some(&json!({"x": 2}))).then_some(())
+    })
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    // Ownership survives a restart of the bridge.
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    b[0].user_meta(3, json!({})).await;
+    eventually(
+        Duration::from_secs(5),
+        "b deleted after restart",
+        || async { (!user_meta(&d).await.contains_key("b")).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        user_meta(&d).await["c"],
+        json!("manual"),
+        "never owned, never deleted"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_higher_priority_backend_wins_a_key() {
+    let d = common::start(Generation::Gen2).await;
+    let toml = local("cloud", "") + &local("usb", "priority = 10");
+    let (b, stop, task) = engine(&d, &toml, &["cloud", "usb"]);
+    b[0].user_meta(1, json!({"k": "from cloud", "only-cloud": "c"}))
+        .await;
+    b[1].user_meta(1, json!({"k": "from usb"})).await;
+    eventually(Duration::from_secs(5), "usb wins k", || async {
+        let m = user_meta(&d).await;
+        (m.get("k") == Some(&json!("from usb")) && m.get("only-cloud") == Some(&json!("c")))
+            .then_some(())
+    })
+    .await;
+    b[1].user_meta(2, json!({})).await;
+    eventually(
+        Duration::from_secs(5),
+        "cloud's value once usb lets go",
+        || async { (user_meta(&d).await.get("k") == Some(&json!("from cloud"))).then_some(()) },
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_meta_reaches_backends_coalesced_with_the_bridges_own_keys() {
+    let d = common::start(Generation::Gen2).await;
+    let toml = local("cloud", "") + &local("quiet", "device_meta = false");
+    let (b, stop, task) = engine(&d, &toml, &["cloud", "quiet"]);
+    let mut view = b[0].view().await;
+    let dm = eventually(
+        Duration::from_secs(5),
+        "device-meta in the view",
+        || async {
+            let dm = view.borrow().device_meta.clone();
+            dm.contains_key("pv-bridge.version").then_some(dm)
+        },
+    )
+    .await;
+    assert_eq!(dm["pantavisor.revision"], json!("0"));
+    assert_eq!(dm["pv-bridge.version"], json!(pv_bridge::VERSION));
+    let backends = &dm["pv-bridge.backends"];
+    assert_eq!(backends["cloud"]["connected"], json!(true), "{backends}");
+    // Twenty quick changes arrive as a few updates, ending with the last value.
+    view.borrow_and_update();
+    let counter = tokio::spawn(async move {
+        let mut seen = 0;
+        let mut last = None;
+        while view.changed().await.is_ok() {
+            let v = view.borrow_and_update().device_meta.get("burst").cloned();
+            if v != last {
+                seen += 1;
+                last = v.clone();
+            }
+            if last == Some(json!("19")) {
+                break;
+            }
+        }
+        seen
+    });
+    for i in 0..20 {
+        d.pv.put_meta(Meta::Device, "burst", i.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+    let updates = tokio::time::timeout(Duration::from_secs(5), counter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        updates < 20,
+        "20 changes reached the backend as {updates} updates"
+    );
+    // A backend with device_meta = false gets none.
+    let quiet = b[1].view().await;
+    assert!(quiet.borrow().device_meta.is_empty());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_from_a_backend_with_updates_off_are_refused() {
+    let d = common::start(Generation::Gen2).await;
+    let (b, stop, task) = engine(&d, &local("ro", "updates = false"), &["ro"]);
+    let state = d.pv.step("current").await.unwrap();
+    b[0].tx
+        .send(BackendEvent::Offer(Offer {
+            id: "nope".into(),
+            state,
+            objects: BTreeMap::new(),
+            fetcher: None,
+        }))
+        .await
+        .unwrap();
+    let view = b[0].view().await;
+    let p = eventually(Duration::from_secs(5), "refusal", || async {
+        view.borrow().update.clone()
+    })
+    .await;
+    assert_eq!(p.status, pv_adapter_api::UpdateStatus::Wontgo);
+    assert_eq!(
+        p.status_msg,
+        "updates from backend \"ro\" are switched off (updates = false)"
+    );
+    assert!(d.pv.step("locals/nope").await.unwrap_err().is_not_found());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
