@@ -9,120 +9,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::eventually;
-use pv_adapter_api::{
-    Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, DeviceView, EngineLink, Offer,
-};
-use pv_bridge::config::Config;
-use pv_bridge::engine::{AdapterFactory, UpdateOptions, run_with};
+use common::{engine, eventually, local};
+use pv_adapter_api::{BackendEvent, Offer};
 use pv_bridge::pvctrl::Meta;
 use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
-
-/// An adapter the test drives: it forwards events from a channel and hands its view
-/// to the test.
-struct Scripted {
-    name: String,
-    events: Arc<Mutex<Option<mpsc::Receiver<BackendEvent>>>>,
-    view: Arc<Mutex<Option<watch::Receiver<DeviceView>>>>,
-}
-
-impl Adapter for Scripted {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-    fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {
-        Box::pin(async move {
-            *self.view.lock().unwrap() = Some(link.view());
-            link.send(BackendEvent::Connected).await?;
-            let Some(mut rx) = self.events.lock().unwrap().take() else {
-                return Ok(());
-            };
-            while let Some(ev) = rx.recv().await {
-                link.send(ev).await?;
-            }
-            std::future::pending::<()>().await;
-            Ok(())
-        })
-    }
-}
-
-struct Backend {
-    tx: mpsc::Sender<BackendEvent>,
-    view: Arc<Mutex<Option<watch::Receiver<DeviceView>>>>,
-}
-
-impl Backend {
-    async fn user_meta(&self, version: u64, data: Value) {
-        let data: BTreeMap<String, Value> = serde_json::from_value(data).unwrap();
-        self.tx
-            .send(BackendEvent::UserMeta { version, data })
-            .await
-            .unwrap();
-    }
-
-    async fn view(&self) -> watch::Receiver<DeviceView> {
-        eventually(Duration::from_secs(5), "adapter running", || async {
-            self.view.lock().unwrap().clone()
-        })
-        .await
-    }
-}
-
-fn scripted(name: &str) -> ((String, AdapterFactory), Backend) {
-    let (tx, rx) = mpsc::channel(16);
-    let events = Arc::new(Mutex::new(Some(rx)));
-    let view = Arc::new(Mutex::new(None));
-    let (n, e, v) = (name.to_owned(), events.clone(), view.clone());
-    let f: AdapterFactory = Arc::new(move || {
-        Box::new(Scripted {
-            name: n.clone(),
-            events: e.clone(),
-            view: v.clone(),
-        }) as Box<dyn Adapter>
-    });
-    ((name.to_owned(), f), Backend { tx, view })
-}
-
-/// Starts the engine with scripted backends declared in `backends_toml`.
-fn engine(
-    d: &common::Device,
-    backends_toml: &str,
-    names: &[&str],
-) -> (
-    Vec<Backend>,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let text = format!(
-        "[pantavisor]\nsocket = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[metadata]\ndevice_meta_interval_ms = 300\nuser_meta_interval_ms = 500\n{backends_toml}",
-        d.cfg().socket.display(),
-        d.dir.path().join("state").display()
-    );
-    let cfg = Config::parse(Path::new("test.toml"), &text).unwrap();
-    let (adapters, backends): (Vec<_>, Vec<_>) = names.iter().map(|n| scripted(n)).unzip();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        run_with(cfg, adapters, UpdateOptions::default(), async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    (backends, stop_tx, task)
-}
-
-fn local(name: &str, extra: &str) -> String {
-    format!("[[backend]]\ntype = \"local\"\nname = \"{name}\"\ndir = \"/nonexistent\"\n{extra}\n")
-}
 
 async fn user_meta(d: &common::Device) -> BTreeMap<String, Value> {
     d.pv.meta(Meta::User).await.unwrap()

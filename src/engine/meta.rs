@@ -199,7 +199,13 @@ impl MetaSync {
         }
     }
 
-    pub async fn run(mut self, mut desired: mpsc::Receiver<Desired>) {
+    /// Serves desired maps and resync requests (a resync sends device-meta to every
+    /// backend again and re-applies user-meta).
+    pub async fn run(
+        mut self,
+        mut desired: mpsc::Receiver<Desired>,
+        mut resync: mpsc::Receiver<()>,
+    ) {
         let mut device = tokio::time::interval(self.opts.device_meta_interval);
         let mut user = tokio::time::interval(self.opts.user_meta_interval);
         device.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -222,6 +228,14 @@ impl MetaSync {
                     }
                 }
                 _ = device.tick() => self.sync_device_meta().await,
+                r = resync.recv() => {
+                    if r.is_some() {
+                        info!("resync: sending device-meta again and re-applying user-meta");
+                        self.last_device = None;
+                        self.sync_device_meta().await;
+                        self.apply_user_meta().await;
+                    }
+                }
             }
         }
     }

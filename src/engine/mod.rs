@@ -1,6 +1,7 @@
 //! The engine: runs the configured adapters under supervision and carries out what
 //! they ask of the device through pv-ctrl (architecture.md §2–§4).
 
+pub mod commands;
 pub mod journal;
 pub mod meta;
 pub mod update;
@@ -200,7 +201,12 @@ pub async fn run_with(
         meta_opts,
         &cfg.bridge.state_dir,
     );
-    let metasync = tokio::spawn(metasync.run(desired_rx));
+    let (resync_tx, resync_rx) = mpsc::channel(4);
+    let metasync = tokio::spawn(metasync.run(desired_rx, resync_rx));
+    let (commands_tx, commands_rx) = mpsc::channel(32);
+    let executor =
+        commands::Commands::new(pv.clone(), views.clone(), resync_tx, &cfg.bridge.state_dir);
+    let executor = tokio::spawn(executor.run(commands_rx));
     let (jobs_tx, jobs) = mpsc::channel(16);
     let ready = Arc::new(AtomicBool::new(false));
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -260,6 +266,20 @@ pub async fn run_with(
                     })
                     .await;
             }
+            BackendEvent::Command {
+                id,
+                kind,
+                expires_at,
+            } => {
+                let _ = commands_tx
+                    .send(commands::Request {
+                        backend,
+                        id,
+                        kind,
+                        expires_at,
+                    })
+                    .await;
+            }
             BackendEvent::Connected => {
                 set_health(&views, &backend, true, None);
                 connected_tx.send_replace(true);
@@ -278,6 +298,7 @@ pub async fn run_with(
     }
     coordinator.abort();
     metasync.abort();
+    executor.abort();
     Ok(())
 }
 

@@ -258,6 +258,18 @@ pub enum BackendEvent {
     },
 }
 
+/// Where a command stands. The engine keeps the latest of each id in
+/// [`DeviceView::commands`]; an adapter may see `successful` without having seen
+/// `accepted` (views coalesce), so it reports both when needed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub id: String,
+    pub kind: CommandKind,
+    pub status: CommandStatus,
+    /// Why it failed or was rejected, or a detail of success.
+    pub reason: Option<String>,
+}
+
 /// Health of one backend as the engine sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -278,6 +290,8 @@ pub struct DeviceView {
     pub device_meta: BTreeMap<String, serde_json::Value>,
     /// Health of every backend, by name.
     pub health: BTreeMap<String, Health>,
+    /// The latest state of this backend's recent commands, by id.
+    pub commands: BTreeMap<String, CommandResult>,
 }
 
 /// An event tagged with the backend that sent it.

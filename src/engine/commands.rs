@@ -1,0 +1,260 @@
+//! Commands from backends (architecture.md §4): reboot, poweroff, gc, ssh on/off,
+//! resync, cancel and ping, carried out through pv-ctrl.
+//!
+//! Each command is deduplicated by (backend, id) in a durable journal, refused after
+//! its `expires_at`, and answered `accepted`, durably, before anything destructive
+//! happens. A reboot or power-off takes the bridge down with the device; on the
+//! next start the journal turns the `accepted` into `successful`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pv_adapter_api::{CommandKind, CommandResult, CommandStatus};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::journal::write_durable;
+use super::update::Views;
+use crate::pvctrl::{Command, PvCtrl};
+
+/// Commands remembered for deduplication.
+const KEEP: usize = 256;
+/// Results kept in each adapter's view.
+const KEEP_IN_VIEW: usize = 32;
+
+/// A command to carry out.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub backend: String,
+    pub id: String,
+    pub kind: CommandKind,
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    backend: String,
+    result: CommandResult,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Doc {
+    entries: Vec<Entry>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The command executor.
+pub struct Commands {
+    pv: PvCtrl,
+    views: Views,
+    resync: mpsc::Sender<()>,
+    path: PathBuf,
+    doc: Doc,
+}
+
+impl Commands {
+    pub fn new(pv: PvCtrl, views: Views, resync: mpsc::Sender<()>, state_dir: &Path) -> Self {
+        let path = state_dir.join("journal/commands.json");
+        let doc = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Self {
+            pv,
+            views,
+            resync,
+            path,
+            doc,
+        }
+    }
+
+    /// Finishes what a restart interrupted, then serves requests.
+    pub async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        self.recover();
+        while let Some(r) = requests.recv().await {
+            self.handle(r).await;
+        }
+    }
+
+    fn save(&self) {
+        match serde_json::to_vec_pretty(&self.doc) {
+            Ok(data) => {
+                if let Err(e) = write_durable(&self.path, &data) {
+                    warn!(error = %e, "cannot write the command journal");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode the command journal"),
+        }
+    }
+
+    fn find(&self, backend: &str, id: &str) -> Option<&CommandResult> {
+        self.doc
+            .entries
+            .iter()
+            .find(|e| e.backend == backend && e.result.id == id)
+            .map(|e| &e.result)
+    }
+
+    /// Journals (durably) and reports a command's new state.
+    fn record(&mut self, backend: &str, result: CommandResult) {
+        self.doc
+            .entries
+            .retain(|e| !(e.backend == backend && e.result.id == result.id));
+        self.doc.entries.push(Entry {
+            backend: backend.to_owned(),
+            result: result.clone(),
+        });
+        let excess = self.doc.entries.len().saturating_sub(KEEP);
+        self.doc.entries.drain(..excess);
+        self.save();
+        self.report(backend, result);
+    }
+
+    fn report(&self, backend: &str, result: CommandResult) {
+        if let Some(v) = self.views.get(backend) {
+            v.send_modify(|view| {
+                view.commands.insert(result.id.clone(), result.clone());
+                while view.commands.len() > KEEP_IN_VIEW {
+                    // Drop the oldest by journal order.
+                    let oldest = self
+                        .doc
+                        .entries
+                        .iter()
+                        .filter(|e| e.backend == backend)
+                        .map(|e| e.result.id.clone())
+                        .find(|id| view.commands.contains_key(id));
+                    match oldest {
+                        Some(id) => view.commands.remove(&id),
+                        None => break,
+                    };
+                }
+            });
+        }
+    }
+
+    /// After a restart: a reboot or power-off that was accepted has happened (the
+    /// bridge went down with the device); anything else that was accepted was
+    /// interrupted.
+    fn recover(&mut self) {
+        let pending: Vec<Entry> = self
+            .doc
+            .entries
+            .iter()
+            .filter(|e| e.result.status == CommandStatus::Accepted)
+            .cloned()
+            .collect();
+        for e in pending {
+            let mut r = e.result.clone();
+            if matches!(r.kind, CommandKind::Reboot | CommandKind::Poweroff) {
+                r.status = CommandStatus::Successful;
+                r.reason = Some("the device restarted".into());
+            } else {
+                r.status = CommandStatus::Failed;
+                r.reason = Some("interrupted by a restart of the bridge".into());
+            }
+            info!(backend = %e.backend, id = %r.id, status = ?r.status, "command outcome after restart");
+            self.record(&e.backend, r);
+        }
+        let latest: Vec<Entry> = self.doc.entries.clone();
+        for e in latest {
+            self.report(&e.backend, e.result);
+        }
+    }
+
+    async fn handle(&mut self, req: Request) {
+        let Request {
+            backend,
+            id,
+            kind,
+            expires_at,
+        } = req;
+        if let Some(done) = self.find(&backend, &id).cloned() {
+            info!(backend = %backend, id = %id, status = ?done.status, "duplicate command; not run again");
+            self.report(&backend, done);
+            return;
+        }
+        let result = |status, reason: Option<String>| CommandResult {
+            id: id.clone(),
+            kind: kind.clone(),
+            status,
+            reason,
+        };
+        if let Some(t) = expires_at.filter(|t| *t <= now()) {
+            warn!(backend = %backend, id = %id, "command expired");
+            self.record(
+                &backend,
+                result(CommandStatus::Rejected, Some(format!("expired at {t}"))),
+            );
+            return;
+        }
+        self.record(&backend, result(CommandStatus::Accepted, None));
+        info!(backend = %backend, id = %id, kind = ?kind, "command accepted");
+        let outcome: Result<Option<String>, String> = match &kind {
+            CommandKind::Ping => Ok(Some("pong".into())),
+            CommandKind::Reboot | CommandKind::Poweroff => {
+                let why = format!("requested by backend {backend} (command {id})");
+                let cmd = if kind == CommandKind::Reboot {
+                    Command::Reboot(why.replace(['"', '\\'], ""))
+                } else {
+                    Command::Poweroff(why.replace(['"', '\\'], ""))
+                };
+                match self.pv.command(cmd).await {
+                    // The device goes down now; the journal finishes this after it.
+                    Ok(_) => return,
+                    Err(e) if e.is_update_ongoing() => Err("an update is in progress".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            CommandKind::Gc => match self.pv.storage_gc().await {
+                Ok(r) => Ok(Some(format!("reclaimed {} bytes", r.reclaimed))),
+                // Before Pantavisor 029 there is no synchronous GC: queue RUN_GC.
+                Err(e) if e.status() == Some(400) => self
+                    .pv
+                    .command(Command::RunGc)
+                    .await
+                    .map(|_| Some("garbage collection queued".into()))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            CommandKind::SshOn | CommandKind::SshOff => {
+                let cmd = if kind == CommandKind::SshOn {
+                    Command::EnableSsh
+                } else {
+                    Command::DisableSsh
+                };
+                self.pv
+                    .command(cmd)
+                    .await
+                    .map(|_| None)
+                    .map_err(|e| e.to_string())
+            }
+            CommandKind::Resync => self
+                .resync
+                .send(())
+                .await
+                .map(|_| None)
+                .map_err(|_| "the metadata task has stopped".into()),
+            CommandKind::Cancel => {
+                Err("cancelling updates is not supported by this version yet".into())
+            }
+        };
+        let r = match outcome {
+            Ok(detail) => result(CommandStatus::Successful, detail),
+            Err(why) => {
+                warn!(backend = %backend, id = %id, reason = %why, "command failed");
+                result(CommandStatus::Failed, Some(why))
+            }
+        };
+        self.record(&backend, r);
+    }
+}
+
+/// Results by id, for tests and adapters that want a plain map.
+pub type Results = BTreeMap<String, CommandResult>;
