@@ -55,12 +55,19 @@ pub struct Commands {
     pv: PvCtrl,
     views: Views,
     resync: mpsc::Sender<()>,
+    slot: super::arbiter::Shared,
     path: PathBuf,
     doc: Doc,
 }
 
 impl Commands {
-    pub fn new(pv: PvCtrl, views: Views, resync: mpsc::Sender<()>, state_dir: &Path) -> Self {
+    pub fn new(
+        pv: PvCtrl,
+        views: Views,
+        resync: mpsc::Sender<()>,
+        state_dir: &Path,
+        slot: super::arbiter::Shared,
+    ) -> Self {
         let path = state_dir.join("journal/commands.json");
         let doc = std::fs::read(&path)
             .ok()
@@ -70,6 +77,7 @@ impl Commands {
             pv,
             views,
             resync,
+            slot,
             path,
             doc,
         }
@@ -242,7 +250,21 @@ impl Commands {
                 .map(|_| None)
                 .map_err(|_| "the metadata task has stopped".into()),
             CommandKind::Cancel => {
-                Err("cancelling updates is not supported by this version yet".into())
+                let reason = format!("cancelled by backend {backend} (command {id})");
+                match super::arbiter::cancel(&self.slot, &backend, None, &reason) {
+                    Ok((update, Some(job))) => {
+                        super::report_final(
+                            &self.views,
+                            &job.backend,
+                            &update,
+                            pv_adapter_api::UpdateStatus::Cancelled,
+                            &reason,
+                        );
+                        Ok(Some(format!("update {update} cancelled")))
+                    }
+                    Ok((update, None)) => Ok(Some(format!("update {update} cancelled"))),
+                    Err(why) => Err(why),
+                }
             }
         };
         let r = match outcome {

@@ -1,6 +1,7 @@
 //! The engine: runs the configured adapters under supervision and carries out what
 //! they ask of the device through pv-ctrl (architecture.md §2–§4).
 
+pub mod arbiter;
 pub mod commands;
 pub mod journal;
 pub mod meta;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use pv_adapter_api::{Adapter, BackendEvent, DeviceView, EngineLink, Envelope};
+use pv_adapter_api::{Adapter, BackendEvent, DeviceView, EngineLink, Envelope, UpdateStatus};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -189,6 +190,7 @@ pub async fn run_with(
             )
         })
         .collect();
+    let slot = arbiter::Shared::default();
     let (desired_tx, desired_rx) = mpsc::channel(16);
     let meta_opts = meta::MetaOptions {
         device_meta_interval: Duration::from_millis(cfg.metadata.device_meta_interval_ms),
@@ -204,15 +206,26 @@ pub async fn run_with(
     let (resync_tx, resync_rx) = mpsc::channel(4);
     let metasync = tokio::spawn(metasync.run(desired_rx, resync_rx));
     let (commands_tx, commands_rx) = mpsc::channel(32);
-    let executor =
-        commands::Commands::new(pv.clone(), views.clone(), resync_tx, &cfg.bridge.state_dir);
+    let executor = commands::Commands::new(
+        pv.clone(),
+        views.clone(),
+        resync_tx,
+        &cfg.bridge.state_dir,
+        slot.clone(),
+    );
     let executor = tokio::spawn(executor.run(commands_rx));
-    let (jobs_tx, jobs) = mpsc::channel(16);
     let ready = Arc::new(AtomicBool::new(false));
     let (connected_tx, connected_rx) = watch::channel(false);
     tokio::spawn(keep_ready(pv.clone(), ready.clone(), connected_rx));
-    let coordinator = update::Coordinator::new(pv.clone(), journal, views.clone(), opts, ready);
-    let coordinator = tokio::spawn(coordinator.run(jobs));
+    let coordinator = update::Coordinator::new(
+        pv.clone(),
+        journal,
+        views.clone(),
+        opts,
+        ready,
+        slot.clone(),
+    );
+    let coordinator = tokio::spawn(coordinator.run());
     let mut supervisors = Vec::new();
     for (name, factory, rx) in receivers {
         let link = EngineLink::new(&name, events_tx.clone(), rx);
@@ -253,8 +266,19 @@ pub async fn run_with(
                     }
                     continue;
                 }
-                if jobs_tx.send(update::Job { backend, offer }).await.is_err() {
-                    break;
+                let priority = policies.get(&backend).map_or(0, |p| p.priority);
+                offer_update(&slot, &views, update::Job { backend, offer }, priority);
+            }
+            BackendEvent::Cancel { id } => {
+                let reason = format!("cancelled by backend {backend}");
+                match arbiter::cancel(&slot, &backend, Some(&id), &reason) {
+                    Ok((id, Some(job))) => {
+                        report_final(&views, &job.backend, &id, UpdateStatus::Cancelled, &reason)
+                    }
+                    Ok((id, None)) => {
+                        info!(backend = %backend, id = %id, "update cancel requested")
+                    }
+                    Err(why) => warn!(backend = %backend, id = %id, reason = %why, "cannot cancel"),
                 }
             }
             BackendEvent::UserMeta { version, data } => {
@@ -287,9 +311,6 @@ pub async fn run_with(
             BackendEvent::Disconnected { reason } => {
                 set_health(&views, &backend, false, Some(reason))
             }
-            other => {
-                warn!(backend = %backend, event = ?other, "not handled by this version of the engine yet")
-            }
         }
     }
     info!("engine stopping");
@@ -300,6 +321,56 @@ pub async fn run_with(
     metasync.abort();
     executor.abort();
     Ok(())
+}
+
+/// Reports a final status for an offer that never reached the coordinator.
+pub(crate) fn report_final(
+    views: &update::Views,
+    backend: &str,
+    id: &str,
+    status: UpdateStatus,
+    msg: &str,
+) {
+    if let Some(v) = views.get(backend) {
+        let p = update::progress(id, &format!("locals/{id}"), status, msg);
+        v.send_modify(|view| view.update = Some(p));
+    }
+}
+
+/// Applies the arbitration rules to a new offer.
+fn offer_update(slot: &arbiter::Shared, views: &update::Views, job: update::Job, priority: i64) {
+    let (backend, id) = (job.backend.clone(), job.offer.id.clone());
+    let mut s = slot.lock();
+    match arbiter::decide(&s, &backend, &id, priority) {
+        arbiter::Decision::Duplicate => {
+            info!(backend = %backend, id = %id, "offer already running or waiting");
+        }
+        arbiter::Decision::Busy(why) => {
+            drop(s);
+            warn!(backend = %backend, id = %id, reason = %why, "offer refused");
+            report_final(views, &backend, &id, UpdateStatus::Wontgo, &why);
+        }
+        arbiter::Decision::Start | arbiter::Decision::Supersede { .. } => {
+            let why = format!("superseded by update {id} from backend {backend}");
+            if let Some(a) = s.active.as_mut().filter(|a| a.cancelled.is_none()) {
+                info!(backend = %a.backend, id = %a.id, "superseding the running update");
+                a.cancelled = Some(why.clone());
+                a.cancel.notify_one();
+            }
+            let old = s.next.replace(arbiter::Pending { job, priority });
+            drop(s);
+            if let Some(old) = old {
+                report_final(
+                    views,
+                    &old.job.backend,
+                    &old.job.offer.id,
+                    UpdateStatus::Cancelled,
+                    &why,
+                );
+            }
+            slot.wake.notify_one();
+        }
+    }
 }
 
 fn set_health(views: &update::Views, backend: &str, connected: bool, error: Option<String>) {

@@ -22,7 +22,7 @@ use pv_adapter_api::{
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -286,6 +286,8 @@ pub struct Coordinator {
     /// Set once the backend owning updates is connected: the bridge may then
     /// confirm its READY goal while Pantavisor installs an update.
     ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Where offers wait and the running update is marked (see `arbiter`).
+    slot: super::arbiter::Shared,
 }
 
 /// A progress report with the coarse percentage of its status.
@@ -317,6 +319,7 @@ impl Coordinator {
         views: Views,
         opts: UpdateOptions,
         ready: Arc<std::sync::atomic::AtomicBool>,
+        slot: super::arbiter::Shared,
     ) -> Self {
         Self {
             pv,
@@ -324,6 +327,7 @@ impl Coordinator {
             views,
             opts,
             ready,
+            slot,
         }
     }
 
@@ -356,10 +360,34 @@ impl Coordinator {
     }
 
     /// Recovers after a restart, then runs offers until the channel closes.
-    pub async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+    pub async fn run(mut self) {
         self.recover().await;
-        while let Some(job) = jobs.recv().await {
-            self.handle(job).await;
+        loop {
+            let next = {
+                let mut s = self.slot.lock();
+                match s.next.take() {
+                    Some(p) => {
+                        let cancel = Arc::new(tokio::sync::Notify::new());
+                        s.active = Some(super::arbiter::Active {
+                            backend: p.job.backend.clone(),
+                            id: p.job.offer.id.clone(),
+                            priority: p.priority,
+                            committed: false,
+                            cancelled: None,
+                            cancel: cancel.clone(),
+                        });
+                        Some((p.job, cancel))
+                    }
+                    None => None,
+                }
+            };
+            match next {
+                Some((job, cancel)) => {
+                    self.handle(job, cancel).await;
+                    self.slot.lock().active = None;
+                }
+                None => self.slot.wake.notified().await,
+            }
         }
     }
 
@@ -383,11 +411,21 @@ impl Coordinator {
             }
             Phase::Staged | Phase::Running => {
                 info!(backend = %cur.backend, id = %cur.id, rev = %cur.rev, "resuming the update in flight");
+                // Pantavisor may already own it: nothing may supersede it now.
+                self.slot.lock().active = Some(super::arbiter::Active {
+                    backend: cur.backend.clone(),
+                    id: cur.id.clone(),
+                    priority: i64::MAX,
+                    committed: true,
+                    cancelled: None,
+                    cancel: Arc::new(tokio::sync::Notify::new()),
+                });
                 if cur.phase == Phase::Staged {
                     self.resume_run(&cur).await;
                 }
                 let (status, msg) = self.follow(&cur.backend, &cur.id, &cur.rev).await;
                 self.finish(&cur.backend, &cur.id, &cur.rev, status, &msg);
+                self.slot.lock().active = None;
             }
         }
     }
@@ -414,7 +452,7 @@ impl Coordinator {
         }
     }
 
-    async fn handle(&mut self, job: Job) {
+    async fn handle(&mut self, job: Job, cancel: Arc<tokio::sync::Notify>) {
         let Job { backend, offer } = job;
         let id = offer.id.clone();
         if let Some(f) = self.journal.finished(&backend, &id).cloned() {
@@ -430,7 +468,20 @@ impl Coordinator {
         }
         let rev = format!("locals/{id}");
         info!(backend = %backend, id = %id, rev = %rev, "update offered");
-        match self.stage_and_run(&backend, &offer, &rev).await {
+        let staged = tokio::select! {
+            r = self.stage_and_run(&backend, &offer, &rev) => r,
+            _ = cancel.notified() => {
+                let why = self
+                    .slot
+                    .lock()
+                    .active
+                    .as_ref()
+                    .and_then(|a| a.cancelled.clone())
+                    .unwrap_or_else(|| "cancelled".into());
+                Err(Refusal { status: UpdateStatus::Cancelled, msg: why })
+            }
+        };
+        match staged {
             Ok(()) => {
                 let (status, msg) = self.follow(&backend, &id, &rev).await;
                 self.finish(&backend, &id, &rev, status, &msg);
@@ -508,6 +559,19 @@ impl Coordinator {
             .await
             .map_err(|e| Refusal::wontgo(format!("Pantavisor refused the state: {e}")))?;
         self.set_phase(backend, id, rev, Phase::Staged)?;
+        // The point of no return: after this, only Pantavisor decides.
+        {
+            let mut s = self.slot.lock();
+            if let Some(a) = s.active.as_mut() {
+                if let Some(why) = &a.cancelled {
+                    return Err(Refusal {
+                        status: UpdateStatus::Cancelled,
+                        msg: why.clone(),
+                    });
+                }
+                a.committed = true;
+            }
+        }
         match self.pv.command(Command::LocalRun(revision)).await {
             Ok(_) => {}
             Err(e) if e.is_update_ongoing() => {

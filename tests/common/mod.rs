@@ -155,7 +155,7 @@ use pv_adapter_api::{
     Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, DeviceView, EngineLink,
 };
 use pv_bridge::config::Config;
-use pv_bridge::engine::{AdapterFactory, UpdateOptions, run_with};
+use pv_bridge::engine::{AdapterFactory, run_with};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
@@ -250,7 +250,8 @@ pub fn engine(
     let (adapters, backends): (Vec<_>, Vec<_>) = names.iter().map(|n| scripted(n)).unzip();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        run_with(cfg, adapters, UpdateOptions::default(), async {
+        let opts = cfg.updates.options();
+        run_with(cfg, adapters, opts, async {
             let _ = stop_rx.await;
         })
         .await

@@ -212,18 +212,19 @@ async fn export_offer(folder: &Path, id: &str) -> Result<Offer, String> {
 }
 
 impl LocalAdapter {
-    /// Offers every export not offered yet and not finished.
+    /// Offers the first export (by name) not offered yet and not finished; returns
+    /// its id. One at a time: a newer offer would supersede the running one.
     async fn scan(
         &self,
         link: &EngineLink,
         offered: &mut BTreeMap<String, Offered>,
-    ) -> Result<(), AdapterError> {
+    ) -> Result<Option<String>, AdapterError> {
         let dir = &self.cfg.dir;
         let mut rd = match tokio::fs::read_dir(dir).await {
             Ok(rd) => rd,
             Err(e) => {
                 warn!(backend = %self.name, dir = %dir.display(), error = %e, "cannot read the update directory");
-                return Ok(());
+                return Ok(None);
             }
         };
         // entry name → archive compression (None for folders)
@@ -312,6 +313,7 @@ impl LocalAdapter {
                     )
                     .await;
                     link.send(BackendEvent::Offer(offer)).await?;
+                    return Ok(Some(id));
                 }
                 Err(why) => {
                     self.refuse(&status, &id, &entry, &why).await;
@@ -325,7 +327,7 @@ impl LocalAdapter {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn refuse(&self, status: &Path, id: &str, entry: &str, why: &str) {
@@ -367,11 +369,16 @@ impl Adapter for LocalAdapter {
             link.send(BackendEvent::Connected).await?;
             let mut view = link.view();
             let mut offered: BTreeMap<String, Offered> = BTreeMap::new();
+            let mut in_flight: Option<String> = None;
             let mut last_written: Option<StatusFile> = None;
             let mut tick = tokio::time::interval(period);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => self.scan(&link, &mut offered).await?,
+                    _ = tick.tick() => {
+                        if in_flight.is_none() {
+                            in_flight = self.scan(&link, &mut offered).await?;
+                        }
+                    }
                     changed = view.changed() => {
                         if changed.is_err() {
                             return Err(AdapterError::EngineGone);
@@ -385,6 +392,9 @@ impl Adapter for LocalAdapter {
                             if s.is_final() {
                                 if let Some(dir) = &o.unpacked {
                                     let _ = tokio::fs::remove_dir_all(dir).await;
+                                }
+                                if in_flight.as_deref() == Some(p.id.as_str()) {
+                                    in_flight = None;
                                 }
                             }
                             last_written = Some(s);
