@@ -4,6 +4,7 @@
 pub mod arbiter;
 pub mod commands;
 pub mod journal;
+pub mod logs;
 pub mod meta;
 pub mod update;
 

@@ -270,6 +270,44 @@ pub struct CommandResult {
     pub reason: Option<String>,
 }
 
+/// One log line, as Pantavisor and Pantacor Hub describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Seconds since the Unix epoch.
+    pub tsec: i64,
+    /// Nanoseconds within the second.
+    pub tnano: u32,
+    /// Level: DEBUG, INFO, WARN, ERROR, …
+    pub lvl: String,
+    /// The platform (container) or `pantavisor`.
+    pub plat: String,
+    /// The source within the platform (`lxc/console.log`, a Pantavisor module, …).
+    pub src: String,
+    pub msg: String,
+}
+
+/// Log records handed to one adapter. Ack `next` once they are delivered; until
+/// then the same records are offered again (at-least-once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogBatch {
+    /// Position of the first record in the engine's spool.
+    pub first: u64,
+    /// Position after the last record: what to pass to [`LogFeed::ack`].
+    pub next: u64,
+    pub records: Vec<LogRecord>,
+    /// Records this adapter will never see, since its previous batch (spool caps,
+    /// rate limits).
+    pub dropped: u64,
+}
+
+/// The engine's log spool as one adapter sees it.
+pub trait LogFeed: Send + Sync {
+    /// Waits for records after this backend's last ack, up to the given bounds.
+    fn next(&self, backend: &str, max_records: usize, max_bytes: usize) -> BoxFuture<'_, LogBatch>;
+    /// Marks everything before `next` delivered.
+    fn ack(&self, backend: &str, next: u64);
+}
+
 /// Health of one backend as the engine sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -302,11 +340,21 @@ pub struct Envelope {
 }
 
 /// An adapter's side of its connection to the engine.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EngineLink {
     backend: String,
     events: mpsc::Sender<Envelope>,
     view: watch::Receiver<DeviceView>,
+    logs: Option<Arc<dyn LogFeed>>,
+}
+
+impl fmt::Debug for EngineLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineLink")
+            .field("backend", &self.backend)
+            .field("logs", &self.logs.is_some())
+            .finish()
+    }
 }
 
 impl EngineLink {
@@ -320,6 +368,26 @@ impl EngineLink {
             backend: backend.to_owned(),
             events,
             view,
+            logs: None,
+        }
+    }
+
+    /// With the engine's log feed (when logs are on for this backend).
+    pub fn with_logs(mut self, feed: Arc<dyn LogFeed>) -> Self {
+        self.logs = Some(feed);
+        self
+    }
+
+    /// The next batch of log records for this backend; `None` when logs are off.
+    pub async fn next_logs(&self, max_records: usize, max_bytes: usize) -> Option<LogBatch> {
+        let feed = self.logs.as_ref()?;
+        Some(feed.next(&self.backend, max_records, max_bytes).await)
+    }
+
+    /// Acknowledges delivery of everything before `next` (from [`LogBatch::next`]).
+    pub fn ack_logs(&self, next: u64) {
+        if let Some(feed) = &self.logs {
+            feed.ack(&self.backend, next);
         }
     }
 
