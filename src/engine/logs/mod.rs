@@ -3,3 +3,4 @@
 
 pub mod parse;
 pub mod spool;
+pub mod tail;

@@ -1,0 +1,409 @@
+//! Tailing Pantavisor's log tree (`/pantavisor/logs`, read-only in the container).
+//!
+//! Each poll follows `current` to the running revision's directory and reads the new
+//! complete lines of every source: `pantavisor/pantavisor.log`, container sources
+//! such as `<platform>/lxc/console.log`, or the singlefile `pv.log`. Rotation:
+//! a file replaced (new inode) or truncated (shorter than the cursor) is read from
+//! its start; `.gz` files are rotated-away history and skipped. Cursors (inode and
+//! offset per file) are kept in the bridge's own storage, since the log mount is
+//! read-only. A token bucket per source turns floods away, counted.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use pv_adapter_api::LogRecord;
+use serde::{Deserialize, Serialize};
+
+use super::parse;
+
+/// Most bytes read from one file per poll.
+const CHUNK: u64 = 1024 * 1024;
+/// How deep source paths may nest under a platform.
+const MAX_DEPTH: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Cursor {
+    ino: u64,
+    offset: u64,
+    /// Fingerprint of the file's first bytes (up to 256) as read: a file truncated
+    /// and refilled to the same length shows up as a different head.
+    #[serde(default)]
+    head: u64,
+    /// Modification time (ns) when last read; the head is re-checked when it moves.
+    #[serde(default)]
+    mtime: i64,
+}
+
+const HEAD: u64 = 256;
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn head_of(f: &mut File, len: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; len.min(HEAD) as usize];
+    f.seek(SeekFrom::Start(0))?;
+    f.read_exact(&mut buf)?;
+    Ok(fingerprint(&buf))
+}
+
+/// Per-source rate limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// Lines per second, on average.
+    pub per_sec: f64,
+    /// Lines allowed in a burst.
+    pub burst: f64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub struct Tailer {
+    root: PathBuf,
+    cursor_path: PathBuf,
+    cursors: BTreeMap<String, Cursor>,
+    rate: Rate,
+    buckets: BTreeMap<(String, String), Bucket>,
+}
+
+/// What one poll found.
+#[derive(Debug, Default)]
+pub struct Poll {
+    pub records: Vec<LogRecord>,
+    /// Lines turned away by the rate limits.
+    pub dropped: u64,
+}
+
+fn now() -> (i64, u32) {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs() as i64, d.subsec_nanos()))
+        .unwrap_or((0, 0))
+}
+
+fn files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        let p = e.path();
+        if t.is_dir() {
+            files(&p, depth + 1, out);
+        } else if t.is_file() && !p.extension().is_some_and(|x| x == "gz") {
+            out.push(p);
+        }
+    }
+}
+
+impl Tailer {
+    /// Tails the tree at `root`, keeping cursors in `cursor_path`.
+    pub fn new(root: &Path, cursor_path: &Path, rate: Rate) -> Tailer {
+        let cursors = fs::read(cursor_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Tailer {
+            root: root.to_owned(),
+            cursor_path: cursor_path.to_owned(),
+            cursors,
+            rate,
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    /// Saves the cursors. Call once what `poll` returned is safely spooled.
+    pub fn save(&self) -> io::Result<()> {
+        if let Some(d) = self.cursor_path.parent() {
+            fs::create_dir_all(d)?;
+        }
+        let tmp = self.cursor_path.with_extension("tmp");
+        fs::write(
+            &tmp,
+            serde_json::to_vec(&self.cursors).map_err(io::Error::other)?,
+        )?;
+        fs::rename(&tmp, &self.cursor_path)
+    }
+
+    fn allow(&mut self, plat: &str, src: &str) -> bool {
+        let rate = self.rate;
+        let b = self
+            .buckets
+            .entry((plat.to_owned(), src.to_owned()))
+            .or_insert(Bucket {
+                tokens: rate.burst,
+                at: Instant::now(),
+            });
+        let now = Instant::now();
+        b.tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * rate.per_sec).min(rate.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Reads what is new in the running revision's logs.
+    pub fn poll(&mut self) -> Poll {
+        let mut out = Poll::default();
+        let Ok(rev) = fs::read_link(self.root.join("current")) else {
+            return out;
+        };
+        let rev_dir = self.root.join(&rev);
+        let mut list = Vec::new();
+        files(&rev_dir, 0, &mut list);
+        list.sort();
+        let singlefile = rev_dir.join("pv.log");
+        for path in list {
+            let Ok(rel) = path.strip_prefix(&rev_dir) else {
+                continue;
+            };
+            let rel_s = rel.to_string_lossy().into_owned();
+            let key = format!("{}/{rel_s}", rev.display());
+            let (plat, src) = match rel_s.split_once('/') {
+                Some((p, s)) => (p.to_owned(), s.to_owned()),
+                None => ("pantavisor".to_owned(), rel_s.clone()),
+            };
+            let lines = match self.read_new(&path, &key) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "cannot read log file");
+                    continue;
+                }
+            };
+            let stamp = now();
+            for line in lines {
+                if line.is_empty() {
+                    continue;
+                }
+                let rec = if path == singlefile {
+                    parse::singlefile(&line, stamp)
+                } else if plat == "pantavisor" && src == "pantavisor.log" {
+                    parse::pantavisor(&line, stamp)
+                } else {
+                    parse::raw(&plat, &src, &line, stamp)
+                };
+                if self.allow(&rec.plat, &rec.src) {
+                    out.records.push(rec);
+                } else {
+                    out.dropped += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The complete new lines of one file, advancing its cursor.
+    fn read_new(&mut self, path: &Path, key: &str) -> io::Result<Vec<String>> {
+        let md = fs::metadata(path)?;
+        let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        let fresh = Cursor {
+            ino: md.ino(),
+            offset: 0,
+            head: 0,
+            mtime,
+        };
+        let mut cur = *self.cursors.entry(key.to_owned()).or_insert(fresh);
+        if cur.ino != md.ino() || md.len() < cur.offset {
+            // Replaced or truncated: start again.
+            cur = fresh;
+        }
+        if md.len() == cur.offset && cur.mtime == mtime {
+            return Ok(Vec::new());
+        }
+        let mut f = File::open(path)?;
+        if cur.offset > 0 && head_of(&mut f, cur.offset)? != cur.head {
+            // Rewritten in place (truncated and refilled): start again.
+            cur = fresh;
+        }
+        f.seek(SeekFrom::Start(cur.offset))?;
+        let mut buf = Vec::new();
+        (&mut f).take(CHUNK).read_to_end(&mut buf)?;
+        let consumed = match buf.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            // A full chunk without a newline is one (cut) line; otherwise wait.
+            None if buf.len() as u64 == CHUNK => buf.len(),
+            None => 0,
+        };
+        cur.offset += consumed as u64;
+        cur.mtime = mtime;
+        if cur.offset > 0 {
+            cur.head = head_of(&mut f, cur.offset)?;
+        }
+        self.cursors.insert(key.to_owned(), cur);
+        Ok(String::from_utf8_lossy(&buf[..consumed])
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn append(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn tree() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        fs::create_dir_all(logs.join("0")).unwrap();
+        std::os::unix::fs::symlink("0", logs.join("current")).unwrap();
+        (dir, logs)
+    }
+
+    const FREE: Rate = Rate {
+        per_sec: 1e9,
+        burst: 1e9,
+    };
+
+    fn msgs(p: &Poll) -> Vec<String> {
+        p.records
+            .iter()
+            .map(|r| format!("{}/{}: {}", r.plat, r.src, r.msg))
+            .collect()
+    }
+
+    #[test]
+    fn reads_complete_new_lines_of_every_source() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE);
+        append(
+            &logs.join("0/pantavisor/pantavisor.log"),
+            "[pantavisor] 1 INFO\t -- [ctrl]: hello\n",
+        );
+        append(&logs.join("0/app/lxc/console.log"), "one\ntwo\npart");
+        append(&logs.join("0/app/lxc/console.log.1.gz"), "old history\n");
+        let p = t.poll();
+        assert_eq!(
+            msgs(&p),
+            [
+                "app/lxc/console.log: one",
+                "app/lxc/console.log: two",
+                "pantavisor/ctrl: hello"
+            ]
+        );
+        append(&logs.join("0/app/lxc/console.log"), "ial\n");
+        assert_eq!(msgs(&t.poll()), ["app/lxc/console.log: partial"]);
+        assert!(t.poll().records.is_empty());
+    }
+
+    #[test]
+    fn rotation_by_replacement_or_truncation_starts_over() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE);
+        let f = logs.join("0/app/var/log/syslog");
+        append(&f, "a\nb\n");
+        assert_eq!(t.poll().records.len(), 2);
+        // Replaced: rotated to .gz, a new file started.
+        fs::rename(&f, logs.join("0/app/var/log/syslog.1.gz")).unwrap();
+        append(&f, "c\n");
+        assert_eq!(msgs(&t.poll()), ["app/var/log/syslog: c"]);
+        // Truncated in place.
+        fs::write(&f, "").unwrap();
+        append(&f, "d\n");
+        assert_eq!(msgs(&t.poll()), ["app/var/log/syslog: d"]);
+    }
+
+    #[test]
+    fn a_growing_file_past_the_fingerprint_is_not_mistaken_for_a_rotation() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE);
+        let f = logs.join("0/app/lxc/console.log");
+        append(&f, "short\n");
+        assert_eq!(t.poll().records.len(), 1);
+        append(&f, &format!("{}\n", "x".repeat(1000)));
+        assert_eq!(t.poll().records.len(), 1);
+        append(&f, "tail\n");
+        assert_eq!(
+            msgs(&t.poll()),
+            ["app/lxc/console.log: tail"],
+            "nothing read twice"
+        );
+    }
+
+    #[test]
+    fn cursors_survive_a_restart_and_follow_current() {
+        let (dir, logs) = tree();
+        let cursors = dir.path().join("cursors.json");
+        let f = logs.join("0/app/lxc/console.log");
+        append(&f, "before\n");
+        let mut t = Tailer::new(&logs, &cursors, FREE);
+        assert_eq!(t.poll().records.len(), 1);
+        t.save().unwrap();
+        append(&f, "after\n");
+        let mut t = Tailer::new(&logs, &cursors, FREE);
+        assert_eq!(msgs(&t.poll()), ["app/lxc/console.log: after"]);
+        // A new revision runs: its tree is followed.
+        fs::create_dir_all(logs.join("locals/r1/pantavisor")).unwrap();
+        append(
+            &logs.join("locals/r1/pantavisor/pantavisor.log"),
+            "[pantavisor] 0 INFO\t -- [pantavisor]: booted revision locals/r1\n",
+        );
+        fs::remove_file(logs.join("current")).unwrap();
+        std::os::unix::fs::symlink("locals/r1", logs.join("current")).unwrap();
+        assert_eq!(
+            msgs(&t.poll()),
+            ["pantavisor/pantavisor: booted revision locals/r1"]
+        );
+    }
+
+    #[test]
+    fn singlefile_layout_is_parsed_as_json() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE);
+        append(
+            &logs.join("0/pv.log"),
+            "{\"tsec\":5,\"tnano\":0,\"platform\":\"app\",\"lvl\":\"WARN\",\"src\":\"lxc/console.log\",\"msg\":\"hot\"}\n",
+        );
+        let p = t.poll();
+        assert_eq!(
+            (p.records[0].plat.as_str(), p.records[0].lvl.as_str()),
+            ("app", "WARN")
+        );
+    }
+
+    #[test]
+    fn floods_are_limited_per_source_and_counted() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(
+            &logs,
+            &dir.path().join("cursors.json"),
+            Rate {
+                per_sec: 0.001,
+                burst: 10.0,
+            },
+        );
+        append(&logs.join("0/app/lxc/console.log"), &"spam\n".repeat(100));
+        append(&logs.join("0/other/lxc/console.log"), "quiet\n");
+        let p = t.poll();
+        assert_eq!(
+            p.records.len(),
+            11,
+            "10 of the flood, and the quiet source untouched"
+        );
+        assert_eq!(p.dropped, 90);
+    }
+}
