@@ -100,7 +100,7 @@ fn files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
         let p = e.path();
         if t.is_dir() {
             files(&p, depth + 1, out);
-        } else if t.is_file() && !p.extension().is_some_and(|x| x == "gz") {
+        } else if t.is_file() && p.extension().is_none_or(|x| x != "gz") {
             out.push(p);
         }
     }
