@@ -29,6 +29,8 @@ pub struct Config {
     pub updates: Updates,
     #[serde(default)]
     pub metadata: Metadata,
+    #[serde(default)]
+    pub logs: Logs,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -122,6 +124,56 @@ impl Default for Metadata {
         Self {
             device_meta_interval_ms: 10_000,
             user_meta_interval_ms: 30_000,
+        }
+    }
+}
+
+/// How logs are collected and kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logs {
+    /// Collect and forward logs at all.
+    pub enabled: bool,
+    /// How often the log tree is read, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Lines per second allowed from one source, on average.
+    pub rate_per_sec: f64,
+    /// Lines one source may send in a burst.
+    pub burst: f64,
+    /// Size cap of the on-disk spool, in bytes.
+    pub spool_max_bytes: u64,
+    /// Age cap of spooled lines, in seconds.
+    pub spool_max_age_secs: u64,
+}
+
+impl Default for Logs {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval_ms: 500,
+            rate_per_sec: 200.0,
+            burst: 1000.0,
+            spool_max_bytes: 16 * 1024 * 1024,
+            spool_max_age_secs: 24 * 3600,
+        }
+    }
+}
+
+impl Logs {
+    /// The engine's options for these settings.
+    pub fn options(&self) -> crate::engine::logs::LogOptions {
+        let spool = crate::engine::logs::spool::SpoolOptions {
+            max_bytes: self.spool_max_bytes,
+            max_age: std::time::Duration::from_secs(self.spool_max_age_secs),
+            segment_bytes: (self.spool_max_bytes / 16).clamp(4096, 1024 * 1024),
+        };
+        crate::engine::logs::LogOptions {
+            poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            rate: crate::engine::logs::tail::Rate {
+                per_sec: self.rate_per_sec,
+                burst: self.burst,
+            },
+            spool,
         }
     }
 }
@@ -269,6 +321,31 @@ impl Config {
                     format!("metadata.{key} must be at least 100, got {v}"),
                 ));
             }
+        }
+        let l = &cfg.logs;
+        if l.poll_interval_ms < 50 {
+            return Err(err(
+                section("poll_interval_ms"),
+                format!(
+                    "logs.poll_interval_ms must be at least 50, got {}",
+                    l.poll_interval_ms
+                ),
+            ));
+        }
+        if !(l.rate_per_sec > 0.0 && l.burst >= 1.0) {
+            return Err(err(
+                section("rate_per_sec"),
+                "logs.rate_per_sec must be positive and logs.burst at least 1".into(),
+            ));
+        }
+        if l.spool_max_bytes < 64 * 1024 {
+            return Err(err(
+                section("spool_max_bytes"),
+                format!(
+                    "logs.spool_max_bytes must be at least 65536, got {}",
+                    l.spool_max_bytes
+                ),
+            ));
         }
         let mut names = BTreeSet::new();
         for b in &cfg.backends {

@@ -227,9 +227,37 @@ pub async fn run_with(
         slot.clone(),
     );
     let coordinator = tokio::spawn(coordinator.run());
+    let log_backends: Vec<String> = receivers
+        .iter()
+        .map(|(n, _, _)| n.clone())
+        .filter(|n| policies.get(n).is_none_or(|p| p.logs))
+        .collect();
+    let mut logs_task = None;
+    let feed = if cfg.logs.enabled && !log_backends.is_empty() {
+        match logs::start(
+            &cfg.pantavisor.logs,
+            &cfg.bridge.state_dir,
+            &log_backends,
+            cfg.logs.options(),
+        ) {
+            Ok((feed, task)) => {
+                logs_task = Some(tokio::spawn(task));
+                Some(feed)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot open the log spool; logs will not be forwarded");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut supervisors = Vec::new();
     for (name, factory, rx) in receivers {
-        let link = EngineLink::new(&name, events_tx.clone(), rx);
+        let mut link = EngineLink::new(&name, events_tx.clone(), rx);
+        if let Some(f) = feed.as_ref().filter(|_| log_backends.contains(&name)) {
+            link = link.with_logs(f.clone() as Arc<dyn pv_adapter_api::LogFeed>);
+        }
         supervisors.push(tokio::spawn(supervise(name, factory, link)));
     }
     drop(events_tx);
@@ -321,6 +349,9 @@ pub async fn run_with(
     coordinator.abort();
     metasync.abort();
     executor.abort();
+    if let Some(t) = logs_task {
+        t.abort();
+    }
     Ok(())
 }
 

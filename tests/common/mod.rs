@@ -165,6 +165,7 @@ struct Scripted {
     name: String,
     events: Arc<Mutex<Option<mpsc::Receiver<BackendEvent>>>>,
     view: Arc<Mutex<Option<watch::Receiver<DeviceView>>>>,
+    link: Arc<Mutex<Option<EngineLink>>>,
 }
 
 impl Adapter for Scripted {
@@ -177,6 +178,7 @@ impl Adapter for Scripted {
     fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(async move {
             *self.view.lock().unwrap() = Some(link.view());
+            *self.link.lock().unwrap() = Some(link.clone());
             link.send(BackendEvent::Connected).await?;
             let Some(mut rx) = self.events.lock().unwrap().take() else {
                 return Ok(());
@@ -193,6 +195,7 @@ impl Adapter for Scripted {
 pub struct Backend {
     pub tx: mpsc::Sender<BackendEvent>,
     view: Arc<Mutex<Option<watch::Receiver<DeviceView>>>>,
+    link: Arc<Mutex<Option<EngineLink>>>,
 }
 
 impl Backend {
@@ -208,6 +211,14 @@ impl Backend {
             .unwrap();
     }
 
+    /// The adapter's link, as the engine gave it.
+    pub async fn link(&self) -> EngineLink {
+        eventually(Duration::from_secs(5), "adapter running", || async {
+            self.link.lock().unwrap().clone()
+        })
+        .await
+    }
+
     pub async fn view(&self) -> watch::Receiver<DeviceView> {
         eventually(Duration::from_secs(5), "adapter running", || async {
             self.view.lock().unwrap().clone()
@@ -220,15 +231,17 @@ pub fn scripted(name: &str) -> ((String, AdapterFactory), Backend) {
     let (tx, rx) = mpsc::channel(16);
     let events = Arc::new(Mutex::new(Some(rx)));
     let view = Arc::new(Mutex::new(None));
-    let (n, e, v) = (name.to_owned(), events.clone(), view.clone());
+    let link = Arc::new(Mutex::new(None));
+    let (n, e, v, l) = (name.to_owned(), events.clone(), view.clone(), link.clone());
     let f: AdapterFactory = Arc::new(move || {
         Box::new(Scripted {
             name: n.clone(),
             events: e.clone(),
             view: v.clone(),
+            link: l.clone(),
         }) as Box<dyn Adapter>
     });
-    ((name.to_owned(), f), Backend { tx, view })
+    ((name.to_owned(), f), Backend { tx, view, link })
 }
 
 /// Starts the engine with scripted backends declared in `backends_toml`.
@@ -242,8 +255,9 @@ pub fn engine(
     tokio::task::JoinHandle<()>,
 ) {
     let text = format!(
-        "[pantavisor]\nsocket = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[metadata]\ndevice_meta_interval_ms = 300\nuser_meta_interval_ms = 500\n{backends_toml}",
+        "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[metadata]\ndevice_meta_interval_ms = 300\nuser_meta_interval_ms = 500\n{backends_toml}",
         d.cfg().socket.display(),
+        d.storage().join("logs").display(),
         d.dir.path().join("state").display()
     );
     let cfg = Config::parse(Path::new("test.toml"), &text).unwrap();

@@ -1,0 +1,168 @@
+//! The log pipeline end to end: pv-sim writes Pantavisor's log tree, the engine
+//! tails it into its spool, and backends pull batches and acknowledge them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use std::time::Duration;
+
+use common::{engine, local};
+use pv_adapter_api::{EngineLink, LogBatch};
+use pv_testkit::sim::Generation;
+
+async fn batch(link: &EngineLink) -> LogBatch {
+    tokio::time::timeout(Duration::from_secs(10), link.next_logs(1000, 256 * 1024))
+        .await
+        .expect("a batch within 10 s")
+        .expect("logs are on for this backend")
+}
+
+/// The N of "synthetic log line N" records, in order.
+fn synthetic(b: &LogBatch) -> Vec<u64> {
+    b.records
+        .iter()
+        .filter_map(|r| {
+            r.msg
+                .split("synthetic log line ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+const FAST_LOGS: &str = "[logs]\npoll_interval_ms = 100\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pantavisor_and_container_lines_reach_the_backend() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 20.0).await;
+    let (b, stop, task) = engine(
+        &d,
+        &format!("{FAST_LOGS}{}", local("cloud", "")),
+        &["cloud"],
+    );
+    let link = b[0].link().await;
+    let mut seen_pv = false;
+    let mut seen_app = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(seen_pv && seen_app) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pv={seen_pv} app={seen_app}"
+        );
+        let got = batch(&link).await;
+        for r in &got.records {
+            if r.plat == "pantavisor" && r.src == "pantavisor" && r.msg == "booted revision 0" {
+                seen_pv = true;
+            }
+            if r.plat == "app" && (r.src == "lxc/console.log" || r.src == "var/log/syslog") {
+                seen_app = true;
+            }
+        }
+        link.ack_logs(got.next);
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_stalls_nobody_and_acked_lines_are_not_sent_again() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 50.0).await;
+    let toml = format!("{FAST_LOGS}{}{}", local("fast", ""), local("slow", ""));
+    let (b, stop, task) = engine(&d, &toml, &["fast", "slow"]);
+    let (fast, slow) = (b[0].link().await, b[1].link().await);
+    // The slow backend takes one batch and never acknowledges it.
+    let stuck = batch(&slow).await;
+    let mut last = 0;
+    for _ in 0..5 {
+        let got = batch(&fast).await;
+        assert!(got.first >= last, "fast moves forward");
+        last = got.next;
+        fast.ack_logs(got.next);
+    }
+    assert!(
+        last > stuck.next,
+        "the fast backend got past the slow one's position"
+    );
+    assert_eq!(
+        batch(&slow).await.first,
+        stuck.first,
+        "the slow one is offered the same again"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    // After a restart, the fast backend gets nothing it acknowledged.
+    let (b, stop, task) = engine(&d, &toml, &["fast", "slow"]);
+    let fast = b[0].link().await;
+    let got = batch(&fast).await;
+    assert!(
+        got.first >= last,
+        "resumes at its ack ({} < {last})",
+        got.first
+    );
+    // And the lines themselves are new ones (cursors survived too).
+    let before: Vec<u64> = synthetic(&stuck);
+    if let (Some(old), Some(new)) = (before.iter().max(), synthetic(&got).iter().min()) {
+        assert!(new > old, "line {new} after line {old}");
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_caps_drop_the_oldest_and_count_every_drop() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 2000.0).await;
+    let toml = format!(
+        "[logs]\npoll_interval_ms = 100\nspool_max_bytes = 65536\nrate_per_sec = 100000\nburst = 100000\n{}",
+        local("cloud", "")
+    );
+    let (b, stop, task) = engine(&d, &toml, &["cloud"]);
+    let link = b[0].link().await;
+    // Let far more than 64 KiB of lines pile up unread.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = batch(&link).await;
+    assert!(first.dropped > 0, "drops reported: {first:?}");
+    assert_eq!(
+        first.first, first.dropped,
+        "every position before the first record is counted as dropped"
+    );
+    // The count comes once; after the ack it is not repeated.
+    link.ack_logs(first.next);
+    let again = batch(&link).await;
+    assert_eq!(again.first, first.next);
+    assert!(
+        again.dropped < first.dropped,
+        "{} then {}",
+        first.dropped,
+        again.dropped
+    );
+    let spool_bytes: u64 = std::fs::read_dir(d.dir.path().join("state/spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(
+        spool_bytes < 2 * 65536,
+        "the spool stays near its cap: {spool_bytes} bytes"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_with_logs_off_gets_no_feed() {
+    let d = common::start(Generation::Gen2).await;
+    let (b, stop, task) = engine(
+        &d,
+        &format!("{FAST_LOGS}{}", local("quiet", "logs = false")),
+        &["quiet"],
+    );
+    assert!(b[0].link().await.next_logs(10, 1024).await.is_none());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
