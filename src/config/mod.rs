@@ -82,6 +82,8 @@ pub struct Updates {
     pub max_state_bytes: usize,
     /// How often Pantavisor's progress is read during an update, in milliseconds.
     pub poll_interval_ms: u64,
+    /// Bytes one update may download from URLs; 0 = no limit.
+    pub max_update_bytes: u64,
 }
 
 impl Default for Updates {
@@ -92,6 +94,7 @@ impl Default for Updates {
             bandwidth_limit: o.bandwidth_limit,
             max_state_bytes: o.max_state_bytes,
             poll_interval_ms: o.poll_interval.as_millis() as u64,
+            max_update_bytes: o.max_update_bytes,
         }
     }
 }
@@ -104,6 +107,8 @@ impl Updates {
             bandwidth_limit: self.bandwidth_limit,
             max_state_bytes: self.max_state_bytes,
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            max_update_bytes: self.max_update_bytes,
+            cache_dir: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod arbiter;
 pub mod commands;
+pub mod fetch;
 pub mod journal;
 pub mod logs;
 pub mod meta;
@@ -218,6 +219,10 @@ pub async fn run_with(
     let ready = Arc::new(AtomicBool::new(false));
     let (connected_tx, connected_rx) = watch::channel(false);
     tokio::spawn(keep_ready(pv.clone(), ready.clone(), connected_rx));
+    let mut opts = opts;
+    if opts.cache_dir.is_none() {
+        opts.cache_dir = Some(cfg.bridge.state_dir.join("cache"));
+    }
     let coordinator = update::Coordinator::new(
         pv.clone(),
         journal,

@@ -41,6 +41,11 @@ pub struct UpdateOptions {
     pub poll_interval: Duration,
     /// Largest state JSON accepted.
     pub max_state_bytes: usize,
+    /// Bytes one update may download from URLs; 0 = no limit.
+    pub max_update_bytes: u64,
+    /// Where URL objects are downloaded; `None` = the engine's default
+    /// (`<state_dir>/cache`).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for UpdateOptions {
@@ -50,6 +55,8 @@ impl Default for UpdateOptions {
             bandwidth_limit: 0,
             poll_interval: Duration::from_millis(500),
             max_state_bytes: crate::state::DEFAULT_MAX_STATE_BYTES,
+            max_update_bytes: 0,
+            cache_dir: None,
         }
     }
 }
@@ -98,8 +105,17 @@ pub fn map_status(s: &PvStatus) -> UpdateStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fetch {
     sha: String,
-    key: String,
+    source: Src,
     size: Option<u64>,
+}
+
+/// Where an object's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Src {
+    /// The adapter's fetcher, with its key.
+    Adapter(String),
+    /// An http/https URL.
+    Url(String),
 }
 
 /// Decides which objects must be fetched, given what the device has (sha → size).
@@ -128,7 +144,7 @@ fn plan(state: &State, offer: &Offer, have: &BTreeMap<String, u64>) -> Result<Ve
         match &src.source {
             ObjectSource::Adapter { key } if offer.fetcher.is_some() => out.push(Fetch {
                 sha: sha.to_owned(),
-                key: key.clone(),
+                source: Src::Adapter(key.clone()),
                 size: src.size,
             }),
             ObjectSource::Adapter { key } => {
@@ -136,9 +152,18 @@ fn plan(state: &State, offer: &Offer, have: &BTreeMap<String, u64>) -> Result<Ve
                     "object {sha} ({path}): source {key:?} needs the adapter's fetcher, which the offer lacks"
                 )));
             }
+            ObjectSource::Url { url }
+                if url.starts_with("http://") || url.starts_with("https://") =>
+            {
+                out.push(Fetch {
+                    sha: sha.to_owned(),
+                    source: Src::Url(url.clone()),
+                    size: src.size,
+                })
+            }
             ObjectSource::Url { url } => {
                 return Err(Refusal::wontgo(format!(
-                    "object {sha} ({path}): URL sources ({url}) are not supported by this build yet"
+                    "object {sha} ({path}): source {url:?} is not an http or https URL"
                 )));
             }
         }
@@ -215,10 +240,18 @@ impl AsyncRead for Hashing {
     }
 }
 
+/// What `upload` needs besides the object.
+#[derive(Clone)]
+struct Sources {
+    fetcher: Option<Arc<dyn ObjectFetcher>>,
+    downloader: Option<Arc<super::fetch::Downloader>>,
+    budget: Arc<super::fetch::Budget>,
+}
+
 /// Streams one object from its source into Pantavisor. Returns its length.
 async fn upload(
     pv: PvCtrl,
-    fetcher: Arc<dyn ObjectFetcher>,
+    sources: Sources,
     f: Fetch,
     counter: Arc<AtomicU64>,
     throttle: Option<Arc<Throttle>>,
@@ -227,21 +260,68 @@ async fn upload(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (reader, len) = fetcher
-            .open(&f.key)
-            .await
-            .map_err(|e| Refusal::wontgo(format!("object {sha}: cannot read its source: {e}")))?;
+        // Adapter sources are counted as they stream; URL sources while they
+        // download into the cache, before this upload.
+        let (reader, len, count): (ObjectReader, u64, Arc<AtomicU64>) = match &f.source {
+            Src::Adapter(key) => {
+                let fetcher = sources.fetcher.as_ref().ok_or_else(|| {
+                    Refusal::wontgo(format!("object {sha}: the offer has no fetcher"))
+                })?;
+                let (r, len) = fetcher.open(key).await.map_err(|e| {
+                    Refusal::wontgo(format!("object {sha}: cannot read its source: {e}"))
+                })?;
+                (r, len, counter.clone())
+            }
+            Src::Url(url) => {
+                let dl = sources.downloader.as_ref().ok_or_else(|| {
+                    Refusal::wontgo(format!(
+                        "object {sha}: no HTTP client is available for {url}"
+                    ))
+                })?;
+                let path = if attempt == 1 {
+                    dl.fetch(
+                        url,
+                        sha,
+                        f.size,
+                        &counter,
+                        throttle.as_ref(),
+                        &sources.budget,
+                    )
+                    .await
+                    .map_err(Refusal::wontgo)?
+                } else {
+                    dl.cached(sha)
+                };
+                let file = tokio::fs::File::open(&path).await.map_err(|e| {
+                    Refusal::wontgo(format!("object {sha}: cannot read the cached copy: {e}"))
+                })?;
+                let len = file
+                    .metadata()
+                    .await
+                    .map_err(|e| Refusal::wontgo(format!("object {sha}: {e}")))?
+                    .len();
+                (
+                    Box::new(file) as ObjectReader,
+                    len,
+                    Arc::new(AtomicU64::new(0)),
+                )
+            }
+        };
         if let Some(expected) = f.size.filter(|e| *e != len) {
             return Err(Refusal::wontgo(format!(
                 "object {sha}: its source has {len} bytes but the offer says {expected}"
             )));
         }
-        let start = counter.load(Ordering::Relaxed);
+        let start = count.load(Ordering::Relaxed);
+        let adapter_throttle = match f.source {
+            Src::Adapter(_) => throttle.clone(),
+            Src::Url(_) => None,
+        };
         let mut hashing = Hashing {
             inner: reader,
             hasher: Sha256::new(),
-            counter: counter.clone(),
-            throttle: throttle.clone(),
+            counter: count.clone(),
+            throttle: adapter_throttle,
             pause: None,
         };
         match pv.put_object(sha, &mut hashing, len).await {
@@ -267,8 +347,8 @@ async fn upload(
             }
             Err(e) if e.is_unreachable() && attempt < 5 => {
                 // Give back the bytes counted for this attempt and try again.
-                let counted = counter.load(Ordering::Relaxed).saturating_sub(start);
-                counter.fetch_sub(counted, Ordering::Relaxed);
+                let counted = count.load(Ordering::Relaxed).saturating_sub(start);
+                count.fetch_sub(counted, Ordering::Relaxed);
                 warn!(object = %sha, attempt, error = %e, "upload interrupted; retrying");
                 tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
             }
@@ -288,6 +368,8 @@ pub struct Coordinator {
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// Where offers wait and the running update is marked (see `arbiter`).
     slot: super::arbiter::Shared,
+    /// Downloads URL objects; `None` if no HTTP client could be made.
+    downloader: Option<Arc<super::fetch::Downloader>>,
 }
 
 /// A progress report with the coarse percentage of its status.
@@ -321,6 +403,16 @@ impl Coordinator {
         ready: Arc<std::sync::atomic::AtomicBool>,
         slot: super::arbiter::Shared,
     ) -> Self {
+        let downloader =
+            opts.cache_dir
+                .as_deref()
+                .and_then(|dir| match super::fetch::Downloader::new(dir) {
+                    Ok(d) => Some(Arc::new(d)),
+                    Err(e) => {
+                        error!(error = %e, "URL object sources will be refused");
+                        None
+                    }
+                });
         Self {
             pv,
             journal,
@@ -328,6 +420,7 @@ impl Coordinator {
             opts,
             ready,
             slot,
+            downloader,
         }
     }
 
@@ -481,6 +574,7 @@ impl Coordinator {
                 Err(Refusal { status: UpdateStatus::Cancelled, msg: why })
             }
         };
+        let cancelled = matches!(&staged, Err(r) if r.status == UpdateStatus::Cancelled);
         match staged {
             Ok(()) => {
                 let (status, msg) = self.follow(&backend, &id, &rev).await;
@@ -489,6 +583,13 @@ impl Coordinator {
             Err(r) => {
                 warn!(backend = %backend, id = %id, status = %r.status, reason = %r.msg, "update refused");
                 self.finish(&backend, &id, &rev, r.status, &r.msg);
+            }
+        }
+        // The cache only serves an update until it ends; a superseding offer may
+        // still use what a cancelled one downloaded.
+        if !cancelled {
+            if let Some(dl) = &self.downloader {
+                dl.clear().await;
             }
         }
     }
@@ -547,11 +648,15 @@ impl Coordinator {
             })
             .map_err(Self::journal_err)?;
         if !todo.is_empty() {
-            let fetcher = offer
-                .fetcher
-                .clone()
-                .ok_or_else(|| Refusal::wontgo("no fetcher"))?;
-            self.fetch_all(backend, id, rev, fetcher, todo, bytes_total)
+            let sources = Sources {
+                fetcher: offer.fetcher.clone(),
+                downloader: self.downloader.clone(),
+                budget: Arc::new(super::fetch::Budget {
+                    limit: self.opts.max_update_bytes,
+                    used: AtomicU64::new(0),
+                }),
+            };
+            self.fetch_all(backend, id, rev, sources, todo, bytes_total)
                 .await?;
         }
         self.pv
@@ -642,7 +747,7 @@ impl Coordinator {
         backend: &str,
         id: &str,
         rev: &str,
-        fetcher: Arc<dyn ObjectFetcher>,
+        sources: Sources,
         todo: Vec<Fetch>,
         bytes_total: u64,
     ) -> Result<(), Refusal> {
@@ -671,15 +776,15 @@ impl Coordinator {
         loop {
             while set.len() < limit {
                 let Some(f) = queue.pop_front() else { break };
-                let (pv, fetcher, counter, throttle) = (
+                let (pv, sources, counter, throttle) = (
                     self.pv.clone(),
-                    fetcher.clone(),
+                    sources.clone(),
                     counter.clone(),
                     throttle.clone(),
                 );
                 set.spawn(async move {
                     let sha = f.sha.clone();
-                    upload(pv, fetcher, f, counter, throttle)
+                    upload(pv, sources, f, counter, throttle)
                         .await
                         .map(|len| (sha, len))
                 });
@@ -835,7 +940,7 @@ mod tests {
             p,
             vec![Fetch {
                 sha: sha(2),
-                key: "k2".into(),
+                source: Src::Adapter("k2".into()),
                 size: Some(20)
             }]
         );
@@ -871,8 +976,20 @@ mod tests {
             ),
             (sha(2), None, key("k")),
         ]);
+        let p = plan(&state(), &o, &BTreeMap::new()).unwrap();
+        assert!(p.iter().any(|f| f.source == Src::Url("https://x/1".into())));
+        let o = offer(&[
+            (
+                sha(1),
+                None,
+                ObjectSource::Url {
+                    url: "ftp://x/1".into(),
+                },
+            ),
+            (sha(2), None, key("k")),
+        ]);
         let e = plan(&state(), &o, &BTreeMap::new()).unwrap_err();
-        assert!(e.msg.contains("URL sources"), "{}", e.msg);
+        assert!(e.msg.contains("is not an http or https URL"), "{}", e.msg);
     }
 
     #[tokio::test(start_paused = true)]

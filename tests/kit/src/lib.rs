@@ -2,5 +2,7 @@
 //! tested against independent implementations of the protocols it speaks.
 //!
 //! - [`sim`]: pv-sim, a protocol-faithful simulation of Pantavisor's pv-ctrl.
+//! - [`objects`]: an HTTP object server with Range, ETags and fault injection.
 
+pub mod objects;
 pub mod sim;

@@ -1,0 +1,320 @@
+//! Downloading objects from http/https URLs into the bridge's cache.
+//!
+//! An object is downloaded to `<cache>/<sha>.part` and renamed to `<cache>/<sha>`
+//! once its sha256 checks out. An interrupted download resumes with `Range` and
+//! `If-Range` (the ETag or Last-Modified the server gave), so verified bytes are
+//! never fetched twice, across restarts too; a changed object makes the server send
+//! it whole. Connection failures, timeouts, 408, 429 and 5xx are retried with
+//! jittered exponential backoff; any other 4xx is final. Memory stays flat: bytes
+//! go from the socket to the file in the chunks they arrive in.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use super::update::Throttle;
+use crate::pvctrl::hex;
+
+/// Attempts per object before giving up.
+const ATTEMPTS: u32 = 8;
+
+/// Bytes an update may download, shared by its objects.
+pub struct Budget {
+    pub limit: u64,
+    pub used: AtomicU64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Validator {
+    url: String,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// Downloads objects into a cache directory.
+pub struct Downloader {
+    client: reqwest::Client,
+    cache: PathBuf,
+}
+
+/// How a download attempt failed.
+enum Failure {
+    Retry(String, Option<Duration>),
+    Fatal(String),
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500) * 2u32.pow(attempt.min(6));
+    let jitter =
+        Duration::from_millis(u64::from(std::process::id().wrapping_mul(attempt + 7)) % 400);
+    base.min(Duration::from_secs(30)) + jitter
+}
+
+impl Downloader {
+    /// A downloader caching in `cache`. TLS uses the system's certificates.
+    pub fn new(cache: &Path) -> Result<Self, String> {
+        // reqwest is built without a default crypto provider: use ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("pv-bridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            cache: cache.to_owned(),
+        })
+    }
+
+    /// The cache file of a verified object.
+    pub fn cached(&self, sha: &str) -> PathBuf {
+        self.cache.join(sha)
+    }
+
+    /// Empties the cache (after an update ended).
+    pub async fn clear(&self) {
+        if let Ok(mut rd) = tokio::fs::read_dir(&self.cache).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
+    }
+
+    /// Downloads `url` until its bytes hash to `sha`; returns the cached file.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        sha: &str,
+        size: Option<u64>,
+        counter: &AtomicU64,
+        throttle: Option<&Arc<Throttle>>,
+        budget: &Budget,
+    ) -> Result<PathBuf, String> {
+        tokio::fs::create_dir_all(&self.cache).await.map_err(|e| {
+            format!(
+                "cannot create the object cache {}: {e}",
+                self.cache.display()
+            )
+        })?;
+        let done = self.cached(sha);
+        if hash_file(&done).await.as_deref() == Some(sha) {
+            counter.fetch_add(size.unwrap_or(0), Ordering::Relaxed);
+            return Ok(done);
+        }
+        let part = self.cache.join(format!("{sha}.part"));
+        let meta = self.cache.join(format!("{sha}.part.json"));
+        let mut validator: Validator = tokio::fs::read(&meta)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|v: &Validator| v.url == url)
+            .unwrap_or_default();
+        let mut have = tokio::fs::metadata(&part)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if validator.url.is_empty() || size.is_some_and(|s| have > s) {
+            have = 0;
+        }
+        counter.fetch_add(have, Ordering::Relaxed);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .attempt(
+                    url,
+                    &part,
+                    &meta,
+                    &mut validator,
+                    &mut have,
+                    size,
+                    counter,
+                    throttle,
+                    budget,
+                )
+                .await
+            {
+                Ok(()) => break,
+                Err(Failure::Fatal(why)) => return Err(why),
+                Err(Failure::Retry(why, after)) if attempt < ATTEMPTS => {
+                    let wait = after
+                        .unwrap_or_else(|| backoff(attempt))
+                        .min(Duration::from_secs(60));
+                    warn!(url = %url, attempt, retry_in = ?wait, reason = %why, "download interrupted");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(Failure::Retry(why, _)) => {
+                    return Err(format!("{url}: giving up after {ATTEMPTS} attempts: {why}"));
+                }
+            }
+        }
+        let got = hash_file(&part).await.unwrap_or_default();
+        if got != sha {
+            let _ = tokio::fs::remove_file(&part).await;
+            let _ = tokio::fs::remove_file(&meta).await;
+            return Err(format!("object {sha}: the bytes from {url} hash to {got}"));
+        }
+        tokio::fs::rename(&part, &done)
+            .await
+            .map_err(|e| format!("cannot keep object {sha}: {e}"))?;
+        let _ = tokio::fs::remove_file(&meta).await;
+        Ok(done)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        url: &str,
+        part: &Path,
+        meta: &Path,
+        validator: &mut Validator,
+        have: &mut u64,
+        size: Option<u64>,
+        counter: &AtomicU64,
+        throttle: Option<&Arc<Throttle>>,
+        budget: &Budget,
+    ) -> Result<(), Failure> {
+        if size.is_some_and(|s| *have == s) && *have > 0 {
+            return Ok(());
+        }
+        let mut req = self.client.get(url);
+        let resume = *have > 0 && (validator.etag.is_some() || validator.last_modified.is_some());
+        if resume {
+            req = req.header(reqwest::header::RANGE, format!("bytes={}-", *have));
+            if let Some(v) = validator.etag.as_ref().or(validator.last_modified.as_ref()) {
+                req = req.header(reqwest::header::IF_RANGE, v.clone());
+            }
+        }
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::Retry(e.to_string(), None))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .map(Duration::from_secs);
+        let append = match status {
+            206 if resume => {
+                let start = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if start != Some(*have) {
+                    return Err(Failure::Retry(
+                        format!("unexpected Content-Range {start:?}"),
+                        None,
+                    ));
+                }
+                true
+            }
+            200 => false,
+            416 if resume => {
+                // Nothing after what we have: the part may be whole.
+                return Ok(());
+            }
+            408 | 429 | 500..=599 => {
+                return Err(Failure::Retry(
+                    format!("{url} answered {status}"),
+                    retry_after,
+                ));
+            }
+            _ => return Err(Failure::Fatal(format!("{url} answered {status}"))),
+        };
+        if !append {
+            counter.fetch_sub(*have, Ordering::Relaxed);
+            *have = 0;
+            let h = resp.headers();
+            let text = |n| {
+                h.get(n)
+                    .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            *validator = Validator {
+                url: url.to_owned(),
+                etag: text(reqwest::header::ETAG),
+                last_modified: text(reqwest::header::LAST_MODIFIED),
+            };
+            if let Ok(b) = serde_json::to_vec(validator) {
+                let _ = tokio::fs::write(meta, b).await;
+            }
+        }
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(part)
+            .await
+            .map_err(|e| Failure::Fatal(format!("cannot write {}: {e}", part.display())))?;
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = f.flush().await;
+                    return Err(Failure::Retry(
+                        format!("download broke after {} bytes: {e}", *have),
+                        None,
+                    ));
+                }
+            };
+            let n = chunk.len() as u64;
+            let used = budget.used.fetch_add(n, Ordering::Relaxed) + n;
+            if budget.limit > 0 && used > budget.limit {
+                return Err(Failure::Fatal(format!(
+                    "the byte budget of {} bytes for this update is exhausted",
+                    budget.limit
+                )));
+            }
+            if size.is_some_and(|s| *have + n > s) {
+                return Err(Failure::Fatal(format!(
+                    "{url} sends more than the {} bytes offered",
+                    size.unwrap_or(0)
+                )));
+            }
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| Failure::Fatal(format!("cannot write {}: {e}", part.display())))?;
+            *have += n;
+            counter.fetch_add(n, Ordering::Relaxed);
+            if let Some(wait) = throttle
+                .map(|t| t.take(chunk.len()))
+                .filter(|w| !w.is_zero())
+            {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        f.flush().await.map_err(|e| Failure::Fatal(e.to_string()))?;
+        f.sync_data()
+            .await
+            .map_err(|e| Failure::Fatal(e.to_string()))?;
+        debug!(url = %url, bytes = *have, "download complete");
+        Ok(())
+    }
+}
+
+async fn hash_file(path: &Path) -> Option<String> {
+    let mut f = tokio::fs::File::open(path).await.ok()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return Some(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}

@@ -1,0 +1,207 @@
+//! An HTTP/1.1 object server on loopback for download tests: `GET` with `Range`,
+//! `If-Range` and `ETag`, plus faults queued by the test (cut a body short, answer
+//! an error status) and a record of every request.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A fault applied to the next `GET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Send the headers as usual, then only this many body bytes, then close.
+    CutAfter(usize),
+    /// Answer with this status and an empty body.
+    Status(u16),
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub path: String,
+    pub range_start: Option<u64>,
+    pub if_range: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct State {
+    files: BTreeMap<String, (Arc<Vec<u8>>, String)>,
+    faults: VecDeque<Fault>,
+    seen: Vec<Seen>,
+}
+
+pub struct ObjectServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ObjectServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ObjectServer {
+    pub async fn start() -> io::Result<ObjectServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(s, st.clone()));
+            }
+        });
+        Ok(ObjectServer { addr, state, task })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The URL of `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Serves `data` at `path`, with an ETag derived from a counter.
+    pub fn put(&self, path: &str, data: Vec<u8>) {
+        let mut s = self.state();
+        let etag = format!("\"v{}-{}\"", s.files.len(), data.len());
+        s.files.insert(path.to_owned(), (Arc::new(data), etag));
+    }
+
+    /// Replaces the content at `path` and gives it a new ETag.
+    pub fn replace(&self, path: &str, data: Vec<u8>) {
+        let mut s = self.state();
+        let etag = format!("\"r{}-{}\"", s.seen.len(), data.len());
+        s.files.insert(path.to_owned(), (Arc::new(data), etag));
+    }
+
+    /// Queues a fault for the next `GET`.
+    pub fn fault(&self, f: Fault) {
+        self.state().faults.push_back(f);
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state().seen.clone()
+    }
+}
+
+async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        match rd.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        head.push(line.trim_end().to_owned());
+        if head.len() > 100 {
+            return;
+        }
+    }
+    let mut parts = head.first().map(|l| l.split(' ')).into_iter().flatten();
+    let (method, path) = (
+        parts.next().unwrap_or_default().to_owned(),
+        parts.next().unwrap_or_default().to_owned(),
+    );
+    let header = |name: &str| {
+        head.iter().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    let range_start = header("range")
+        .and_then(|r| r.strip_prefix("bytes=").map(str::to_owned))
+        .and_then(|r| r.strip_suffix('-').and_then(|n| n.parse().ok()));
+    let if_range = header("if-range");
+    let (fault, file) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        (s.faults.pop_front(), s.files.get(&path).cloned())
+    };
+    let record = |status: u16| {
+        state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .push(Seen {
+                path: path.clone(),
+                range_start,
+                if_range: if_range.clone(),
+                status,
+            });
+    };
+    if method != "GET" {
+        record(405);
+        let _ = wr.write_all(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        return;
+    }
+    if let Some(Fault::Status(code)) = fault {
+        record(code);
+        let _ = wr
+            .write_all(
+                format!("HTTP/1.1 {code} Fault\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+        return;
+    }
+    let Some((data, etag)) = file else {
+        record(404);
+        let _ = wr
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await;
+        return;
+    };
+    let len = data.len() as u64;
+    let ranged = range_start.filter(|s| *s < len && if_range.as_ref().is_none_or(|v| *v == etag));
+    let (status, start, head) = match ranged {
+        Some(s) => (
+            206,
+            s,
+            format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{len}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n",
+                len - s,
+                len - 1
+            ),
+        ),
+        None => (
+            200,
+            0,
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n"
+            ),
+        ),
+    };
+    record(status);
+    if wr.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let body = &data[start as usize..];
+    let body = match fault {
+        Some(Fault::CutAfter(n)) => &body[..n.min(body.len())],
+        _ => body,
+    };
+    for piece in body.chunks(64 * 1024) {
+        if wr.write_all(piece).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.flush().await;
+}
