@@ -1,0 +1,382 @@
+//! Benchmark harness (not a test): `cargo bench --bench pipeline`.
+//!
+//! (a) Staging objects from a local HTTP server into pv-sim through the engine,
+//!     against a baseline measured in the same run: for each object `curl`
+//!     download, `sha256sum`, and `curl --unix-socket -T` upload. Prints the
+//!     throughput of each, their ratio, and peak RSS.
+//! (b) Log lines per second through tail → spool → a null adapter that acks every
+//!     batch, against copying the same files with `cat`.
+//!
+//! Sizes: `PV_BENCH_MIB` (default 256) split into 8 objects; `PV_BENCH_LINES`
+//! (default 500000) log lines.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pv_adapter_api::{
+    Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, EngineLink, ObjectRef,
+    ObjectSource, Offer, UpdateStatus,
+};
+use pv_bridge::config::Config;
+use pv_bridge::engine::{AdapterFactory, UpdateOptions, run_with};
+use pv_bridge::pvctrl::PvCtrl;
+use pv_testkit::objects::ObjectServer;
+use pv_testkit::sim::{Sim, SimConfig};
+use sha2::{Digest, Sha256};
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Peak resident set of this process so far, in KiB.
+fn peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets the peak to the current RSS (Linux: writing 5 to clear_refs).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1048576.0 / d.as_secs_f64()
+}
+
+/// Runs a command under GNU time when it exists; returns its peak RSS in KiB.
+fn run_measured(args: &[&str]) -> Option<u64> {
+    let time = Path::new("/usr/bin/time").exists();
+    let out = if time {
+        Command::new("/usr/bin/time")
+            .arg("-f")
+            .arg("%M")
+            .args(args)
+            .output()
+            .unwrap()
+    } else {
+        Command::new(args[0]).args(&args[1..]).output().unwrap()
+    };
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !time {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .last()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+struct Offerer {
+    offer: Arc<Mutex<Option<Offer>>>,
+    done: Arc<Mutex<Option<(UpdateStatus, Instant)>>>,
+}
+
+impl Adapter for Offerer {
+    fn name(&self) -> &str {
+        "bench"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {
+        Box::pin(async move {
+            link.send(BackendEvent::Connected).await?;
+            let mut view = link.view();
+            let offer = self.offer.lock().unwrap().take();
+            if let Some(o) = offer {
+                link.send(BackendEvent::Offer(o)).await?;
+            }
+            // Logs, if any, are consumed and acked (the null adapter).
+            let l2 = link.clone();
+            tokio::spawn(async move {
+                while let Some(b) = l2.next_logs(10_000, 4 * 1024 * 1024).await {
+                    l2.ack_logs(b.next);
+                }
+            });
+            while view.changed().await.is_ok() {
+                let p = view.borrow_and_update().update.clone();
+                if let Some(p) = p.filter(|p| p.status.is_final()) {
+                    *self.done.lock().unwrap() = Some((p.status, Instant::now()));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn config(dir: &Path, socket: &Path, logs: &Path, extra: &str) -> Config {
+    let text = format!(
+        "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 50\nrate_per_sec = 1e12\nburst = 1e12\nspool_max_bytes = 1073741824\n{extra}[[backend]]\ntype = \"local\"\nname = \"bench\"\ndir = \"/nonexistent\"\n",
+        socket.display(),
+        logs.display(),
+        dir.join("state").display()
+    );
+    Config::parse(Path::new("bench.toml"), &text).unwrap()
+}
+
+async fn staging(total_mib: usize) {
+    const OBJECTS: usize = 8;
+    let per = total_mib * 1024 * 1024 / OBJECTS;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = ObjectServer::start().await.unwrap();
+    let mut blobs = Vec::new();
+    for i in 0..OBJECTS {
+        let data: Vec<u8> = (0..per)
+            .map(|j| (j as u32).wrapping_mul(2654435761).rotate_left(i as u32) as u8)
+            .collect();
+        let sha = hex(&Sha256::digest(&data));
+        srv.put(&format!("/o/{sha}"), data);
+        blobs.push(sha);
+    }
+    let total = (per * OBJECTS) as u64;
+
+    // Baseline: curl, sha256sum, curl --unix-socket -T, one object after another.
+    let base_sock = dir.path().join("base.sock");
+    let base_sim = Sim::start(SimConfig {
+        capacity: 1 << 40,
+        ..SimConfig::new(dir.path().join("base"), &base_sock)
+    })
+    .await
+    .unwrap();
+    let file = dir.path().join("obj");
+    let start = Instant::now();
+    let mut base_peak = None;
+    for sha in &blobs {
+        let f = file.to_str().unwrap();
+        let url = srv.url(&format!("/o/{sha}"));
+        let p1 = run_measured(&["curl", "-sS", "-o", f, &url]);
+        let p2 = run_measured(&["sha256sum", f]);
+        let put = format!("http://localhost/objects/{sha}");
+        let p3 = run_measured(&[
+            "curl",
+            "-sS",
+            "--unix-socket",
+            base_sock.to_str().unwrap(),
+            "-T",
+            f,
+            &put,
+        ]);
+        base_peak = [base_peak, p1, p2, p3].into_iter().flatten().max();
+    }
+    let base = start.elapsed();
+    base_sim.stop().await;
+
+    // pv-bridge: the same objects, offered by URL.
+    let sock = dir.path().join("pv-ctrl");
+    let sim = Sim::start(SimConfig {
+        capacity: 1 << 40,
+        log_rate: 0.0,
+        commit_delay: Duration::from_millis(100),
+        tick: Duration::from_millis(50),
+        ..SimConfig::new(dir.path().join("dev"), &sock)
+    })
+    .await
+    .unwrap();
+    let pv = PvCtrl::new(&sock);
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&pv.step("0").await.unwrap()).unwrap();
+    let mut objects = BTreeMap::new();
+    for (i, sha) in blobs.iter().enumerate() {
+        state[format!("app/data-{i}")] = serde_json::json!(sha);
+        objects.insert(
+            sha.clone(),
+            ObjectRef {
+                sha256: sha.clone(),
+                size: Some(per as u64),
+                source: ObjectSource::Url {
+                    url: srv.url(&format!("/o/{sha}")),
+                },
+            },
+        );
+    }
+    let offer = Offer {
+        id: "bench".into(),
+        state: serde_json::to_vec(&state).unwrap(),
+        objects,
+        fetcher: None,
+    };
+    let cfg = config(dir.path(), &sock, &dir.path().join("no-logs"), "");
+    let slot = Arc::new(Mutex::new(Some(offer)));
+    let done = Arc::new(Mutex::new(None));
+    let (s2, d2) = (slot.clone(), done.clone());
+    let factory: AdapterFactory = Arc::new(move || {
+        Box::new(Offerer {
+            offer: s2.clone(),
+            done: d2.clone(),
+        }) as Box<dyn Adapter>
+    });
+    reset_peak();
+    let before = peak_kib();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let start = Instant::now();
+    let engine = tokio::spawn(run_with(
+        cfg,
+        vec![("bench".into(), factory)],
+        UpdateOptions::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let (status, at) = loop {
+        if let Some(d) = *done.lock().unwrap() {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let elapsed = at.duration_since(start);
+    let peak = peak_kib().saturating_sub(before);
+    let _ = stop_tx.send(());
+    let _ = engine.await;
+    sim.stop().await;
+    assert!(status.is_success(), "bench update ended {status}");
+    let bridge = elapsed;
+    println!(
+        "== (a) staging {} MiB in {OBJECTS} objects from HTTP into pv-sim",
+        total >> 20
+    );
+    println!(
+        "baseline  curl + sha256sum + curl --unix-socket -T: {:6.1} s  {:7.1} MiB/s  peak RSS {}",
+        base.as_secs_f64(),
+        mib_s(total, base),
+        base_peak.map_or("n/a (install `time`)".to_owned(), |k| format!(
+            "{} KiB (largest tool)",
+            k
+        ))
+    );
+    println!(
+        "pv-bridge engine (download, verify, upload, verify): {:6.1} s  {:7.1} MiB/s  peak RSS growth {} KiB",
+        bridge.as_secs_f64(),
+        mib_s(total, bridge),
+        peak
+    );
+    println!(
+        "ratio pv-bridge / baseline throughput: {:.2}",
+        base.as_secs_f64() / bridge.as_secs_f64()
+    );
+    println!("(the bridge's time runs from the offer to UPDATED; pv-sim's commit delay is 0.1 s)");
+}
+
+async fn logs(lines: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(logs.join("0/app/lxc")).unwrap();
+    std::os::unix::fs::symlink("0", logs.join("current")).unwrap();
+    let mut text = String::with_capacity(lines * 80);
+    for i in 0..lines {
+        text.push_str(&format!(
+            "app: synthetic benchmark log line {i:08} with some payload text\n"
+        ));
+    }
+    let src = logs.join("0/app/lxc/console.log");
+    std::fs::write(&src, &text).unwrap();
+    let bytes = text.len() as u64;
+
+    let start = Instant::now();
+    let copy = dir.path().join("copy");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat {} > {}", src.display(), copy.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let base = start.elapsed();
+
+    let sock = dir.path().join("pv-ctrl");
+    let sim = Sim::start(SimConfig {
+        log_rate: 0.0,
+        ..SimConfig::new(dir.path().join("dev"), &sock)
+    })
+    .await
+    .unwrap();
+    let cfg = config(dir.path(), &sock, &logs, "");
+    let done = Arc::new(Mutex::new(None));
+    let factory: AdapterFactory = {
+        let d2 = done.clone();
+        Arc::new(move || {
+            Box::new(Offerer {
+                offer: Arc::new(Mutex::new(None)),
+                done: d2.clone(),
+            }) as Box<dyn Adapter>
+        })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let start = Instant::now();
+    let engine = tokio::spawn(run_with(
+        cfg,
+        vec![("bench".into(), factory)],
+        UpdateOptions::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    // Done when the ledger acknowledges every line.
+    let ledger = dir.path().join("state/spool/ledger.json");
+    loop {
+        let acked = std::fs::read(&ledger)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["acks"]["bench"].as_u64())
+            .unwrap_or(0);
+        if acked >= lines as u64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "log bench stalled at {acked}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = start.elapsed();
+    let _ = stop_tx.send(());
+    let _ = engine.await;
+    sim.stop().await;
+    println!("== (b) {lines} log lines ({} MiB)", bytes >> 20);
+    println!(
+        "baseline  cat to a file: {:8.3} s  {:10.0} lines/s",
+        base.as_secs_f64(),
+        lines as f64 / base.as_secs_f64()
+    );
+    println!(
+        "pv-bridge tail → parse → spool (fsync) → null adapter → ack: {:8.3} s  {:10.0} lines/s",
+        took.as_secs_f64(),
+        lines as f64 / took.as_secs_f64()
+    );
+}
+
+fn main() {
+    let mib: usize = std::env::var("PV_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let lines: usize = std::env::var("PV_BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::env::consts::ARCH
+    );
+    rt.block_on(staging(mib));
+    rt.block_on(logs(lines));
+}
