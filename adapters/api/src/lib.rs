@@ -197,6 +197,23 @@ impl fmt::Debug for Offer {
     }
 }
 
+/// Reads a secret (key, token, password) from a `*_file` setting. Call it on every
+/// (re)connect, so a rotated secret needs no restart. Surrounding white space is
+/// trimmed; an empty file is an error. The error names the file, never the content.
+pub fn read_secret(setting: &str, path: &std::path::Path) -> Result<String, AdapterError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        AdapterError::Config(format!("{setting}: cannot read {}: {e}", path.display()))
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(AdapterError::Config(format!(
+            "{setting}: {} is empty",
+            path.display()
+        )));
+    }
+    Ok(secret.to_owned())
+}
+
 /// True for ids an offer may carry: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`.
 pub fn valid_offer_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -466,6 +483,26 @@ mod tests {
         use UpdateStatus::*;
         assert_eq!(finals, vec![Updated, Done, Wontgo, Error, Cancelled]);
         assert!(Done.is_success() && Updated.is_success() && !Error.is_success());
+    }
+
+    #[test]
+    fn secrets_are_read_trimmed_and_never_echoed() {
+        let dir = std::env::temp_dir().join(format!("pv-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "  s3cr3t\n").unwrap();
+        assert_eq!(read_secret("password_file", &f).unwrap(), "s3cr3t");
+        std::fs::write(&f, "\n").unwrap();
+        let e = read_secret("password_file", &f).unwrap_err().to_string();
+        assert!(e.contains("is empty") && !e.contains("s3cr3t"), "{e}");
+        let e = read_secret("password_file", &dir.join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("configuration: password_file: cannot read "),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
