@@ -112,7 +112,12 @@ async fn device_meta_reaches_backends_coalesced_with_the_bridges_own_keys() {
         "device-meta in the view",
         || async {
             let dm = view.borrow().device_meta.clone();
-            dm.contains_key("pv-bridge.version").then_some(dm)
+            // Health is published at the next sync after the backend connected.
+            (dm.get("pv-bridge.backends")
+                .and_then(|b| b.get("cloud"))
+                .and_then(|c| c.get("connected"))
+                == Some(&json!(true)))
+            .then_some(dm)
         },
     )
     .await;

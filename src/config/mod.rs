@@ -84,6 +84,8 @@ pub struct Updates {
     pub poll_interval_ms: u64,
     /// Bytes one update may download from URLs; 0 = no limit.
     pub max_update_bytes: u64,
+    /// Extra trust anchors (PEM) for https object downloads.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for Updates {
@@ -95,6 +97,7 @@ impl Default for Updates {
             max_state_bytes: o.max_state_bytes,
             poll_interval_ms: o.poll_interval.as_millis() as u64,
             max_update_bytes: o.max_update_bytes,
+            ca_file: None,
         }
     }
 }
@@ -109,6 +112,7 @@ impl Updates {
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
             max_update_bytes: self.max_update_bytes,
             cache_dir: None,
+            ca_file: self.ca_file.clone(),
         }
     }
 }
@@ -326,6 +330,10 @@ impl Config {
                     format!("metadata.{key} must be at least 100, got {v}"),
                 ));
             }
+        }
+        if let Some(ca) = &u.ca_file {
+            crate::engine::fetch::load_ca(ca)
+                .map_err(|m| err(section("ca_file"), format!("updates.ca_file: {m}")))?;
         }
         let l = &cfg.logs;
         if l.poll_interval_ms < 50 {

@@ -57,14 +57,19 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl Downloader {
-    /// A downloader caching in `cache`. TLS uses the system's certificates.
-    pub fn new(cache: &Path) -> Result<Self, String> {
+    /// A downloader caching in `cache`. TLS trusts the system's certificates, plus
+    /// those in `ca_file` (PEM) when given.
+    pub fn new(cache: &Path, ca_file: Option<&Path>) -> Result<Self, String> {
         // reqwest is built without a default crypto provider: use ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("pv-bridge/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("pv-bridge/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            builder = builder.tls_certs_merge(load_ca(path)?);
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
         Ok(Self {
@@ -192,10 +197,16 @@ impl Downloader {
                 req = req.header(reqwest::header::IF_RANGE, v.clone());
             }
         }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| Failure::Retry(e.to_string(), None))?;
+        let mut resp = req.send().await.map_err(|e| {
+            let why = chain(&e);
+            // A certificate the bridge does not trust will not become trusted by
+            // retrying: fail now, with the reason.
+            if why.contains("certificate") {
+                Failure::Fatal(format!("{url}: TLS: {why}"))
+            } else {
+                Failure::Retry(why, None)
+            }
+        })?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -304,6 +315,30 @@ impl Downloader {
         debug!(url = %url, bytes = *have, "download complete");
         Ok(())
     }
+}
+
+/// Reads a PEM bundle of trust anchors.
+pub fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("CA file {} is not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("CA file {} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The error and every cause, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 async fn hash_file(path: &Path) -> Option<String> {

@@ -46,6 +46,8 @@ pub struct UpdateOptions {
     /// Where URL objects are downloaded; `None` = the engine's default
     /// (`<state_dir>/cache`).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Extra trust anchors (PEM) for https downloads.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for UpdateOptions {
@@ -57,6 +59,7 @@ impl Default for UpdateOptions {
             max_state_bytes: crate::state::DEFAULT_MAX_STATE_BYTES,
             max_update_bytes: 0,
             cache_dir: None,
+            ca_file: None,
         }
     }
 }
@@ -403,16 +406,15 @@ impl Coordinator {
         ready: Arc<std::sync::atomic::AtomicBool>,
         slot: super::arbiter::Shared,
     ) -> Self {
-        let downloader =
-            opts.cache_dir
-                .as_deref()
-                .and_then(|dir| match super::fetch::Downloader::new(dir) {
-                    Ok(d) => Some(Arc::new(d)),
-                    Err(e) => {
-                        error!(error = %e, "URL object sources will be refused");
-                        None
-                    }
-                });
+        let downloader = opts.cache_dir.as_deref().and_then(|dir| {
+            match super::fetch::Downloader::new(dir, opts.ca_file.as_deref()) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    error!(error = %e, "URL object sources will be refused");
+                    None
+                }
+            }
+        });
         Self {
             pv,
             journal,

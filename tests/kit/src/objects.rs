@@ -1,14 +1,19 @@
 //! An HTTP/1.1 object server on loopback for download tests: `GET` with `Range`,
 //! `If-Range` and `ETag`, plus faults queued by the test (cut a body short, answer
-//! an error status) and a record of every request.
+//! an error status) and a record of every request. Plain HTTP, or HTTPS with a
+//! certificate the test provides.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use std::path::Path;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// A fault applied to the next `GET`.
@@ -38,6 +43,7 @@ struct State {
 
 pub struct ObjectServer {
     addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
 }
@@ -59,7 +65,52 @@ impl ObjectServer {
                 tokio::spawn(serve(s, st.clone()));
             }
         });
-        Ok(ObjectServer { addr, state, task })
+        Ok(ObjectServer {
+            addr,
+            scheme: "http",
+            state,
+            task,
+        })
+    }
+
+    /// HTTPS with the certificate chain and key (PEM files) given.
+    pub async fn start_tls(cert_chain: &Path, key: &Path) -> io::Result<ObjectServer> {
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_chain)
+            .map_err(|e| invalid(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid(e.to_string()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (acceptor, st) = (acceptor.clone(), st.clone());
+                tokio::spawn(async move {
+                    // A client that rejects our certificate just goes away.
+                    if let Ok(tls) = acceptor.accept(s).await {
+                        serve(tls, st).await;
+                    }
+                });
+            }
+        });
+        Ok(ObjectServer {
+            addr,
+            scheme: "https",
+            state,
+            task,
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -68,7 +119,7 @@ impl ObjectServer {
 
     /// The URL of `path` (which starts with `/`).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Serves `data` at `path`, with an ETag derived from a counter.
@@ -96,8 +147,11 @@ impl ObjectServer {
     }
 }
 
-async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
-    let (rd, mut wr) = stream.into_split();
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    state: Arc<Mutex<State>>,
+) {
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::new(rd);
     let mut head = Vec::new();
     loop {
@@ -204,4 +258,5 @@ async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
         }
     }
     let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
 }
