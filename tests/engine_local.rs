@@ -218,6 +218,9 @@ async fn errors_and_refusals_reach_the_status_file() {
         (s["status"].as_str(), s["status_msg"].as_str()),
         (Some("ERROR"), Some("A container could not be started"))
     );
+    // Pantavisor's own account of the failure travels with it.
+    let logs = s["logs"].as_str().expect("failure logs in the status file");
+    assert!(logs.contains("is not running"), "{logs}");
     assert_eq!(running(&d).await, "0");
     // Refused by Pantavisor before it starts.
     export(&d, &dir, "refused", &[], |s| {

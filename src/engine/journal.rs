@@ -55,6 +55,9 @@ pub struct Finished {
     pub rev: String,
     pub status: UpdateStatus,
     pub status_msg: String,
+    /// Pantavisor's failure log lines, when it gave any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +168,7 @@ mod tests {
             rev: format!("locals/{id}"),
             status,
             status_msg: String::new(),
+            logs: None,
         }
     }
 

@@ -394,6 +394,7 @@ pub(crate) fn progress(id: &str, rev: &str, status: UpdateStatus, msg: &str) -> 
         bytes_total: 0,
         objects_done: 0,
         objects_total: 0,
+        logs: None,
     }
 }
 
@@ -490,7 +491,9 @@ impl Coordinator {
     /// that was in flight when the bridge stopped.
     async fn recover(&mut self) {
         for f in self.journal.latest_per_backend() {
-            self.report(&f.backend, progress(&f.id, &f.rev, f.status, &f.status_msg));
+            let mut p = progress(&f.id, &f.rev, f.status, &f.status_msg);
+            p.logs = f.logs.clone();
+            self.report(&f.backend, p);
         }
         let Some(cur) = self.journal.current().cloned() else {
             return;
@@ -518,8 +521,8 @@ impl Coordinator {
                 if cur.phase == Phase::Staged {
                     self.resume_run(&cur).await;
                 }
-                let (status, msg) = self.follow(&cur.backend, &cur.id, &cur.rev).await;
-                self.finish(&cur.backend, &cur.id, &cur.rev, status, &msg);
+                let (status, msg, logs) = self.follow(&cur.backend, &cur.id, &cur.rev).await;
+                self.finish(&cur.backend, &cur.id, &cur.rev, status, &msg, logs);
                 self.slot.lock().active = None;
             }
         }
@@ -579,12 +582,12 @@ impl Coordinator {
         let cancelled = matches!(&staged, Err(r) if r.status == UpdateStatus::Cancelled);
         match staged {
             Ok(()) => {
-                let (status, msg) = self.follow(&backend, &id, &rev).await;
-                self.finish(&backend, &id, &rev, status, &msg);
+                let (status, msg, logs) = self.follow(&backend, &id, &rev).await;
+                self.finish(&backend, &id, &rev, status, &msg, logs);
             }
             Err(r) => {
                 warn!(backend = %backend, id = %id, status = %r.status, reason = %r.msg, "update refused");
-                self.finish(&backend, &id, &rev, r.status, &r.msg);
+                self.finish(&backend, &id, &rev, r.status, &r.msg, None);
             }
         }
         // The cache only serves an update until it ends; a superseding offer may
@@ -596,19 +599,30 @@ impl Coordinator {
         }
     }
 
-    fn finish(&mut self, backend: &str, id: &str, rev: &str, status: UpdateStatus, msg: &str) {
+    fn finish(
+        &mut self,
+        backend: &str,
+        id: &str,
+        rev: &str,
+        status: UpdateStatus,
+        msg: &str,
+        logs: Option<String>,
+    ) {
         let f = Finished {
             backend: backend.to_owned(),
             id: id.to_owned(),
             rev: rev.to_owned(),
             status,
             status_msg: msg.to_owned(),
+            logs: logs.clone(),
         };
         if let Err(e) = self.journal.finish(f) {
             error!(error = %e, "cannot journal a final status");
         }
         info!(backend = %backend, id = %id, status = %status, msg = %msg, "update finished");
-        self.report(backend, progress(id, rev, status, msg));
+        let mut p = progress(id, rev, status, msg);
+        p.logs = logs;
+        self.report(backend, p);
     }
 
     /// Everything up to an accepted LOCAL_RUN.
@@ -832,7 +846,12 @@ impl Coordinator {
     }
 
     /// Mirrors Pantavisor's progress until it is final, across reboots.
-    async fn follow(&mut self, backend: &str, id: &str, rev: &str) -> (UpdateStatus, String) {
+    async fn follow(
+        &mut self,
+        backend: &str,
+        id: &str,
+        rev: &str,
+    ) -> (UpdateStatus, String, Option<String>) {
         let mut offline = false;
         loop {
             match self.pv.progress(rev).await {
@@ -848,7 +867,7 @@ impl Coordinator {
                         if p.status.is_success() {
                             self.set_running(rev);
                         }
-                        return (status, p.status_msg);
+                        return (status, p.status_msg, p.logs);
                     }
                     if p.status == PvStatus::Inprogress && self.ready.load(Ordering::Relaxed) {
                         // Pantavisor (re)started the containers and waits for their

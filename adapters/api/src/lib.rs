@@ -130,6 +130,10 @@ pub struct Progress {
     pub bytes_total: u64,
     pub objects_done: u32,
     pub objects_total: u32,
+    /// Pantavisor's log lines about a failure (newline-separated JSON), when it
+    /// gave any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }
 
 /// What a backend can do; the engine routes work only to adapters that declare it.

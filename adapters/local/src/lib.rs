@@ -56,6 +56,9 @@ pub struct StatusFile {
     pub rev: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// Pantavisor's log lines about a failure, one JSON object per line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }
 
 impl StatusFile {
@@ -66,6 +69,7 @@ impl StatusFile {
             rev: p.rev.clone(),
             bytes_done: p.bytes_done,
             bytes_total: p.bytes_total,
+            logs: p.logs.clone(),
         }
     }
 
@@ -309,6 +313,7 @@ impl LocalAdapter {
                             rev: format!("locals/{id}"),
                             bytes_done: 0,
                             bytes_total: 0,
+                            logs: None,
                         },
                     )
                     .await;
@@ -340,6 +345,7 @@ impl LocalAdapter {
                 rev: format!("locals/{id}"),
                 bytes_done: 0,
                 bytes_total: 0,
+                logs: None,
             },
         )
         .await;
