@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::journal::write_durable;
 use super::update::Views;
 use crate::pvctrl::{Command, PvCtrl};
 
@@ -69,10 +68,7 @@ impl Commands {
         slot: super::arbiter::Shared,
     ) -> Self {
         let path = state_dir.join("journal/commands.json");
-        let doc = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let doc = super::journal::load_json(&path);
         Self {
             pv,
             views,
@@ -92,14 +88,7 @@ impl Commands {
     }
 
     fn save(&self) {
-        match serde_json::to_vec_pretty(&self.doc) {
-            Ok(data) => {
-                if let Err(e) = write_durable(&self.path, &data) {
-                    warn!(error = %e, "cannot write the command journal");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode the command journal"),
-        }
+        super::journal::save_json(&self.path, &self.doc, "command journal");
     }
 
     fn find(&self, backend: &str, id: &str) -> Option<&CommandResult> {

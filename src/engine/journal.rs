@@ -26,6 +26,26 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Reads a small JSON journal; a missing or unreadable one starts empty.
+pub fn load_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Writes a small JSON journal durably; a failure is logged, naming `what`.
+pub fn save_json<T: Serialize>(path: &Path, value: &T, what: &str) {
+    match serde_json::to_vec_pretty(value) {
+        Ok(data) => {
+            if let Err(e) = write_durable(path, &data) {
+                tracing::warn!(error = %e, "cannot write the {what}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot encode the {what}"),
+    }
+}
+
 /// How far an accepted update got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

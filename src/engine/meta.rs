@@ -17,7 +17,6 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::journal::write_durable;
 use super::update::Views;
 use crate::pvctrl::{Meta, PvCtrl};
 
@@ -172,10 +171,7 @@ impl MetaSync {
         state_dir: &Path,
     ) -> Self {
         let path = state_dir.join("journal/user-meta.json");
-        let ownership = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let ownership = super::journal::load_json(&path);
         Self {
             pv,
             views,
@@ -189,14 +185,7 @@ impl MetaSync {
     }
 
     fn save(&self) {
-        match serde_json::to_vec_pretty(&self.ownership) {
-            Ok(data) => {
-                if let Err(e) = write_durable(&self.path, &data) {
-                    warn!(error = %e, "cannot write the user-meta ownership journal");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode the user-meta ownership journal"),
-        }
+        super::journal::save_json(&self.path, &self.ownership, "user-meta ownership journal");
     }
 
     /// Serves desired maps and resync requests (a resync sends device-meta to every
