@@ -218,7 +218,7 @@ pub async fn run_with(
     let executor = tokio::spawn(executor.run(commands_rx));
     let ready = Arc::new(AtomicBool::new(false));
     let (connected_tx, connected_rx) = watch::channel(false);
-    tokio::spawn(keep_ready(pv.clone(), ready.clone(), connected_rx));
+    let readiness = tokio::spawn(keep_ready(pv.clone(), ready.clone(), connected_rx));
     let mut opts = opts;
     if opts.cache_dir.is_none() {
         opts.cache_dir = Some(cfg.bridge.state_dir.join("cache"));
@@ -354,6 +354,7 @@ pub async fn run_with(
     coordinator.abort();
     metasync.abort();
     executor.abort();
+    readiness.abort();
     if let Some(t) = logs_task {
         t.abort();
     }
