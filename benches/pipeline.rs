@@ -6,6 +6,9 @@
 //!     throughput of each, their ratio, and peak RSS.
 //! (b) Log lines per second through tail → spool → a null adapter that acks every
 //!     batch, against copying the same files with `cat`.
+//! (c) Peak RSS of the `pv-bridge` process itself (local adapter, as on a device)
+//!     staging a 1 MiB export and then a large one: the difference is what object
+//!     size costs in memory.
 //!
 //! Sizes: `PV_BENCH_MIB` (default 256) split into 8 objects; `PV_BENCH_LINES`
 //! (default 500000) log lines.
@@ -358,6 +361,89 @@ async fn logs(lines: usize) {
     );
 }
 
+/// Stages one export of `mib` MiB through a `pv-bridge` process; returns its peak
+/// RSS in KiB.
+async fn bridge_process(mib: usize) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("pv-ctrl");
+    let sim = Sim::start(SimConfig {
+        capacity: 1 << 40,
+        log_rate: 0.0,
+        commit_delay: Duration::from_millis(100),
+        tick: Duration::from_millis(50),
+        ..SimConfig::new(dir.path().join("dev"), &sock)
+    })
+    .await
+    .unwrap();
+    let pv = PvCtrl::new(&sock);
+    let usb = dir.path().join("usb");
+    let staging = dir.path().join(".export");
+    std::fs::create_dir_all(staging.join("objects")).unwrap();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&pv.step("0").await.unwrap()).unwrap();
+    let per = mib * 1024 * 1024 / 4;
+    for i in 0..4 {
+        let data: Vec<u8> = (0..per)
+            .map(|j| (j as u32).wrapping_mul(2654435761).rotate_left(i) as u8)
+            .collect();
+        let sha = hex(&Sha256::digest(&data));
+        std::fs::write(staging.join("objects").join(&sha), &data).unwrap();
+        state[format!("app/data-{i}")] = serde_json::json!(sha);
+    }
+    std::fs::write(staging.join("json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    std::fs::create_dir_all(&usb).unwrap();
+    std::fs::rename(&staging, usb.join("big")).unwrap();
+    let cfg = dir.path().join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[[backend]]\ntype = \"local\"\nname = \"usb\"\ndir = \"{}\"\nscan_interval_secs = 0.1\n",
+            sock.display(),
+            dir.path().join("dev/logs").display(),
+            dir.path().join("state").display(),
+            usb.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = usb.join("big.status.json");
+    let start = Instant::now();
+    let mut peak = 0;
+    loop {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        if let Some(v) = status.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+            peak = v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(peak);
+        }
+        let done = std::fs::read_to_string(&status_file).unwrap_or_default();
+        if done.contains("\"UPDATED\"") || done.contains("\"WONTGO\"") || done.contains("\"ERROR\"")
+        {
+            assert!(done.contains("UPDATED"), "{done}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "bridge did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    sim.stop().await;
+    peak
+}
+
 fn main() {
     let mib: usize = std::env::var("PV_BENCH_MIB")
         .ok()
@@ -379,4 +465,13 @@ fn main() {
     );
     rt.block_on(staging(mib));
     rt.block_on(logs(lines));
+    let small = rt.block_on(bridge_process(1));
+    let large = rt.block_on(bridge_process(mib));
+    println!(
+        "== (c) peak RSS of the pv-bridge process (local adapter, glibc, current-thread runtime)"
+    );
+    println!(
+        "staging a 1 MiB export: {small} KiB; a {mib} MiB export: {large} KiB; growth {} KiB",
+        large.saturating_sub(small)
+    );
 }
