@@ -1,0 +1,536 @@
+//! MQTT protocol v1 (architecture.md §6) as plain functions: topics, strict parsing
+//! of every inbound payload, and the payloads the bridge publishes. No I/O, so every
+//! rule is tested without a broker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use pv_adapter_api::{
+    BackendEvent, CommandKind, CommandResult, LogRecord, ObjectFetcher, ObjectRef, ObjectSource,
+    Offer, Progress, valid_offer_id,
+};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+/// Largest log batch published (bytes of JSON).
+pub const MAX_LOG_BATCH: usize = 64 * 1024;
+
+/// Why an inbound message was refused; published on `events` as
+/// `{"kind": "rejected", "topic": …, "reason": …}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{topic}: {reason}")]
+pub struct Rejected {
+    pub topic: String,
+    pub reason: String,
+}
+
+/// The topics of one device, under its root (default `pv/<device_id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    root: String,
+}
+
+impl Topics {
+    /// Expands a root template (`<device_id>` is replaced) and checks it: no MQTT
+    /// wildcards, no empty levels, not starting with `$`.
+    pub fn new(template: &str, device_id: &str) -> Result<Topics, String> {
+        if device_id.is_empty()
+            || device_id.contains(['/', '+', '#'])
+            || device_id.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "device_id {device_id:?} must be non-empty and contain no '/', '+', '#'"
+            ));
+        }
+        let root = template.replace("<device_id>", device_id);
+        if root.is_empty() || root.contains(['+', '#']) || root.starts_with('$') {
+            return Err(format!(
+                "topic root {root:?} must not be empty, start with '$' or contain wildcards"
+            ));
+        }
+        if root.split('/').any(str::is_empty) {
+            return Err(format!("topic root {root:?} has an empty level"));
+        }
+        Ok(Topics { root })
+    }
+
+    fn t(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.root)
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+    pub fn status(&self) -> String {
+        self.t("status")
+    }
+    pub fn meta_device(&self) -> String {
+        self.t("meta/device")
+    }
+    pub fn meta_user(&self) -> String {
+        self.t("meta/user")
+    }
+    pub fn meta_user_set(&self) -> String {
+        self.t("meta/user/set")
+    }
+    pub fn revision_set(&self) -> String {
+        self.t("revision/set")
+    }
+    pub fn revision_progress(&self) -> String {
+        self.t("revision/progress")
+    }
+    pub fn revision_current(&self) -> String {
+        self.t("revision/current")
+    }
+    pub fn events(&self) -> String {
+        self.t("events")
+    }
+    pub fn logs(&self, platform: &str) -> String {
+        self.t(&format!("logs/{}", platform.replace(['/', '+', '#'], "_")))
+    }
+    /// The subscription for commands.
+    pub fn cmd_filter(&self) -> String {
+        self.t("cmd/+")
+    }
+    /// The default response topic (MQTT 3.1.1, or v5 without a Response Topic).
+    pub fn cmd_response(&self, name: &str, id: &str) -> String {
+        self.t(&format!("cmd/{name}/res/{id}"))
+    }
+
+    /// Which inbound topic this is.
+    pub fn classify<'a>(&self, topic: &'a str) -> Inbound<'a> {
+        let Some(rest) = topic
+            .strip_prefix(&self.root)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
+            return Inbound::Other;
+        };
+        match rest {
+            "revision/set" => Inbound::RevisionSet,
+            "meta/user/set" => Inbound::UserMetaSet,
+            _ => match rest.strip_prefix("cmd/") {
+                Some(name) if !name.is_empty() && !name.contains('/') => Inbound::Command(name),
+                _ => Inbound::Other,
+            },
+        }
+    }
+}
+
+/// An inbound topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    RevisionSet,
+    UserMetaSet,
+    Command(&'a str),
+    Other,
+}
+
+/// Time as MQTT protocol v1 writes it: RFC 3339 UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn reject(topic: &str, reason: impl Into<String>) -> Rejected {
+    Rejected {
+        topic: topic.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses a JSON object payload and checks `"v": 1`.
+fn object(topic: &str, payload: &[u8], cap: usize) -> Result<Map<String, Value>, Rejected> {
+    if payload.len() > cap {
+        return Err(reject(
+            topic,
+            format!("payload is {} bytes; the limit is {cap}", payload.len()),
+        ));
+    }
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| reject(topic, format!("not JSON: {e}")))?;
+    let Value::Object(m) = v else {
+        return Err(reject(topic, "payload must be a JSON object"));
+    };
+    match m.get("v") {
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => Ok(m),
+        Some(other) => Err(reject(
+            topic,
+            format!("unsupported protocol version \"v\": {other}; this bridge speaks 1"),
+        )),
+        None => Err(reject(topic, "missing \"v\": 1")),
+    }
+}
+
+fn is_sha(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn http_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+/// What `revision/set` carried.
+#[derive(Debug)]
+pub enum RevisionSet {
+    /// An empty retained message: the offer is withdrawn.
+    Withdrawn,
+    Offer(Offer),
+}
+
+#[derive(Deserialize)]
+struct RawOffer<'a> {
+    #[serde(borrow)]
+    state: Option<&'a RawValue>,
+}
+
+/// Parses a `revision/set` payload. Objects come from `objects` or, for any
+/// other object the state references, from `object_url_template`; `fetcher` serves
+/// adapter-pulled objects (`blob/get`) when the offer lists them without a URL.
+pub fn parse_revision_set(
+    topic: &str,
+    payload: &[u8],
+    cap: usize,
+    fetcher: Option<Arc<dyn ObjectFetcher>>,
+) -> Result<RevisionSet, Rejected> {
+    if payload.is_empty() {
+        return Ok(RevisionSet::Withdrawn);
+    }
+    let m = object(topic, payload, cap)?;
+    let id = match m.get("id") {
+        Some(Value::String(s)) if valid_offer_id(s) => s.clone(),
+        Some(Value::String(s)) => {
+            return Err(reject(
+                topic,
+                format!("\"id\" {s:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"),
+            ));
+        }
+        Some(_) => return Err(reject(topic, "\"id\" must be a string")),
+        None => return Err(reject(topic, "missing \"id\"")),
+    };
+    if m.contains_key("state_url") {
+        return Err(reject(
+            topic,
+            "\"state_url\" is not supported by this bridge yet; send \"state\" inline",
+        ));
+    }
+    // The state, byte for byte as sent: signatures cover it.
+    let raw: RawOffer =
+        serde_json::from_slice(payload).map_err(|e| reject(topic, format!("not JSON: {e}")))?;
+    let Some(state_raw) = raw.state else {
+        return Err(reject(topic, "missing \"state\""));
+    };
+    let Some(Value::Object(state)) = m.get("state") else {
+        return Err(reject(topic, "\"state\" must be a JSON object"));
+    };
+    let mut objects = BTreeMap::new();
+    match m.get("objects") {
+        None => {}
+        Some(Value::Object(list)) => {
+            for (sha, o) in list {
+                if !is_sha(sha) {
+                    return Err(reject(
+                        topic,
+                        format!("objects: key {sha:?} is not a sha256 (64 lower-case hex digits)"),
+                    ));
+                }
+                let Value::Object(o) = o else {
+                    return Err(reject(topic, format!("objects.{sha} must be an object")));
+                };
+                let size = match o.get("size") {
+                    None => None,
+                    Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+                    Some(other) => {
+                        return Err(reject(
+                            topic,
+                            format!("objects.{sha}.size must be a byte count, got {other}"),
+                        ));
+                    }
+                };
+                let source = match o.get("url") {
+                    Some(Value::String(u)) if http_url(u) => ObjectSource::Url { url: u.clone() },
+                    Some(Value::String(u)) => {
+                        return Err(reject(
+                            topic,
+                            format!("objects.{sha}.url {u:?} is not an http or https URL"),
+                        ));
+                    }
+                    Some(_) => {
+                        return Err(reject(topic, format!("objects.{sha}.url must be a string")));
+                    }
+                    None if fetcher.is_some() => ObjectSource::Adapter { key: sha.clone() },
+                    None => return Err(reject(topic, format!("objects.{sha} has no url"))),
+                };
+                objects.insert(
+                    sha.clone(),
+                    ObjectRef {
+                        sha256: sha.clone(),
+                        size,
+                        source,
+                    },
+                );
+            }
+        }
+        Some(_) => {
+            return Err(reject(
+                topic,
+                "\"objects\" must be an object keyed by sha256",
+            ));
+        }
+    }
+    match m.get("object_url_template") {
+        None => {}
+        Some(Value::String(t)) if http_url(t) && t.contains("{sha256}") => {
+            for v in state.values() {
+                if let Value::String(sha) = v {
+                    if is_sha(sha) && !objects.contains_key(sha) {
+                        objects.insert(
+                            sha.clone(),
+                            ObjectRef {
+                                sha256: sha.clone(),
+                                size: None,
+                                source: ObjectSource::Url {
+                                    url: t.replace("{sha256}", sha),
+                                },
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Some(_) => {
+            return Err(reject(
+                topic,
+                "\"object_url_template\" must be an http(s) URL containing {sha256}",
+            ));
+        }
+    }
+    Ok(RevisionSet::Offer(Offer {
+        id,
+        state: state_raw.get().as_bytes().to_vec(),
+        objects,
+        fetcher,
+    }))
+}
+
+/// Parses `meta/user/set` into the backend's desired user-meta. An empty retained
+/// message withdraws everything this backend set.
+pub fn parse_user_meta_set(
+    topic: &str,
+    payload: &[u8],
+    cap: usize,
+) -> Result<BackendEvent, Rejected> {
+    if payload.is_empty() {
+        return Ok(BackendEvent::UserMeta {
+            version: 0,
+            data: BTreeMap::new(),
+        });
+    }
+    let m = object(topic, payload, cap)?;
+    let version = match m.get("version") {
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap_or(0),
+        Some(other) => {
+            return Err(reject(
+                topic,
+                format!("\"version\" must be a non-negative integer, got {other}"),
+            ));
+        }
+        None => return Err(reject(topic, "missing \"version\"")),
+    };
+    let data = match m.get("data") {
+        Some(Value::Object(d)) => d.clone().into_iter().collect(),
+        Some(_) => return Err(reject(topic, "\"data\" must be an object")),
+        None => return Err(reject(topic, "missing \"data\"")),
+    };
+    Ok(BackendEvent::UserMeta { version, data })
+}
+
+/// Parses `cmd/<name>`.
+pub fn parse_command(
+    topic: &str,
+    name: &str,
+    payload: &[u8],
+    cap: usize,
+) -> Result<BackendEvent, Rejected> {
+    let m = object(topic, payload, cap)?;
+    let id = match m.get("id") {
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= 64 && !s.contains(['/', '+', '#']) =>
+        {
+            s.clone()
+        }
+        Some(_) => {
+            return Err(reject(
+                topic,
+                "\"id\" must be a string of 1 to 64 characters without '/', '+', '#'",
+            ));
+        }
+        None => return Err(reject(topic, "missing \"id\"")),
+    };
+    let expires_at = match m.get("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            humantime::parse_rfc3339_weak(s)
+                .map_err(|e| {
+                    reject(
+                        topic,
+                        format!("\"expires_at\" {s:?} is not an RFC 3339 time: {e}"),
+                    )
+                })?
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        ),
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(other) => {
+            return Err(reject(
+                topic,
+                format!("\"expires_at\" must be an RFC 3339 time, got {other}"),
+            ));
+        }
+    };
+    let arg = |k: &str| m.get("args").and_then(|a| a.get(k));
+    let kind = match name {
+        "reboot" => CommandKind::Reboot,
+        "poweroff" => CommandKind::Poweroff,
+        "gc" => CommandKind::Gc,
+        "resync" => CommandKind::Resync,
+        "cancel" => CommandKind::Cancel,
+        "ping" => CommandKind::Ping,
+        "ssh" => match arg("enable") {
+            Some(Value::Bool(true)) => CommandKind::SshOn,
+            Some(Value::Bool(false)) => CommandKind::SshOff,
+            _ => {
+                return Err(reject(
+                    topic,
+                    "ssh needs \"args\": {\"enable\": true|false}",
+                ));
+            }
+        },
+        other => return Err(reject(topic, format!("unknown command {other:?}"))),
+    };
+    Ok(BackendEvent::Command {
+        id,
+        kind,
+        expires_at,
+    })
+}
+
+// --- what the bridge publishes ---------------------------------------------------
+
+/// `status` (retained; also the LWT with `online: false, state: "lost"`).
+pub fn status(
+    online: bool,
+    state: &str,
+    revision: Option<&str>,
+    version: &str,
+    now: SystemTime,
+) -> Value {
+    json!({"v": 1, "online": online, "state": state, "revision": revision,
+           "bridge": {"version": version}, "ts": rfc3339(now)})
+}
+
+/// The last will: the broker publishes it if the bridge vanishes.
+pub fn last_will() -> Value {
+    json!({"v": 1, "online": false, "state": "lost"})
+}
+
+/// `revision/progress` (retained).
+pub fn progress(p: &Progress, now: SystemTime) -> Value {
+    let mut v = json!({"v": 1, "id": p.id, "rev": p.rev, "status": p.status.as_str(),
+        "status_msg": p.status_msg, "progress": p.progress, "bytes_done": p.bytes_done,
+        "bytes_total": p.bytes_total, "objects_done": p.objects_done,
+        "objects_total": p.objects_total, "ts": rfc3339(now)});
+    if let Some(logs) = &p.logs {
+        v["logs"] = Value::String(logs.clone());
+    }
+    v
+}
+
+/// `revision/current` (retained).
+pub fn current(rev: &str, status: &str, now: SystemTime) -> Value {
+    json!({"v": 1, "rev": rev, "status": status, "ts": rfc3339(now)})
+}
+
+/// `meta/device` (retained).
+pub fn device_meta(data: &BTreeMap<String, Value>) -> Value {
+    json!({"v": 1, "data": data})
+}
+
+/// `meta/user` (retained): user-meta as applied.
+pub fn user_meta(version: u64, data: &BTreeMap<String, Value>) -> Value {
+    json!({"v": 1, "version": version, "data": data})
+}
+
+/// `events`: an inbound message refused.
+pub fn rejected(r: &Rejected, now: SystemTime) -> Value {
+    json!({"v": 1, "kind": "rejected", "topic": r.topic, "reason": r.reason, "ts": rfc3339(now)})
+}
+
+/// `cmd/<name>/res/<id>`.
+pub fn command_response(r: &CommandResult) -> Value {
+    let status = match r.status {
+        pv_adapter_api::CommandStatus::Accepted => "accepted",
+        pv_adapter_api::CommandStatus::Successful => "successful",
+        pv_adapter_api::CommandStatus::Failed => "failed",
+        pv_adapter_api::CommandStatus::Rejected => "rejected",
+    };
+    let mut v = json!({"v": 1, "id": r.id, "status": status});
+    if let Some(reason) = &r.reason {
+        v["reason"] = Value::String(reason.clone());
+    }
+    v
+}
+
+fn record(r: &LogRecord) -> Value {
+    let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(r.tsec.max(0) as u64, r.tnano);
+    json!({"ts": rfc3339(t), "lvl": r.lvl, "plat": r.plat, "src": r.src, "msg": r.msg})
+}
+
+/// Splits records into `logs/<platform>` batches of at most [`MAX_LOG_BATCH`]
+/// bytes each: `(platform, payload)`. `seq` numbers batches per platform from
+/// `next_seq` (updated); `dropped` rides on the first batch.
+pub fn log_batches(
+    records: &[LogRecord],
+    dropped: u64,
+    next_seq: &mut BTreeMap<String, u64>,
+) -> Vec<(String, Vec<u8>)> {
+    let mut by_plat: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for r in records {
+        by_plat.entry(r.plat.as_str()).or_default().push(record(r));
+    }
+    let mut out = Vec::new();
+    let mut dropped = dropped;
+    for (plat, recs) in by_plat {
+        let mut batch: Vec<Value> = Vec::new();
+        let mut size = 0usize;
+        let mut flush = |batch: &mut Vec<Value>, dropped: &mut u64| {
+            if batch.is_empty() {
+                return;
+            }
+            let seq = next_seq.entry(plat.to_owned()).or_insert(0);
+            let payload = json!({"v": 1, "seq": *seq, "dropped": *dropped, "records": batch});
+            *seq += 1;
+            *dropped = 0;
+            out.push((
+                plat.to_owned(),
+                serde_json::to_vec(&payload).unwrap_or_default(),
+            ));
+            batch.clear();
+        };
+        for r in recs {
+            let len = r.to_string().len() + 1;
+            if size + len > MAX_LOG_BATCH - 128 && !batch.is_empty() {
+                flush(&mut batch, &mut dropped);
+                size = 0;
+            }
+            size += len;
+            batch.push(r);
+        }
+        flush(&mut batch, &mut dropped);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
