@@ -221,10 +221,12 @@ pub struct Backend {
 pub const AVAILABLE_TYPES: &[&str] = &[
     #[cfg(feature = "local")]
     "local",
+    #[cfg(feature = "mqtt")]
+    "mqtt",
 ];
 
 /// Checks a backend's own settings by parsing them as its adapter does.
-#[cfg_attr(not(feature = "local"), allow(unused_variables))]
+#[cfg_attr(not(any(feature = "local", feature = "mqtt")), allow(unused_variables))]
 fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
     match kind {
         #[cfg(feature = "local")]
@@ -233,6 +235,12 @@ fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
             .try_into::<pv_adapter_local::LocalConfig>()
             .map(drop)
             .map_err(|e| e.message().trim().to_owned()),
+        #[cfg(feature = "mqtt")]
+        "mqtt" => settings
+            .clone()
+            .try_into::<pv_adapter_mqtt::MqttConfig>()
+            .map_err(|e| e.message().trim().to_owned())
+            .and_then(|c| c.check().map(drop)),
         _ => Ok(()),
     }
 }
@@ -546,7 +554,7 @@ dir = "/media/updates"
         );
         assert_eq!(
             parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
-            "config.toml:2: backend \"cloud\": type \"azure\" is not available in this build (available: local)"
+            "config.toml:2: backend \"cloud\": type \"azure\" is not available in this build (available: local, mqtt)"
         );
         assert!(
             parse("[bridge\n")

@@ -47,7 +47,7 @@ pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineErr
         .collect()
 }
 
-#[cfg_attr(not(feature = "local"), allow(unused_variables))]
+#[cfg_attr(not(any(feature = "local", feature = "mqtt")), allow(unused_variables))]
 fn factory(
     name: &str,
     kind: &str,
@@ -68,6 +68,18 @@ fn factory(
                     lc.clone(),
                     work_dir.clone(),
                 )) as Box<dyn Adapter>
+            }))
+        }
+        #[cfg(feature = "mqtt")]
+        "mqtt" => {
+            let mc: pv_adapter_mqtt::MqttConfig =
+                settings.clone().try_into().map_err(|e: toml::de::Error| {
+                    EngineError::Config(format!("backend {name:?}: {}", e.message().trim()))
+                })?;
+            let name = name.to_owned();
+            let _ = work_dir;
+            Ok(Arc::new(move || {
+                Box::new(pv_adapter_mqtt::MqttAdapter::new(&name, mc.clone())) as Box<dyn Adapter>
             }))
         }
         other => Err(EngineError::Config(format!(

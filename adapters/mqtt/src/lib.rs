@@ -5,4 +5,7 @@
 //! parsing of every inbound payload, the payloads the bridge publishes). The
 //! broker connection builds on it.
 
+mod adapter;
 pub mod protocol;
+
+pub use adapter::{MqttAdapter, MqttConfig};
