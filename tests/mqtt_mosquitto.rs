@@ -227,9 +227,14 @@ async fn an_offer_over_mosquitto_installs_and_the_last_will_reports_lost() {
 
     // Restarted, the retained offer of a finished update does not run again.
     let mut bridge = self::bridge(d.dir.path(), &d.cfg().socket, broker.port);
-    wait_for("online again", Duration::from_secs(15), || {
-        retained(broker.port, "pv/dev-1/status").filter(|s| s["online"] == true)
-    })
+    wait_for(
+        "online again, naming the running revision",
+        Duration::from_secs(15),
+        || {
+            retained(broker.port, "pv/dev-1/status")
+                .filter(|s| s["online"] == true && s["revision"] == "locals/m1")
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let runs =
@@ -244,6 +249,20 @@ async fn an_offer_over_mosquitto_installs_and_the_last_will_reports_lost() {
         "{}",
         log()
     );
-    bridge.kill().unwrap();
-    bridge.wait().unwrap();
+
+    // A graceful stop says `offline`, not the last will's `lost`.
+    let term = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", bridge.id()))
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::block_in_place(|| bridge.wait()).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", log());
+    let bye = retained(broker.port, "pv/dev-1/status").unwrap();
+    assert_eq!(
+        (bye["online"].as_bool(), bye["state"].as_str()),
+        (Some(false), Some("offline")),
+        "{bye}"
+    );
 }

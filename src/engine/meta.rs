@@ -313,6 +313,16 @@ impl MetaSync {
         if self.last_device.as_ref() == Some(&dm) {
             return;
         }
+        // Device-meta says which revision runs; every backend's view follows it.
+        if let Some(rev) = dm.get("pantavisor.revision").and_then(Value::as_str) {
+            for view in self.views.values() {
+                view.send_if_modified(|v| {
+                    let changed = v.running.as_deref() != Some(rev);
+                    v.running = Some(rev.to_owned());
+                    changed
+                });
+            }
+        }
         for (backend, view) in self.views.iter() {
             if self.policies.get(backend).is_none_or(|p| p.device_meta) {
                 view.send_modify(|v| v.device_meta = dm.clone());

@@ -269,9 +269,10 @@ pub async fn run_with(
     } else {
         None
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut supervisors = Vec::new();
     for (name, factory, rx) in receivers {
-        let mut link = EngineLink::new(&name, events_tx.clone(), rx);
+        let mut link = EngineLink::new(&name, events_tx.clone(), rx).with_stop(stop_rx.clone());
         if let Some(f) = feed.as_ref().filter(|_| log_backends.contains(&name)) {
             link = link.with_logs(f.clone() as Arc<dyn pv_adapter_api::LogFeed>);
         }
@@ -360,6 +361,16 @@ pub async fn run_with(
         }
     }
     info!("engine stopping");
+    // Let adapters say goodbye (e.g. MQTT's `offline` status), briefly.
+    stop_tx.send_replace(true);
+    let grace = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(grace);
+    for s in supervisors.iter_mut() {
+        tokio::select! {
+            _ = &mut *s => {}
+            _ = &mut grace => break,
+        }
+    }
     for s in supervisors {
         s.abort();
     }

@@ -367,6 +367,7 @@ pub struct EngineLink {
     events: mpsc::Sender<Envelope>,
     view: watch::Receiver<DeviceView>,
     logs: Option<Arc<dyn LogFeed>>,
+    stop: Option<watch::Receiver<bool>>,
 }
 
 impl fmt::Debug for EngineLink {
@@ -390,6 +391,24 @@ impl EngineLink {
             events,
             view,
             logs: None,
+            stop: None,
+        }
+    }
+
+    /// With the engine's stop signal.
+    pub fn with_stop(mut self, stop: watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// Completes when the engine is stopping: say goodbye to the backend (the
+    /// engine waits up to 2 s) and return `Ok(())`.
+    pub async fn stopping(&self) {
+        match self.stop.clone() {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => std::future::pending::<()>().await,
         }
     }
 

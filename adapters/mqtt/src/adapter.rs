@@ -284,7 +284,33 @@ impl MqttAdapter {
             let mut publisher: Option<tokio::task::JoinHandle<()>> = None;
             let connected_at = Instant::now();
             let reason = loop {
-                match events.poll().await {
+                let polled = tokio::select! {
+                    p = events.poll() => p,
+                    _ = link.stopping() => {
+                        // A graceful stop: `offline`, not the last will's `lost`.
+                        let now = SystemTime::now();
+                        let bye = protocol::status(false, "offline", None, env!("CARGO_PKG_VERSION"), now);
+                        let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, json(&bye));
+                        let _ = client.try_disconnect();
+                        let deadline = tokio::time::sleep(Duration::from_millis(1500));
+                        tokio::pin!(deadline);
+                        loop {
+                            tokio::select! {
+                                p = events.poll() => match p {
+                                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                                    Ok(_) => {}
+                                },
+                                _ = &mut deadline => break,
+                            }
+                        }
+                        if let Some(p) = publisher.take() {
+                            p.abort();
+                        }
+                        info!(backend = %self.name, "disconnected (bridge stopping)");
+                        return Ok(());
+                    }
+                };
+                match polled {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         info!(backend = %self.name, broker = %self.cfg.broker, "connected");
                         // The broker may have forgotten the session: subscribe again.
