@@ -27,14 +27,10 @@ use pv_adapter_api::{
 };
 use pv_bridge::config::Config;
 use pv_bridge::engine::{AdapterFactory, UpdateOptions, run_with};
-use pv_bridge::pvctrl::PvCtrl;
+use pv_bridge::pvctrl::{PvCtrl, hex};
 use pv_testkit::objects::ObjectServer;
 use pv_testkit::sim::{Sim, SimConfig};
 use sha2::{Digest, Sha256};
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// Peak resident set of this process so far, in KiB.
 fn peak_kib() -> u64 {

@@ -139,9 +139,7 @@ fn json_type(v: &Value) -> &'static str {
 }
 
 /// True for exactly 64 lower-case hex digits: how Pantavisor names objects.
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
+pub use pv_adapter_api::is_sha256_hex;
 
 /// Checks that a state key is a safe relative path: no `..` or `.` segments, not
 /// absolute, no empty segments, no control characters or backslashes.

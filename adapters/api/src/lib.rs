@@ -218,6 +218,11 @@ pub fn read_secret(setting: &str, path: &std::path::Path) -> Result<String, Adap
     Ok(secret.to_owned())
 }
 
+/// True for exactly 64 lower-case hex digits: how Pantavisor names objects.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// True for ids an offer may carry: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`.
 pub fn valid_offer_id(id: &str) -> bool {
     (1..=64).contains(&id.len())

@@ -8,8 +8,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::path::{Component, Path};
 
-/// Largest state file taken from an archive.
-const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
+use crate::MAX_STATE_BYTES;
 
 /// What kind of archive a file name names, if any.
 pub fn kind(name: &str) -> Option<Compression> {
@@ -57,8 +56,7 @@ fn export_path(path: &Path) -> Option<String> {
         [_, dir, sha] if dir == "objects" => sha,
         _ => return None,
     };
-    let is_sha = sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    is_sha.then(|| format!("objects/{sha}"))
+    pv_adapter_api::is_sha256_hex(sha).then(|| format!("objects/{sha}"))
 }
 
 /// Unpacks `archive` into `dest` (created; emptied first). Returns an error that

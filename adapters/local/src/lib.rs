@@ -31,7 +31,7 @@ use tracing::{info, warn};
 mod archive;
 
 /// Largest state file read from an export.
-const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Settings of a `local` backend.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +62,18 @@ pub struct StatusFile {
 }
 
 impl StatusFile {
+    /// A status the adapter sets itself, before the engine reports.
+    fn new(status: &str, status_msg: String, id: &str) -> Self {
+        Self {
+            status: status.into(),
+            status_msg,
+            rev: format!("locals/{id}"),
+            bytes_done: 0,
+            bytes_total: 0,
+            logs: None,
+        }
+    }
+
     fn from_progress(p: &Progress) -> Self {
         Self {
             status: p.status.to_string(),
@@ -189,10 +201,8 @@ async fn export_offer(folder: &Path, id: &str) -> Result<Offer, String> {
     if let Ok(mut rd) = tokio::fs::read_dir(&objdir).await {
         while let Ok(Some(e)) = rd.next_entry().await {
             let name = e.file_name().to_string_lossy().into_owned();
-            let is_sha =
-                name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
             let Ok(md) = e.metadata().await else { continue };
-            if !is_sha || !md.is_file() {
+            if !pv_adapter_api::is_sha256_hex(&name) || !md.is_file() {
                 continue;
             }
             objects.insert(
@@ -307,14 +317,7 @@ impl LocalAdapter {
                     );
                     write_status(
                         &status,
-                        &StatusFile {
-                            status: "QUEUED".into(),
-                            status_msg: "Offered to the bridge".into(),
-                            rev: format!("locals/{id}"),
-                            bytes_done: 0,
-                            bytes_total: 0,
-                            logs: None,
-                        },
+                        &StatusFile::new("QUEUED", "Offered to the bridge".into(), &id),
                     )
                     .await;
                     link.send(BackendEvent::Offer(offer)).await?;
@@ -339,14 +342,7 @@ impl LocalAdapter {
         warn!(backend = %self.name, export = %entry, reason = %why, "unusable export");
         write_status(
             status,
-            &StatusFile {
-                status: "WONTGO".into(),
-                status_msg: format!("unusable export: {why}"),
-                rev: format!("locals/{id}"),
-                bytes_done: 0,
-                bytes_total: 0,
-                logs: None,
-            },
+            &StatusFile::new("WONTGO", format!("unusable export: {why}"), id),
         )
         .await;
     }

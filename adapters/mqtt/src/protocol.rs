@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use pv_adapter_api::{
     BackendEvent, CommandKind, CommandResult, LogRecord, ObjectFetcher, ObjectRef, ObjectSource,
-    Offer, Progress, valid_offer_id,
+    Offer, Progress, is_sha256_hex, valid_offer_id,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -162,10 +162,6 @@ fn object(topic: &str, payload: &[u8], cap: usize) -> Result<Map<String, Value>,
     }
 }
 
-fn is_sha(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 fn http_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
@@ -228,7 +224,7 @@ pub fn parse_revision_set(
         None => {}
         Some(Value::Object(list)) => {
             for (sha, o) in list {
-                if !is_sha(sha) {
+                if !is_sha256_hex(sha) {
                     return Err(reject(
                         topic,
                         format!("objects: key {sha:?} is not a sha256 (64 lower-case hex digits)"),
@@ -283,7 +279,7 @@ pub fn parse_revision_set(
         Some(Value::String(t)) if http_url(t) && t.contains("{sha256}") => {
             for v in state.values() {
                 if let Value::String(sha) = v {
-                    if is_sha(sha) && !objects.contains_key(sha) {
+                    if is_sha256_hex(sha) && !objects.contains_key(sha) {
                         objects.insert(
                             sha.clone(),
                             ObjectRef {
