@@ -199,7 +199,11 @@ async fn a_non_reboot_update_ends_updated() {
     let s = final_status(&b, &dir, "app v2").await;
     assert_eq!(s["status"], "UPDATED", "{s}");
     assert_eq!(s["rev"], "locals/app-v2", "the folder name is sanitised");
-    assert_eq!(s["bytes_total"], 0, "final reports carry no byte counters");
+    assert_eq!(
+        s["bytes_total"].as_u64(),
+        Some(root.len() as u64),
+        "final reports keep the download totals: {s}"
+    );
     assert_eq!(running(&d).await, "locals/app-v2");
 }
 

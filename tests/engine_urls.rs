@@ -224,87 +224,15 @@ async fn a_download_resumes_after_the_bridge_restarts() {
     task.await.unwrap();
 }
 
-/// A test CA and a certificate for 127.0.0.1 signed by it, made with openssl.
-fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is needed for the TLS tests: apt-get install -y openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec[..],
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=pv-bridge test CA",
-        ][..],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec[..],
-        &[
-            "-keyout",
-            "srv.key",
-            "-out",
-            "srv.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ][..],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_downloads_trust_the_configured_ca_and_refuse_others_at_once() {
     let d = common::start(Generation::Gen2).await;
     let pki = d.dir.path().join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    let (ca, cert, key) = test_pki(&pki);
-    let srv = ObjectServer::start_tls(&cert, &key).await.unwrap();
+    let pki = common::test_pki(&pki);
+    let ca = pki.ca.clone();
+    let srv = ObjectServer::start_tls(&pki.server_cert, &pki.server_key)
+        .await
+        .unwrap();
     let data = blob(500_000, 7);
     srv.put("/tls", data.clone());
     assert!(srv.url("/tls").starts_with("https://"));

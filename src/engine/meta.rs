@@ -17,6 +17,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use pv_adapter_api::AppliedUserMeta;
+
 use super::update::Views;
 use crate::pvctrl::{Meta, PvCtrl};
 
@@ -159,6 +161,8 @@ pub struct MetaSync {
     path: PathBuf,
     ownership: Ownership,
     desired: BTreeMap<String, BTreeMap<String, Value>>,
+    /// The version of each backend's desired map.
+    versions: BTreeMap<String, u64>,
     last_device: Option<BTreeMap<String, Value>>,
 }
 
@@ -180,6 +184,7 @@ impl MetaSync {
             path,
             ownership,
             desired: BTreeMap::new(),
+            versions: BTreeMap::new(),
             last_device: None,
         }
     }
@@ -208,6 +213,7 @@ impl MetaSync {
                         continue;
                     }
                     info!(backend = %d.backend, version = d.version, keys = d.data.len(), "desired user-meta");
+                    self.versions.insert(d.backend.clone(), d.version);
                     self.desired.insert(d.backend, d.data);
                     self.apply_user_meta().await;
                 }
@@ -241,6 +247,7 @@ impl MetaSync {
         let merged = merge(&self.desired, &self.policies);
         let p = plan(&current, &merged, &self.ownership.owned);
         if p == Plan::default() {
+            self.report_applied(current);
             return;
         }
         // Ownership first: a key the bridge may have set is one it may delete.
@@ -251,10 +258,14 @@ impl MetaSync {
             self.ownership.owned.remove(k);
         }
         self.save();
+        let mut failed = false;
         for (k, backend, text) in &p.puts {
             match self.pv.put_meta(Meta::User, k, text.as_bytes()).await {
                 Ok(()) => info!(key = %k, backend = %backend, "user-meta set"),
-                Err(e) => warn!(key = %k, backend = %backend, error = %e, "cannot set user-meta"),
+                Err(e) => {
+                    warn!(key = %k, backend = %backend, error = %e, "cannot set user-meta");
+                    failed = true;
+                }
             }
         }
         let mut changed = false;
@@ -269,11 +280,36 @@ impl MetaSync {
                     self.ownership.owned.remove(k);
                     changed = true;
                 }
-                Err(e) => warn!(key = %k, error = %e, "cannot delete user-meta"),
+                Err(e) => {
+                    warn!(key = %k, error = %e, "cannot delete user-meta");
+                    failed = true;
+                }
             }
         }
         if changed {
             self.save();
+        }
+        if !failed {
+            if let Ok(now) = self.pv.meta(Meta::User).await {
+                self.report_applied(now);
+            }
+        }
+    }
+
+    /// Tells each backend whose desired map is in effect what the device now has.
+    fn report_applied(&self, data: BTreeMap<String, Value>) {
+        for (backend, version) in &self.versions {
+            if let Some(view) = self.views.get(backend) {
+                let applied = AppliedUserMeta {
+                    version: *version,
+                    data: data.clone(),
+                };
+                view.send_if_modified(|v| {
+                    let changed = v.user_meta.as_ref() != Some(&applied);
+                    v.user_meta = Some(applied);
+                    changed
+                });
+            }
         }
     }
 

@@ -427,9 +427,24 @@ impl Coordinator {
         }
     }
 
-    fn report(&self, backend: &str, p: Progress) {
+    /// Publishes progress to a backend's view. The download totals of an update
+    /// carry over into its later statuses, so the final report still says how
+    /// many bytes and objects were fetched.
+    fn report(&self, backend: &str, mut p: Progress) {
         if let Some(v) = self.views.get(backend) {
             v.send_if_modified(|view| {
+                if let Some(prev) = &view.update {
+                    if prev.id == p.id
+                        && p.status != UpdateStatus::Downloading
+                        && p.bytes_total == 0
+                        && p.objects_total == 0
+                    {
+                        p.bytes_done = prev.bytes_done;
+                        p.bytes_total = prev.bytes_total;
+                        p.objects_done = prev.objects_done;
+                        p.objects_total = prev.objects_total;
+                    }
+                }
                 let changed = view.update.as_ref() != Some(&p);
                 view.update = Some(p.clone());
                 changed

@@ -3,7 +3,7 @@
 #![allow(dead_code, unused_macros)]
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pv_bridge::pvctrl::{Options, Progress, PvCtrl};
@@ -148,7 +148,6 @@ pub fn sha256_hex(data: &[u8]) -> String {
 // --- scripted adapters for engine tests --------------------------------------
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use pv_adapter_api::{
@@ -276,4 +275,68 @@ pub fn engine(
 
 pub fn local(name: &str, extra: &str) -> String {
     format!("[[backend]]\ntype = \"local\"\nname = \"{name}\"\ndir = \"/nonexistent\"\n{extra}\n")
+}
+
+/// A test PKI made with openssl: a CA, a server certificate for 127.0.0.1 and
+/// localhost, and a client certificate (CN `dev-1`), all signed by the CA.
+#[allow(dead_code)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+#[allow(dead_code)]
+pub fn test_pki(dir: &Path) -> Pki {
+    std::fs::create_dir_all(dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS tests: apt-get install -y openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    let words = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+    let run_s = |s: String| {
+        let w = words(&s);
+        run(&w.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    run_s(format!(
+        "req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=pv-bridge-test-CA"
+    ));
+    for (name, cn, ext) in [
+        (
+            "srv",
+            "127.0.0.1",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        ),
+        (
+            "client",
+            "dev-1",
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        ),
+    ] {
+        run_s(format!(
+            "req {ec} -keyout {name}.key -out {name}.csr -subj /CN={cn}"
+        ));
+        std::fs::write(dir.join(format!("{name}.cnf")), ext).unwrap();
+        run_s(format!(
+            "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 -extfile {name}.cnf"
+        ));
+    }
+    Pki {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("srv.pem"),
+        server_key: dir.join("srv.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
 }

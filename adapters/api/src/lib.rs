@@ -356,6 +356,17 @@ pub struct DeviceView {
     pub health: BTreeMap<String, Health>,
     /// The latest state of this backend's recent commands, by id.
     pub commands: BTreeMap<String, CommandResult>,
+    /// User-meta as applied, once this backend's desired map has been applied.
+    pub user_meta: Option<AppliedUserMeta>,
+}
+
+/// The device's user-meta after the engine applied a backend's desired map.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppliedUserMeta {
+    /// The `version` of the backend's desired map that is now in effect.
+    pub version: u64,
+    /// The device's whole user-meta (every key, whichever backend set it).
+    pub data: BTreeMap<String, serde_json::Value>,
 }
 
 /// An event tagged with the backend that sent it.

@@ -6,27 +6,45 @@
 //! request queue cannot stall the connection. After a connection failure the
 //! client is rebuilt (credentials are read again) after a jittered exponential
 //! backoff, 1 s doubling to 5 min: never a tight loop.
+//!
+//! A command's answer goes to the MQTT 5 Response Topic (with the Correlation
+//! Data) when the command carried one, else to `cmd/<name>/res/<id>`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use pv_adapter_api::{
     Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, CommandKind, EngineLink,
     read_secret,
 };
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::blob::{Pull, PullOptions};
 use crate::protocol::{self, Inbound, RevisionSet, Topics};
+use crate::transport::{self, Client, Message, Polled, Protocol, Settings, TlsFiles};
 
 /// Settings of an `mqtt` backend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `mqtt://host[:port]` (port 1883 by default).
+    /// `mqtt://host[:port]` (port 1883) or `mqtts://host[:port]` (TLS, port 8883).
     pub broker: String,
+    /// `"v311"` (default) or `"v5"`.
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// Extra trust anchors (PEM) for `mqtts://`, besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for brokers that authenticate by certificate.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     pub device_id: String,
     /// Topic root; `<device_id>` is replaced.
     #[serde(default = "default_root")]
@@ -44,8 +62,17 @@ pub struct MqttConfig {
     pub max_payload_bytes: usize,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
+    /// Bytes asked for in one `blob/get` (objects pulled over MQTT).
+    #[serde(default = "default_chunk")]
+    pub chunk_bytes: u64,
+    /// Seconds a `blob/get` may go unanswered before it is asked again.
+    #[serde(default = "default_chunk_timeout")]
+    pub chunk_timeout_secs: u64,
 }
 
+fn default_protocol() -> Protocol {
+    Protocol::V311
+}
 fn default_root() -> String {
     "pv/<device_id>".into()
 }
@@ -55,25 +82,34 @@ fn default_cap() -> usize {
 fn default_keep_alive() -> u64 {
     60
 }
+fn default_chunk() -> u64 {
+    64 * 1024
+}
+fn default_chunk_timeout() -> u64 {
+    30
+}
 
 impl MqttConfig {
-    /// Host and port of the broker, or why the settings are wrong.
-    pub fn check(&self) -> Result<(String, u16), String> {
+    /// Host, port and TLS of the broker, or why the settings are wrong.
+    pub fn check(&self) -> Result<(String, u16, Option<TlsFiles>), String> {
         Topics::new(&self.topic_root, &self.device_id)?;
-        if self.broker.starts_with("mqtts://") {
-            return Err("broker: mqtts:// (TLS) is not supported by this build yet".into());
-        }
-        let rest = self
-            .broker
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| format!("broker URL scheme must be mqtt, got {:?}", self.broker))?;
+        let (rest, tls, default_port) = if let Some(r) = self.broker.strip_prefix("mqtts://") {
+            (r, true, 8883)
+        } else if let Some(r) = self.broker.strip_prefix("mqtt://") {
+            (r, false, 1883)
+        } else {
+            return Err(format!(
+                "broker URL scheme must be mqtt or mqtts, got {:?}",
+                self.broker
+            ));
+        };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
                 h,
                 p.parse::<u16>()
                     .map_err(|_| format!("broker: bad port in {:?}", self.broker))?,
             ),
-            None => (rest, 1883),
+            None => (rest, default_port),
         };
         if host.is_empty() || host.contains('/') {
             return Err(format!("broker: bad host in {:?}", self.broker));
@@ -81,7 +117,31 @@ impl MqttConfig {
         if self.keep_alive_secs < 5 {
             return Err("keep_alive_secs must be at least 5".into());
         }
-        Ok((host.to_owned(), port))
+        if !(1024..=1024 * 1024).contains(&self.chunk_bytes) {
+            return Err("chunk_bytes must be from 1024 to 1048576".into());
+        }
+        if self.chunk_timeout_secs == 0 {
+            return Err("chunk_timeout_secs must be at least 1".into());
+        }
+        let client_cert = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                return Err("client_cert_file and client_key_file must be given together".into());
+            }
+        };
+        let files = TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert,
+        };
+        if !tls && (files.ca_file.is_some() || files.client_cert.is_some()) {
+            return Err("ca_file and client certificates need a TLS broker URL (mqtts://)".into());
+        }
+        if tls {
+            // Every file is read now, so a bad one is a configuration error.
+            transport::tls_config(&files)?;
+        }
+        Ok((host.to_owned(), port, tls.then_some(files)))
     }
 }
 
@@ -123,8 +183,32 @@ fn json(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Where the answers to commands go: MQTT 5 Response Topic and Correlation Data
+/// by command id, for commands that carried them.
+#[derive(Clone, Default)]
+struct Replies(Arc<Mutex<BTreeMap<String, Route>>>);
+
+/// A Response Topic and the Correlation Data to echo.
+type Route = (String, Option<Bytes>);
+
+impl Replies {
+    fn remember(&self, id: &str, topic: String, correlation: Option<Bytes>) {
+        if let Ok(mut m) = self.0.lock() {
+            // Bounded: the engine keeps the last 64 commands; so do we.
+            while m.len() >= 64 {
+                m.pop_first();
+            }
+            m.insert(id.to_owned(), (topic, correlation));
+        }
+    }
+
+    fn route(&self, id: &str) -> Option<Route> {
+        self.0.lock().ok().and_then(|m| m.get(id).cloned())
+    }
+}
+
 /// Publishes what the engine reports, until the connection ends.
-async fn outbound(client: AsyncClient, link: EngineLink, topics: Topics) {
+async fn outbound(client: Client, link: EngineLink, topics: Topics, replies: Replies) {
     let logs = {
         let (client, link, topics) = (client.clone(), link.clone(), topics.clone());
         tokio::spawn(async move {
@@ -132,7 +216,7 @@ async fn outbound(client: AsyncClient, link: EngineLink, topics: Topics) {
             while let Some(b) = link.next_logs(1000, 256 * 1024).await {
                 for (plat, payload) in protocol::log_batches(&b.records, b.dropped, &mut seq) {
                     if client
-                        .publish(topics.logs(&plat), QoS::AtLeastOnce, false, payload)
+                        .publish(topics.logs(&plat), false, payload)
                         .await
                         .is_err()
                     {
@@ -146,24 +230,28 @@ async fn outbound(client: AsyncClient, link: EngineLink, topics: Topics) {
     let mut view = link.view();
     let mut last_progress = None;
     let mut last_meta = None;
+    let mut last_user = None;
     let mut last_status = None;
     let mut sent: BTreeMap<String, pv_adapter_api::CommandStatus> = BTreeMap::new();
     loop {
         let v = view.borrow_and_update().clone();
         let now = SystemTime::now();
-        let mut out: Vec<(String, Vec<u8>, bool)> = Vec::new();
+        // (topic, payload, retained, correlation data)
+        let mut out: Vec<(String, Vec<u8>, bool, Option<Bytes>)> = Vec::new();
         if v.update.is_some() && v.update != last_progress {
             if let Some(p) = &v.update {
                 out.push((
                     topics.revision_progress(),
                     json(&protocol::progress(p, now)),
                     true,
+                    None,
                 ));
                 if p.status.is_success() {
                     out.push((
                         topics.revision_current(),
                         json(&protocol::current(&p.rev, p.status.as_str(), now)),
                         true,
+                        None,
                     ));
                 }
             }
@@ -174,13 +262,27 @@ async fn outbound(client: AsyncClient, link: EngineLink, topics: Topics) {
                 topics.meta_device(),
                 json(&protocol::device_meta(&v.device_meta)),
                 true,
+                None,
             ));
             last_meta = Some(v.device_meta.clone());
         }
+        if v.user_meta.is_some() && v.user_meta != last_user {
+            if let Some(u) = &v.user_meta {
+                out.push((
+                    topics.meta_user(),
+                    json(&protocol::user_meta(u.version, &u.data)),
+                    true,
+                    None,
+                ));
+            }
+            last_user = v.user_meta.clone();
+        }
         for (id, r) in &v.commands {
             if sent.get(id) != Some(&r.status) {
-                let t = topics.cmd_response(command_name(&r.kind), id);
-                out.push((t, json(&protocol::command_response(r)), false));
+                let (t, corr) = replies
+                    .route(id)
+                    .unwrap_or_else(|| (topics.cmd_response(command_name(&r.kind), id), None));
+                out.push((t, json(&protocol::command_response(r)), false, corr));
                 sent.insert(id.clone(), r.status);
             }
         }
@@ -195,15 +297,16 @@ async fn outbound(client: AsyncClient, link: EngineLink, topics: Topics) {
                 env!("CARGO_PKG_VERSION"),
                 now,
             );
-            out.push((topics.status(), json(&payload), true));
+            out.push((topics.status(), json(&payload), true, None));
             last_status = Some(status);
         }
-        for (topic, payload, retain) in out {
-            if client
-                .publish(topic, QoS::AtLeastOnce, retain, payload)
-                .await
-                .is_err()
-            {
+        for (topic, payload, retain, corr) in out {
+            let sent = if retain {
+                client.publish(topic, true, payload).await
+            } else {
+                client.reply(topic, corr, payload).await
+            };
+            if sent.is_err() {
                 logs.abort();
                 return;
             }
@@ -216,50 +319,100 @@ async fn outbound(client: AsyncClient, link: EngineLink, topics: Topics) {
 }
 
 impl MqttAdapter {
-    fn options(&self, host: &str, port: u16, topics: &Topics) -> Result<MqttOptions, AdapterError> {
-        let id = self
+    fn settings(
+        &self,
+        host: &str,
+        port: u16,
+        tls: Option<&TlsFiles>,
+        topics: &Topics,
+    ) -> Result<Settings, AdapterError> {
+        let client_id = self
             .cfg
             .client_id
             .clone()
             .unwrap_or_else(|| format!("pv-bridge-{}", self.cfg.device_id));
-        let mut o = MqttOptions::new(id, host, port);
-        o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs));
-        o.set_clean_session(false);
-        o.set_inflight(16);
-        o.set_max_packet_size(self.cfg.max_payload_bytes + 1024, 256 * 1024);
-        o.set_last_will(LastWill::new(
-            topics.status(),
-            json(&protocol::last_will()),
-            QoS::AtLeastOnce,
-            true,
-        ));
-        if let Some(user) = &self.cfg.username {
-            let pass = match &self.cfg.password_file {
-                Some(f) => read_secret("password_file", f)?,
-                None => String::new(),
-            };
-            o.set_credentials(user.clone(), pass);
-        }
-        Ok(o)
+        let credentials = match &self.cfg.username {
+            Some(user) => {
+                let pass = match &self.cfg.password_file {
+                    Some(f) => read_secret("password_file", f)?,
+                    None => String::new(),
+                };
+                Some((user.clone(), pass))
+            }
+            None => None,
+        };
+        // Certificates are read again on every connection: renewed files apply.
+        let tls = match tls {
+            Some(files) => Some(transport::tls_config(files).map_err(AdapterError::Config)?),
+            None => None,
+        };
+        Ok(Settings {
+            protocol: self.cfg.protocol,
+            host: host.to_owned(),
+            port,
+            client_id,
+            keep_alive: Duration::from_secs(self.cfg.keep_alive_secs),
+            credentials,
+            will: (topics.status(), json(&protocol::last_will())),
+            tls,
+            // JSON payloads are capped by max_payload_bytes; chunks by chunk_bytes.
+            max_incoming: self
+                .cfg
+                .max_payload_bytes
+                .max(self.cfg.chunk_bytes as usize)
+                + 1024,
+            max_outgoing: 256 * 1024,
+        })
     }
 
     fn inbound(
         &self,
-        client: &AsyncClient,
+        client: &Client,
         topics: &Topics,
-        topic: &str,
-        payload: &[u8],
+        replies: &Replies,
+        pull: &Pull,
+        m: &Message,
     ) -> Option<BackendEvent> {
         let cap = self.cfg.max_payload_bytes;
+        let topic = m.topic.as_str();
+        let payload = &m.payload[..];
         let parsed = match topics.classify(topic) {
             Inbound::RevisionSet => {
-                protocol::parse_revision_set(topic, payload, cap, None).map(|r| match r {
+                let fetcher: Arc<dyn pv_adapter_api::ObjectFetcher> = Arc::new(pull.clone());
+                protocol::parse_revision_set(topic, payload, cap, Some(fetcher)).map(|r| match r {
                     RevisionSet::Offer(o) => Some(BackendEvent::Offer(o)),
                     RevisionSet::Withdrawn => None,
                 })
             }
             Inbound::UserMetaSet => protocol::parse_user_meta_set(topic, payload, cap).map(Some),
-            Inbound::Command(name) => protocol::parse_command(topic, name, payload, cap).map(Some),
+            Inbound::Command(name) => {
+                let parsed = protocol::parse_command(topic, name, payload, cap);
+                let id = match &parsed {
+                    Ok(BackendEvent::Command { id, .. }) => Some(id.clone()),
+                    _ => protocol::command_id(payload),
+                };
+                if let (Some(id), Some(rt)) = (&id, &m.response_topic) {
+                    replies.remember(id, rt.clone(), m.correlation.clone());
+                }
+                if let (Err(r), Some(id)) = (&parsed, &id) {
+                    // The caller waits for an answer: it gets one.
+                    let (t, corr) = replies
+                        .route(id)
+                        .unwrap_or_else(|| (topics.cmd_response(name, id), None));
+                    let res = protocol::command_rejected(id, &r.reason);
+                    let c = client.clone();
+                    tokio::spawn(async move {
+                        let _ = c.reply(t, corr, json(&res)).await;
+                    });
+                }
+                parsed.map(Some)
+            }
+            Inbound::Chunk { sha, offset } => {
+                if !pull.deliver(sha, offset, m.payload.clone()) {
+                    debug!(backend = %self.name, topic, "a chunk nobody waits for (late or duplicate)");
+                }
+                Ok(None)
+            }
             Inbound::Other => Ok(None),
         };
         match parsed {
@@ -267,37 +420,48 @@ impl MqttAdapter {
             Err(r) => {
                 warn!(backend = %self.name, topic = %r.topic, reason = %r.reason, "rejected");
                 let ev = json(&protocol::rejected(&r, SystemTime::now()));
-                let _ = client.try_publish(topics.events(), QoS::AtLeastOnce, false, ev);
+                if !client.try_publish(topics.events(), false, ev) {
+                    warn!(backend = %self.name, "publish queue full: rejection not sent");
+                }
                 None
             }
         }
     }
 
     async fn serve(self: Box<Self>, link: EngineLink) -> Result<(), AdapterError> {
-        let (host, port) = self.cfg.check().map_err(AdapterError::Config)?;
+        let (host, port, tls) = self.cfg.check().map_err(AdapterError::Config)?;
         let topics =
             Topics::new(&self.cfg.topic_root, &self.cfg.device_id).map_err(AdapterError::Config)?;
+        let replies = Replies::default();
+        let pull = Pull::new(
+            topics.clone(),
+            PullOptions {
+                chunk: self.cfg.chunk_bytes,
+                timeout: Duration::from_secs(self.cfg.chunk_timeout_secs),
+                ..PullOptions::default()
+            },
+        );
         let mut backoff = Duration::from_secs(1);
         loop {
-            let opts = self.options(&host, port, &topics)?;
-            let (client, mut events) = AsyncClient::new(opts, 64);
+            let settings = self.settings(&host, port, tls.as_ref(), &topics)?;
+            let (client, mut conn) = transport::open(settings);
             let mut publisher: Option<tokio::task::JoinHandle<()>> = None;
-            let connected_at = Instant::now();
+            let mut connected_at = None;
             let reason = loop {
                 let polled = tokio::select! {
-                    p = events.poll() => p,
+                    p = conn.poll() => p,
                     _ = link.stopping() => {
                         // A graceful stop: `offline`, not the last will's `lost`.
                         let now = SystemTime::now();
                         let bye = protocol::status(false, "offline", None, env!("CARGO_PKG_VERSION"), now);
-                        let _ = client.try_publish(topics.status(), QoS::AtLeastOnce, true, json(&bye));
-                        let _ = client.try_disconnect();
+                        let _ = client.try_publish(topics.status(), true, json(&bye));
+                        client.try_disconnect();
                         let deadline = tokio::time::sleep(Duration::from_millis(1500));
                         tokio::pin!(deadline);
                         loop {
                             tokio::select! {
-                                p = events.poll() => match p {
-                                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                                p = conn.poll() => match p {
+                                    Ok(Polled::Disconnected) | Err(_) => break,
                                     Ok(_) => {}
                                 },
                                 _ = &mut deadline => break,
@@ -311,16 +475,19 @@ impl MqttAdapter {
                     }
                 };
                 match polled {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Ok(Polled::Connected) => {
                         info!(backend = %self.name, broker = %self.cfg.broker, "connected");
+                        connected_at = Some(Instant::now());
                         // The broker may have forgotten the session: subscribe again.
                         for t in [
                             topics.revision_set(),
                             topics.meta_user_set(),
                             topics.cmd_filter(),
+                            topics.blob_filter(),
                         ] {
-                            let _ = client.try_subscribe(t, QoS::AtLeastOnce);
+                            client.try_subscribe(t);
                         }
+                        pull.set_client(Some(client.clone()));
                         if let Some(p) = publisher.take() {
                             p.abort();
                         }
@@ -328,26 +495,29 @@ impl MqttAdapter {
                             client.clone(),
                             link.clone(),
                             topics.clone(),
+                            replies.clone(),
                         )));
                         link.send(BackendEvent::Connected).await?;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if let Some(ev) = self.inbound(&client, &topics, &p.topic, &p.payload) {
+                    Ok(Polled::Message(m)) => {
+                        if let Some(ev) = self.inbound(&client, &topics, &replies, &pull, &m) {
                             link.send(ev).await?;
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => break e.to_string(),
+                    Err(e) => break e,
                 }
             };
             if let Some(p) = publisher.take() {
                 p.abort();
             }
-            warn!(backend = %self.name, reason = %reason, retry_in = ?backoff, "MQTT connection lost");
-            link.send(BackendEvent::Disconnected { reason }).await?;
-            if connected_at.elapsed() > Duration::from_secs(600) {
+            pull.set_client(None);
+            // A connection that held for a while starts the backoff afresh.
+            if connected_at.is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
                 backoff = Duration::from_secs(1);
             }
+            warn!(backend = %self.name, reason = %reason, retry_in = ?backoff, "MQTT connection lost");
+            link.send(BackendEvent::Disconnected { reason }).await?;
             tokio::time::sleep(jitter(backoff)).await;
             backoff = (backoff * 2).min(Duration::from_secs(300));
         }

@@ -99,6 +99,19 @@ impl Topics {
         self.t(&format!("cmd/{name}/res/{id}"))
     }
 
+    /// The subscription for object chunks (device-driven pulls).
+    pub fn blob_filter(&self) -> String {
+        self.t("blob/+/+")
+    }
+    /// Where the bridge asks for a chunk.
+    pub fn blob_get(&self) -> String {
+        self.t("blob/get")
+    }
+    /// Where the answer to a chunk request arrives.
+    pub fn blob_chunk(&self, sha: &str, offset: u64) -> String {
+        self.t(&format!("blob/{sha}/{offset}"))
+    }
+
     /// Which inbound topic this is.
     pub fn classify<'a>(&self, topic: &'a str) -> Inbound<'a> {
         let Some(rest) = topic
@@ -110,10 +123,20 @@ impl Topics {
         match rest {
             "revision/set" => Inbound::RevisionSet,
             "meta/user/set" => Inbound::UserMetaSet,
-            _ => match rest.strip_prefix("cmd/") {
-                Some(name) if !name.is_empty() && !name.contains('/') => Inbound::Command(name),
-                _ => Inbound::Other,
-            },
+            _ => {
+                if let Some(name) = rest.strip_prefix("cmd/") {
+                    if !name.is_empty() && !name.contains('/') {
+                        return Inbound::Command(name);
+                    }
+                }
+                if let Some((sha, off)) = rest.strip_prefix("blob/").and_then(|r| r.split_once('/'))
+                {
+                    if let (true, Ok(offset)) = (is_sha256_hex(sha), off.parse::<u64>()) {
+                        return Inbound::Chunk { sha, offset };
+                    }
+                }
+                Inbound::Other
+            }
         }
     }
 }
@@ -124,6 +147,11 @@ pub enum Inbound<'a> {
     RevisionSet,
     UserMetaSet,
     Command(&'a str),
+    /// `blob/<sha256>/<offset>`: raw bytes of an object, answering `blob/get`.
+    Chunk {
+        sha: &'a str,
+        offset: u64,
+    },
     Other,
 }
 
@@ -254,7 +282,20 @@ pub fn parse_revision_set(
                     Some(_) => {
                         return Err(reject(topic, format!("objects.{sha}.url must be a string")));
                     }
-                    None if fetcher.is_some() => ObjectSource::Adapter { key: sha.clone() },
+                    // Pulled in chunks over MQTT: the size says where the object ends.
+                    None if fetcher.is_some() => match size {
+                        Some(n) => ObjectSource::Adapter {
+                            key: format!("{sha}:{n}"),
+                        },
+                        None => {
+                            return Err(reject(
+                                topic,
+                                format!(
+                                    "objects.{sha} has neither a url nor a size (pulling it over MQTT needs the size)"
+                                ),
+                            ));
+                        }
+                    },
                     None => return Err(reject(topic, format!("objects.{sha} has no url"))),
                 };
                 objects.insert(
@@ -309,6 +350,11 @@ pub fn parse_revision_set(
     }))
 }
 
+/// `blob/get`: the bridge asks for `length` bytes of an object from `offset`.
+pub fn blob_get(sha: &str, offset: u64, length: u64) -> Value {
+    json!({"v": 1, "sha256": sha, "offset": offset, "length": length})
+}
+
 /// Parses `meta/user/set` into the backend's desired user-meta. An empty retained
 /// message withdraws everything this backend set.
 pub fn parse_user_meta_set(
@@ -350,15 +396,11 @@ pub fn parse_command(
 ) -> Result<BackendEvent, Rejected> {
     let m = object(topic, payload, cap)?;
     let id = match m.get("id") {
-        Some(Value::String(s))
-            if !s.is_empty() && s.len() <= 64 && !s.contains(['/', '+', '#']) =>
-        {
-            s.clone()
-        }
+        Some(Value::String(s)) if valid_command_id(s) => s.clone(),
         Some(_) => {
             return Err(reject(
                 topic,
-                "\"id\" must be a string of 1 to 64 characters without '/', '+', '#'",
+                "\"id\" must be a string of 1 to 64 characters without '/', '+', '#' or control characters",
             ));
         }
         None => return Err(reject(topic, "missing \"id\"")),
@@ -476,6 +518,25 @@ pub fn command_response(r: &CommandResult) -> Value {
         v["reason"] = Value::String(reason.clone());
     }
     v
+}
+
+/// The `id` of a command payload that failed validation, when it has a usable
+/// one: the caller then gets a `rejected` answer, not only an `events` message.
+pub fn command_id(payload: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    match v.get("id") {
+        Some(Value::String(s)) if valid_command_id(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn valid_command_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && !s.contains(['/', '+', '#']) && !s.contains(char::is_control)
+}
+
+/// `cmd/<name>/res/<id>` for a command refused before the engine saw it.
+pub fn command_rejected(id: &str, reason: &str) -> Value {
+    json!({"v": 1, "id": id, "status": "rejected", "reason": reason})
 }
 
 fn record(r: &LogRecord) -> Value {

@@ -213,7 +213,7 @@ fn user_meta_and_commands_parse_strictly() {
         parse_command(c, "reboot", br#"{"v":1,"id":"a/b"}"#, CAP)
             .unwrap_err()
             .reason,
-        "\"id\" must be a string of 1 to 64 characters without '/', '+', '#'"
+        "\"id\" must be a string of 1 to 64 characters without '/', '+', '#' or control characters"
     );
 }
 
