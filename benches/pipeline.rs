@@ -206,6 +206,7 @@ async fn staging(total_mib: usize) {
     let offer = Offer {
         id: "bench".into(),
         state: serde_json::to_vec(&state).unwrap(),
+        state_url: None,
         objects,
         fetcher: None,
     };

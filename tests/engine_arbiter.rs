@@ -52,6 +52,7 @@ async fn offer(d: &common::Device, id: &str, blob: Vec<u8>) -> Offer {
     Offer {
         id: id.into(),
         state: serde_json::to_vec(&state).unwrap(),
+        state_url: None,
         objects,
         fetcher: Some(Arc::new(Mem(BTreeMap::from([(sha, blob)])))),
     }

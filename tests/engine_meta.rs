@@ -171,6 +171,7 @@ async fn offers_from_a_backend_with_updates_off_are_refused() {
         .send(BackendEvent::Offer(Offer {
             id: "nope".into(),
             state,
+            state_url: None,
             objects: BTreeMap::new(),
             fetcher: None,
         }))

@@ -34,6 +34,7 @@ async fn url_offer(
     Offer {
         id: id.into(),
         state: serde_json::to_vec(&state).unwrap(),
+        state_url: None,
         objects: BTreeMap::from([(
             sha.clone(),
             ObjectRef {

@@ -859,3 +859,57 @@ async fn objects_pulled_in_chunks_over_mqtt_install_and_a_lost_chunk_is_asked_ag
     );
     mosquitto::check_published(ROOT, &rec.messages());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_given_by_url_is_downloaded_checked_and_installed() {
+    let d = common::start(Generation::Gen2).await;
+    let broker = Broker::start(d.dir.path(), "");
+    let rec = Recorder::start(broker.port, "pv/dev-1/#", d.dir.path());
+    let srv = ObjectServer::start().await.unwrap();
+    let _bridge = Bridge::start(&d, d.dir.path(), broker.port, "", "");
+    online(broker.port).await;
+    let root = b"state by url".repeat(1000);
+    let sha = sha256_hex(&root);
+    srv.put("/o/root", root.clone());
+    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    state["app/root.squashfs"] = json!(sha);
+    let state_bytes = serde_json::to_vec_pretty(&state).unwrap();
+    srv.put("/state.json", state_bytes.clone());
+
+    // The wrong sha256 for the state: refused, nothing installed.
+    let wrong = json!({"v": 1, "id": "s-bad", "state_url": srv.url("/state.json"),
+        "state_sha256": sha256_hex(b"another state"),
+        "objects": {sha.clone(): {"url": srv.url("/o/root"), "size": root.len()}}});
+    assert!(mosquitto::validator("revision-set").is_valid(&wrong));
+    publish(
+        broker.port,
+        "pv/dev-1/revision/set",
+        &wrong.to_string(),
+        true,
+    );
+    let p = wait_for("WONTGO", Duration::from_secs(30), || {
+        retained(broker.port, "pv/dev-1/revision/progress")
+            .filter(|p| p["id"] == "s-bad" && p["status"] == "WONTGO")
+    })
+    .await;
+    assert!(p["status_msg"].as_str().unwrap().contains("hash to"), "{p}");
+    assert!(d.pv.step("locals/s-bad").await.is_err());
+
+    let good = json!({"v": 1, "id": "s-url", "state_url": srv.url("/state.json"),
+        "state_sha256": sha256_hex(&state_bytes),
+        "objects": {sha.clone(): {"url": srv.url("/o/root"), "size": root.len()}}});
+    publish(
+        broker.port,
+        "pv/dev-1/revision/set",
+        &good.to_string(),
+        true,
+    );
+    wait_for("UPDATED", Duration::from_secs(30), || {
+        retained(broker.port, "pv/dev-1/revision/progress")
+            .filter(|p| p["id"] == "s-url" && p["status"] == "UPDATED")
+    })
+    .await;
+    // Installed byte for byte as served (the signature would cover these bytes).
+    assert_eq!(d.pv.step("locals/s-url").await.unwrap(), state_bytes);
+    mosquitto::check_published(ROOT, &rec.messages());
+}

@@ -176,6 +176,7 @@ mod tests {
                 offer: Offer {
                     id: id.into(),
                     state: vec![],
+                    state_url: None,
                     objects: BTreeMap::new(),
                     fetcher: None,
                 },

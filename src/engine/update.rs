@@ -640,6 +640,39 @@ impl Coordinator {
         self.report(backend, p);
     }
 
+    /// Downloads a state given by URL: at most `max_state_bytes`, hashed to the
+    /// sha256 the offer names.
+    async fn fetch_state(&self, s: &pv_adapter_api::StateUrl) -> Result<Vec<u8>, Refusal> {
+        let dl = self.downloader.as_ref().ok_or_else(|| {
+            Refusal::wontgo(format!(
+                "no HTTP client is available for the state at {}",
+                s.url
+            ))
+        })?;
+        let budget = super::fetch::Budget {
+            limit: self.opts.max_state_bytes as u64,
+            used: AtomicU64::new(0),
+        };
+        let path = dl
+            .fetch(&s.url, &s.sha256, None, &AtomicU64::new(0), None, &budget)
+            .await
+            .map_err(|e| {
+                if e.contains("byte budget") {
+                    Refusal::wontgo(format!(
+                        "the state at {} is larger than max_state_bytes ({} bytes)",
+                        s.url, self.opts.max_state_bytes
+                    ))
+                } else {
+                    Refusal::wontgo(format!("state: {e}"))
+                }
+            })?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| Refusal::wontgo(format!("state: cannot read the download: {e}")))?;
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(bytes)
+    }
+
     /// Everything up to an accepted LOCAL_RUN.
     async fn stage_and_run(
         &mut self,
@@ -652,7 +685,15 @@ impl Coordinator {
             backend,
             progress(id, rev, UpdateStatus::Queued, "Validating the state"),
         );
-        let state = State::parse_for_staging(&offer.state, self.opts.max_state_bytes)
+        let fetched;
+        let state_bytes: &[u8] = match &offer.state_url {
+            Some(s) => {
+                fetched = self.fetch_state(s).await?;
+                &fetched
+            }
+            None => &offer.state,
+        };
+        let state = State::parse_for_staging(state_bytes, self.opts.max_state_bytes)
             .map_err(|e| Refusal::wontgo(e.to_string()))?;
         let revision: Revision = rev
             .parse()
@@ -691,7 +732,7 @@ impl Coordinator {
                 .await?;
         }
         self.pv
-            .put_step(&revision, &offer.state)
+            .put_step(&revision, state_bytes)
             .await
             .map_err(|e| Refusal::wontgo(format!("Pantavisor refused the state: {e}")))?;
         self.set_phase(backend, id, rev, Phase::Staged)?;
@@ -936,6 +977,7 @@ mod tests {
         Offer {
             id: "r1".into(),
             state: vec![],
+            state_url: None,
             objects: objects
                 .iter()
                 .map(|(s, size, src)| {

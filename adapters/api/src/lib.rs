@@ -172,6 +172,13 @@ pub trait ObjectFetcher: Send + Sync {
     fn open(&self, key: &str) -> BoxFuture<'_, Result<(ObjectReader, u64), AdapterError>>;
 }
 
+/// A state JSON to download: its URL and the sha256 of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateUrl {
+    pub url: String,
+    pub sha256: String,
+}
+
 /// The bytes of one object.
 pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
 
@@ -182,7 +189,11 @@ pub struct Offer {
     /// `locals/<id>`.
     pub id: String,
     /// The state JSON, byte for byte as the backend sent it (signatures cover it).
+    /// Empty when `state_url` is set.
     pub state: Vec<u8>,
+    /// Where the engine downloads the state instead (states too big for the
+    /// backend's messages); its bytes must hash to the given sha256.
+    pub state_url: Option<StateUrl>,
     /// Sources of the objects the state references, keyed by sha256. Objects the
     /// device already has need no source.
     pub objects: BTreeMap<String, ObjectRef>,
@@ -195,6 +206,7 @@ impl fmt::Debug for Offer {
         f.debug_struct("Offer")
             .field("id", &self.id)
             .field("state_bytes", &self.state.len())
+            .field("state_url", &self.state_url)
             .field("objects", &self.objects.len())
             .field("fetcher", &self.fetcher.is_some())
             .finish()

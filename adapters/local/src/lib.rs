@@ -220,6 +220,7 @@ async fn export_offer(folder: &Path, id: &str) -> Result<Offer, String> {
     Ok(Offer {
         id: id.to_owned(),
         state,
+        state_url: None,
         objects,
         fetcher: Some(Arc::new(Files)),
     })

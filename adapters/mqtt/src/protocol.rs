@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use pv_adapter_api::{
     BackendEvent, CommandKind, CommandResult, LogRecord, ObjectFetcher, ObjectRef, ObjectSource,
-    Offer, Progress, is_sha256_hex, valid_offer_id,
+    Offer, Progress, StateUrl, is_sha256_hex, valid_offer_id,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -232,20 +232,78 @@ pub fn parse_revision_set(
         Some(_) => return Err(reject(topic, "\"id\" must be a string")),
         None => return Err(reject(topic, "missing \"id\"")),
     };
-    if m.contains_key("state_url") {
-        return Err(reject(
-            topic,
-            "\"state_url\" is not supported by this bridge yet; send \"state\" inline",
-        ));
-    }
-    // The state, byte for byte as sent: signatures cover it.
-    let raw: RawOffer =
-        serde_json::from_slice(payload).map_err(|e| reject(topic, format!("not JSON: {e}")))?;
-    let Some(state_raw) = raw.state else {
-        return Err(reject(topic, "missing \"state\""));
-    };
-    let Some(Value::Object(state)) = m.get("state") else {
-        return Err(reject(topic, "\"state\" must be a JSON object"));
+    // The state: inline, byte for byte as sent (signatures cover it), or by URL.
+    let (state_bytes, state_url, state) = match (m.get("state"), m.get("state_url")) {
+        (Some(_), Some(_)) => {
+            return Err(reject(
+                topic,
+                "give either \"state\" or \"state_url\" with \"state_sha256\", not both",
+            ));
+        }
+        (None, None) => return Err(reject(topic, "missing \"state\" (or \"state_url\")")),
+        (Some(Value::Object(state)), None) => {
+            let raw: RawOffer = serde_json::from_slice(payload)
+                .map_err(|e| reject(topic, format!("not JSON: {e}")))?;
+            let bytes = raw
+                .state
+                .map(|r| r.get().as_bytes().to_vec())
+                .unwrap_or_default();
+            match m.get("state_sha256") {
+                None => {}
+                Some(Value::String(want)) if is_sha256_hex(want) => {
+                    use sha2::Digest;
+                    let got: String = sha2::Sha256::digest(&bytes)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    if &got != want {
+                        return Err(reject(
+                            topic,
+                            format!(
+                                "the inline state hashes to {got}, not \"state_sha256\" {want}"
+                            ),
+                        ));
+                    }
+                }
+                Some(_) => {
+                    return Err(reject(
+                        topic,
+                        "\"state_sha256\" must be a sha256 (64 lower-case hex digits)",
+                    ));
+                }
+            }
+            (bytes, None, Some(state))
+        }
+        (Some(_), None) => return Err(reject(topic, "\"state\" must be a JSON object")),
+        (None, Some(Value::String(url))) if http_url(url) => {
+            let sha = match m.get("state_sha256") {
+                Some(Value::String(s)) if is_sha256_hex(s) => s.clone(),
+                Some(_) => {
+                    return Err(reject(
+                        topic,
+                        "\"state_sha256\" must be a sha256 (64 lower-case hex digits)",
+                    ));
+                }
+                None => return Err(reject(topic, "\"state_url\" needs \"state_sha256\"")),
+            };
+            if m.contains_key("object_url_template") {
+                return Err(reject(
+                    topic,
+                    "\"object_url_template\" needs the state inline; with \"state_url\" list the objects in \"objects\"",
+                ));
+            }
+            let url = StateUrl {
+                url: url.clone(),
+                sha256: sha,
+            };
+            (Vec::new(), Some(url), None)
+        }
+        (None, Some(u)) => {
+            return Err(reject(
+                topic,
+                format!("\"state_url\" {u} is not an http or https URL"),
+            ));
+        }
     };
     let mut objects = BTreeMap::new();
     match m.get("objects") {
@@ -318,7 +376,7 @@ pub fn parse_revision_set(
     match m.get("object_url_template") {
         None => {}
         Some(Value::String(t)) if http_url(t) && t.contains("{sha256}") => {
-            for v in state.values() {
+            for v in state.into_iter().flat_map(|s| s.values()) {
                 if let Value::String(sha) = v {
                     if is_sha256_hex(sha) && !objects.contains_key(sha) {
                         objects.insert(
@@ -344,7 +402,8 @@ pub fn parse_revision_set(
     }
     Ok(RevisionSet::Offer(Offer {
         id,
-        state: state_raw.get().as_bytes().to_vec(),
+        state: state_bytes,
+        state_url,
         objects,
         fetcher,
     }))

@@ -94,14 +94,17 @@ fn malformed_offers_are_rejected_precisely() {
             "\"id\" \"a/b\" must be 1 to 64 of A-Z a-z 0-9 . _ -",
         ),
         (r#"{"v":1,"id":7}"#, "\"id\" must be a string"),
-        (r#"{"v":1,"id":"r1"}"#, "missing \"state\""),
+        (
+            r#"{"v":1,"id":"r1"}"#,
+            "missing \"state\" (or \"state_url\")",
+        ),
         (
             r#"{"v":1,"id":"r1","state":"x"}"#,
             "\"state\" must be a JSON object",
         ),
         (
             r#"{"v":1,"id":"r1","state_url":"https://x"}"#,
-            "\"state_url\" is not supported by this bridge yet; send \"state\" inline",
+            "\"state_url\" needs \"state_sha256\"",
         ),
         (
             r#"{"v":1,"id":"r1","state":{},"objects":[]}"#,
@@ -279,4 +282,62 @@ fn log_batches_are_split_per_platform_under_64_kib_with_seq_and_dropped() {
         Some(seq["app"] - 1),
         "seq continues across calls"
     );
+}
+
+#[test]
+fn a_state_by_url_needs_its_sha256_and_an_inline_state_is_checked_against_one() {
+    let s = sha(7);
+    let RevisionSet::Offer(o) = offer(&format!(
+        r#"{{"v":1,"id":"big","state_url":"https://h/s.json","state_sha256":"{s}","objects":{{"{s}":{{"url":"https://h/o","size":3}}}}}}"#
+    ))
+    .unwrap() else {
+        panic!("withdrawn")
+    };
+    assert!(o.state.is_empty());
+    assert_eq!(
+        o.state_url,
+        Some(StateUrl {
+            url: "https://h/s.json".into(),
+            sha256: s.clone()
+        })
+    );
+    assert_eq!(
+        rejected(r#"{"v":1,"id":"a","state_url":"https://h/s"}"#),
+        "\"state_url\" needs \"state_sha256\""
+    );
+    assert!(
+        rejected(r#"{"v":1,"id":"a","state_url":"ftp://h/s","state_sha256":"x"}"#)
+            .contains("is not an http or https URL")
+    );
+    assert!(
+        rejected(&format!(
+            r#"{{"v":1,"id":"a","state":{{}},"state_url":"https://h/s","state_sha256":"{s}"}}"#
+        ))
+        .starts_with("give either")
+    );
+    assert!(
+        rejected(&format!(
+            r#"{{"v":1,"id":"a","state_url":"https://h/s","state_sha256":"{s}","object_url_template":"https://h/{{sha256}}"}}"#
+        ))
+        .contains("needs the state inline")
+    );
+    // Inline state with a sha256: the exact bytes are hashed (sha256sum of them).
+    let state = r##"{"#spec":"pantavisor-service-system@1"}"##;
+    let real = "fd138f7751b12a533d8b0e60c32bfae17be25a4206166973135cd7fa1d8b3760";
+    let r = rejected(&format!(
+        r#"{{"v":1,"id":"a","state":{state},"state_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}}"#
+    ));
+    assert_eq!(
+        r,
+        format!(
+            "the inline state hashes to {real}, not \"state_sha256\" 0000000000000000000000000000000000000000000000000000000000000000"
+        )
+    );
+    let RevisionSet::Offer(o) = offer(&format!(
+        r#"{{"v":1,"id":"a","state":{state},"state_sha256":"{real}"}}"#
+    ))
+    .unwrap() else {
+        panic!("withdrawn")
+    };
+    assert_eq!(o.state, state.as_bytes());
 }
