@@ -207,12 +207,29 @@ impl Replies {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Publishes what the engine reports, until the connection ends.
-async fn outbound(client: Client, link: EngineLink, topics: Topics, replies: Replies) {
-    let logs = {
+async fn outbound(
+    client: Client,
+    link: EngineLink,
+    topics: Topics,
+    replies: Replies,
+    seq: Arc<tokio::sync::Mutex<BTreeMap<String, u64>>>,
+) {
+    // Aborted with this task (on reconnect), so one log reader runs at a time.
+    let _logs = AbortOnDrop(tokio::spawn({
         let (client, link, topics) = (client.clone(), link.clone(), topics.clone());
-        tokio::spawn(async move {
-            let mut seq = BTreeMap::new();
+        async move {
+            // Batch numbers run on across reconnects, for the whole bridge run.
+            let mut seq = seq.lock().await;
             while let Some(b) = link.next_logs(1000, 256 * 1024).await {
                 for (plat, payload) in protocol::log_batches(&b.records, b.dropped, &mut seq) {
                     if client
@@ -225,8 +242,8 @@ async fn outbound(client: Client, link: EngineLink, topics: Topics, replies: Rep
                 }
                 link.ack_logs(b.next);
             }
-        })
-    };
+        }
+    }));
     let mut view = link.view();
     let mut last_progress = None;
     let mut last_meta = None;
@@ -307,12 +324,10 @@ async fn outbound(client: Client, link: EngineLink, topics: Topics, replies: Rep
                 client.reply(topic, corr, payload).await
             };
             if sent.is_err() {
-                logs.abort();
                 return;
             }
         }
         if view.changed().await.is_err() {
-            logs.abort();
             return;
         }
     }
@@ -433,6 +448,7 @@ impl MqttAdapter {
         let topics =
             Topics::new(&self.cfg.topic_root, &self.cfg.device_id).map_err(AdapterError::Config)?;
         let replies = Replies::default();
+        let seq = Arc::new(tokio::sync::Mutex::new(BTreeMap::new()));
         let pull = Pull::new(
             topics.clone(),
             PullOptions {
@@ -496,6 +512,7 @@ impl MqttAdapter {
                             link.clone(),
                             topics.clone(),
                             replies.clone(),
+                            seq.clone(),
                         )));
                         link.send(BackendEvent::Connected).await?;
                     }
