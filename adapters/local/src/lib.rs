@@ -28,7 +28,7 @@ use pv_adapter_api::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-mod archive;
+pub mod archive;
 
 /// Largest state file read from an export.
 pub(crate) const MAX_STATE_BYTES: u64 = 4 * 1024 * 1024;

@@ -368,7 +368,8 @@ impl MqttAdapter {
             client_id,
             keep_alive: Duration::from_secs(self.cfg.keep_alive_secs),
             credentials,
-            will: (topics.status(), json(&protocol::last_will())),
+            will: Some((topics.status(), json(&protocol::last_will()))),
+            clean: false,
             tls,
             // JSON payloads are capped by max_payload_bytes; chunks by chunk_bytes.
             max_incoming: self

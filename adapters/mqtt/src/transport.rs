@@ -32,7 +32,9 @@ pub struct Settings {
     pub keep_alive: Duration,
     pub credentials: Option<(String, String)>,
     /// Topic and payload of the last will (QoS 1, retained).
-    pub will: (String, Vec<u8>),
+    pub will: Option<(String, Vec<u8>)>,
+    /// Start without a stored session (operator tools); devices keep theirs.
+    pub clean: bool,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Largest packet accepted from the broker.
     pub max_incoming: usize,
@@ -119,6 +121,30 @@ impl Client {
         }
     }
 
+    /// Publishes a request carrying an MQTT 5 Response Topic and Correlation Data
+    /// (plain publish on 3.1.1, where those do not exist).
+    pub async fn request(
+        &self,
+        topic: String,
+        response_topic: String,
+        correlation: Bytes,
+        payload: Vec<u8>,
+    ) -> Result<(), Gone> {
+        match self {
+            Client::V5(c) => {
+                let props = p5::PublishProperties {
+                    response_topic: Some(response_topic),
+                    correlation_data: Some(correlation),
+                    ..Default::default()
+                };
+                c.publish_with_properties(topic, q5(), false, payload, props)
+                    .await
+                    .map_err(|_| Gone)
+            }
+            Client::V4(_) => self.publish(topic, false, payload).await,
+        }
+    }
+
     /// Queues a publish without waiting; false when the queue is full or closed.
     pub fn try_publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
         match self {
@@ -193,8 +219,8 @@ impl Connection {
     }
 }
 
-/// Opens a client (the connection is made by the first poll). The session is
-/// persistent: clean-session off on 3.1.1, a one-day session expiry on 5.
+/// Opens a client (the connection is made by the first poll). Unless `clean`, the
+/// session is persistent: clean-session off on 3.1.1, a one-day session expiry on 5.
 pub fn open(s: Settings) -> (Client, Connection) {
     let transport = match &s.tls {
         Some(cfg) => Transport::Tls(TlsConfiguration::Rustls(cfg.clone())),
@@ -204,15 +230,17 @@ pub fn open(s: Settings) -> (Client, Connection) {
         Protocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(s.client_id, s.host, s.port);
             o.set_keep_alive(s.keep_alive);
-            o.set_clean_session(false);
+            o.set_clean_session(s.clean);
             o.set_inflight(16);
             o.set_max_packet_size(s.max_incoming, s.max_outgoing);
-            o.set_last_will(rumqttc::LastWill::new(
-                s.will.0,
-                s.will.1,
-                rumqttc::QoS::AtLeastOnce,
-                true,
-            ));
+            if let Some((topic, payload)) = s.will {
+                o.set_last_will(rumqttc::LastWill::new(
+                    topic,
+                    payload,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            }
             if let Some((u, p)) = s.credentials {
                 o.set_credentials(u, p);
             }
@@ -223,11 +251,15 @@ pub fn open(s: Settings) -> (Client, Connection) {
         Protocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(s.client_id, s.host, s.port);
             o.set_keep_alive(s.keep_alive);
-            o.set_clean_start(false);
-            o.set_session_expiry_interval(Some(24 * 3600));
+            o.set_clean_start(s.clean);
+            if !s.clean {
+                o.set_session_expiry_interval(Some(24 * 3600));
+            }
             o.set_outgoing_inflight_upper_limit(16);
             o.set_max_packet_size(u32::try_from(s.max_incoming).ok());
-            o.set_last_will(p5::LastWill::new(s.will.0, s.will.1, q5(), true, None));
+            if let Some((topic, payload)) = s.will {
+                o.set_last_will(p5::LastWill::new(topic, payload, q5(), true, None));
+            }
             if let Some((u, p)) = s.credentials {
                 o.set_credentials(u, p);
             }
