@@ -1,17 +1,22 @@
-//! `pv-bridge demo`: a zero-setup tour. It starts a simulated Pantavisor device
-//! (pv-sim) in a temporary directory and drives it through pv-ctrl exactly as the
-//! bridge does: stage and run a container update, a reboot update, a failing update
-//! with its rollback, metadata, and the log tree. No network, no external services.
+//! `pv-bridge demo`: a zero-setup tour of pv-bridge with its MQTT backend. It starts
+//! an MQTT broker (rumqttd, embedded), a simulated Pantavisor device (pv-sim) in a
+//! temporary directory and pv-bridge itself, then acts as an operator would with
+//! `pv-fleet`: deploys a new container image (UPDATED), deploys a failing revision
+//! (ERROR and the rollback), sets user-meta, runs a command and reads forwarded
+//! logs. Everything stays on loopback; nothing outside this process is needed.
 
-use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::pvctrl::{Command, Meta, PvCtrl, hex};
-use crate::state::{Revision, State, transition};
+use crate::fleet::conn::BrokerArgs;
+use crate::fleet::deploy::DeployArgs;
+use crate::fleet::{deploy, ops};
+use crate::pvctrl::{Meta, PvCtrl, hex};
 use pv_testkit::sim::{Sim, SimConfig};
 
 fn say(step: &str) {
@@ -22,101 +27,13 @@ fn detail(text: &str) {
     println!("    {text}");
 }
 
-/// Uploads the blobs, then stages the running state edited by `edit`.
-async fn stage(
-    pv: &PvCtrl,
-    name: &str,
-    blobs: &[Vec<u8>],
-    edit: impl FnOnce(&mut Value),
-) -> Result<Revision> {
-    let have: BTreeSet<String> = pv.objects().await?.into_iter().map(|o| o.sha256).collect();
-    for b in blobs {
-        let sha = hex(&Sha256::digest(b));
-        if !have.contains(&sha) {
-            pv.put_object(&sha, &b[..], b.len() as u64).await?;
-            detail(&format!(
-                "uploaded object {}… ({} bytes)",
-                &sha[..12],
-                b.len()
-            ));
-        }
-    }
-    let running = pv.step("current").await?;
-    let mut state: Value = serde_json::from_slice(&running)?;
-    edit(&mut state);
-    let bytes = serde_json::to_vec(&state)?;
-    let rev: Revision = format!("locals/{name}").parse()?;
-    // `_sim/` keys are pv-sim directives that the simulator leaves out of its
-    // reboot decision; leave them out of the prediction too.
-    let mut predicted = state.clone();
-    if let Some(m) = predicted.as_object_mut() {
-        m.retain(|k, _| !k.starts_with("_sim/"));
-    }
-    let t = transition(&State::parse(&running)?, &State::from_value(predicted)?);
-    detail(&match &t {
-        crate::state::Transition::Reboot { reason } => {
-            format!("our state model predicts a reboot: {reason}")
-        }
-        crate::state::Transition::NonReboot { restarted } => {
-            format!("our state model predicts no reboot; restarting {restarted:?}")
-        }
-    });
-    pv.put_step(&rev, &bytes).await?;
-    detail(&format!("staged {rev}"));
-    Ok(rev)
-}
-
-/// Runs a staged revision and narrates its progress until it is final.
-async fn run_and_follow(pv: &PvCtrl, rev: &Revision) -> Result<String> {
-    pv.command(Command::LocalRun(rev.clone())).await?;
-    detail("LOCAL_RUN queued; following progress:");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = String::new();
-    let mut offline = false;
-    loop {
-        match pv.progress(&rev.to_string()).await {
-            Ok(p) => {
-                if offline {
-                    detail("  (device is back)");
-                    offline = false;
-                }
-                let line = format!("{} {}", p.status, p.status_msg);
-                if line != last {
-                    detail(&format!("  {line}"));
-                    last = line;
-                }
-                if p.status.as_str() == "INPROGRESS" {
-                    // What the bridge does once its backend is connected again.
-                    let _ = pv.signal_ready().await;
-                }
-                if p.status.is_final() {
-                    return Ok(p.status.to_string());
-                }
-            }
-            Err(e) if e.is_unreachable() => {
-                if !offline {
-                    detail("  (pv-ctrl socket gone: the device is rebooting)");
-                    offline = true;
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-        if Instant::now() > deadline {
-            bail!("{rev} did not finish within a minute");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn running(pv: &PvCtrl) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(m) = pv.meta(Meta::Device).await {
-            return Ok(m
-                .get("pantavisor.revision")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_owned());
+            if let Some(r) = m.get("pantavisor.revision").and_then(Value::as_str) {
+                return Ok(r.to_owned());
+            }
         }
         if Instant::now() > deadline {
             bail!("device did not come back");
@@ -125,119 +42,260 @@ async fn running(pv: &PvCtrl) -> Result<String> {
     }
 }
 
+/// Starts rumqttd on a free loopback port, in its own threads.
+fn start_broker() -> Result<SocketAddr> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cfg: rumqttd::Config = toml::from_str(&format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 100
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "demo"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 2097152
+max_inflight_count = 100
+dynamic_filters = true
+"#
+    ))
+    .context("rumqttd configuration")?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(cfg);
+            if let Err(e) = broker.start() {
+                eprintln!("the embedded broker stopped: {e}");
+            }
+        })?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("the embedded MQTT broker did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(addr)
+}
+
+/// Writes a `pvr export` folder: the running state edited, plus objects.
+async fn export(
+    pv: &PvCtrl,
+    dir: &Path,
+    name: &str,
+    blobs: &[Vec<u8>],
+    edit: impl FnOnce(&mut Value),
+) -> Result<PathBuf> {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(folder.join("objects"))?;
+    let mut state: Value = serde_json::from_slice(&pv.step("current").await?)?;
+    edit(&mut state);
+    std::fs::write(folder.join("json"), serde_json::to_vec_pretty(&state)?)?;
+    for b in blobs {
+        std::fs::write(folder.join("objects").join(hex(&Sha256::digest(b))), b)?;
+    }
+    Ok(folder)
+}
+
+fn deploy_args(export: PathBuf, id: &str, serve: &str) -> DeployArgs {
+    DeployArgs {
+        export,
+        devices: vec!["demo-1".into()],
+        id: Some(id.into()),
+        serve: serve.into(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        advertise: None,
+        object_url_template: None,
+        timeout: 60,
+    }
+}
+
 /// Runs the demo; returns an error if any step does not end as expected.
 pub async fn run() -> Result<()> {
     let started = Instant::now();
     let dir = tempfile::tempdir().context("create a temporary directory")?;
+
+    say("Starting an MQTT broker (rumqttd, embedded in this process)");
+    let addr = start_broker()?;
+    detail(&format!("listening on mqtt://{addr}"));
+
+    say("Starting a simulated Pantavisor device (pv-sim)");
     let socket = dir.path().join("pv-ctrl");
     let mut cfg = SimConfig::new(dir.path().join("storage"), &socket);
     cfg.commit_delay = Duration::from_secs(1);
     cfg.reboot = Duration::from_millis(800);
     cfg.tick = Duration::from_millis(200);
     cfg.log_rate = 5.0;
-    say("Starting a simulated Pantavisor device (pv-sim)");
     let sim = Sim::start(cfg).await.context("start pv-sim")?;
-    detail(&format!("pv-ctrl socket: {}", socket.display()));
     let pv = PvCtrl::new(&socket);
     let info = pv.probe().await?;
     detail(&format!(
-        "server: {:?}, Pantavisor {}",
-        info.generation,
+        "pv-ctrl socket {}: Pantavisor {}",
+        socket.display(),
         info.version.unwrap_or_default()
     ));
     for c in pv.containers().await? {
-        detail(&format!(
-            "container {:<10} {:<8} goal {:<7} policy {}",
-            c.name, c.status, c.status_goal, c.restart_policy
-        ));
-    }
-    detail(&format!("running revision: {}", running(&pv).await?));
-    pv.signal_ready().await?;
-    detail("the bridge container signalled READY (its status goal)");
-
-    say("Update 1: a new `app` container image (no reboot needed)");
-    let app = b"app v2: a new root filesystem\n".repeat(2048);
-    let r1 = stage(&pv, "app-v2", std::slice::from_ref(&app), |s| {
-        s["app/root.squashfs"] = json!(hex(&Sha256::digest(&app)));
-    })
-    .await?;
-    let end = run_and_follow(&pv, &r1).await?;
-    if end != "UPDATED" {
-        bail!("expected UPDATED, got {end}");
+        detail(&format!("container {:<10} {:<8}", c.name, c.status));
     }
     detail(&format!("running revision: {}", running(&pv).await?));
 
-    say("Update 2: a new kernel (the device reboots, then commits)");
-    let kernel = b"kernel 6.6.99-demo\n".repeat(4096);
-    let r2 = stage(&pv, "kernel-v2", std::slice::from_ref(&kernel), |s| {
-        s["bsp/kernel.img"] = json!(hex(&Sha256::digest(&kernel)));
-    })
-    .await?;
-    let end = run_and_follow(&pv, &r2).await?;
-    if end != "DONE" {
-        bail!("expected DONE, got {end}");
-    }
-    detail(&format!(
-        "running revision: {} (now the rollback point)",
-        running(&pv).await?
-    ));
-
-    say("Update 3: a revision whose container fails to start");
-    let r3 = stage(&pv, "broken", &[], |s| {
-        s["app/run.json"]["exec"] = json!("/bin/does-not-exist");
-        s["_sim/behaviour.json"] = json!({"outcome": "error"});
-    })
-    .await?;
-    let end = run_and_follow(&pv, &r3).await?;
-    if end != "ERROR" {
-        bail!("expected ERROR, got {end}");
-    }
-    let p = pv.progress(&r3.to_string()).await?;
-    if let Some(logs) = p.logs {
-        for l in logs.lines().take(2) {
-            detail(&format!("  failure log: {l}"));
+    say("Starting pv-bridge with the MQTT backend (device id demo-1)");
+    let toml = format!(
+        "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 200\n[metadata]\ndevice_meta_interval_ms = 500\n\n[[backend]]\ntype = \"mqtt\"\nname = \"demo-broker\"\nbroker = \"mqtt://{addr}\"\ndevice_id = \"demo-1\"\nchunk_timeout_secs = 5\n",
+        socket.display(),
+        dir.path().join("storage/logs").display(),
+        dir.path().join("bridge").display()
+    );
+    println!(
+        "{}",
+        toml.lines()
+            .map(|l| format!("    | {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let cfg = crate::config::Config::parse(Path::new("demo.toml"), &toml)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = cfg.updates.options();
+    let bridge = tokio::spawn(crate::engine::run(cfg, opts, async {
+        let _ = stop_rx.await;
+    }));
+    let broker = BrokerArgs {
+        broker: format!("mqtt://{addr}"),
+        protocol: "v311".into(),
+        topic_root: "pv/<device_id>".into(),
+        username: None,
+        password_file: None,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+    };
+    // Wait for the bridge's retained `status`.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut f = crate::fleet::conn::Fleet::connect(&broker, vec!["pv/demo-1/status".into()])
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let got = tokio::time::timeout(Duration::from_millis(500), f.rx.recv()).await;
+        f.close().await;
+        if let Ok(Some(m)) = got {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if v["online"] == true {
+                detail(&format!("pv/demo-1/status: {v}"));
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("pv-bridge did not come online");
         }
     }
-    let now = running(&pv).await?;
+
+    say("As an operator: `pv-fleet deploy app-v2 -d demo-1` (a new app image, objects over HTTP)");
+    let app = b"app v2: a new root filesystem\n".repeat(8192);
+    let sha = hex(&Sha256::digest(&app));
+    let v2 = export(&pv, dir.path(), "app-v2", std::slice::from_ref(&app), |s| {
+        s["app/root.squashfs"] = json!(sha);
+    })
+    .await?;
+    detail("pv-fleet publishes a retained offer on pv/demo-1/revision/set and serves the");
+    detail("objects over HTTP; the bridge downloads, checks every sha256, stages the");
+    detail("revision through pv-ctrl and Pantavisor runs it:");
+    let code = deploy::run(&broker, deploy_args(v2, "app-v2", "http"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if code != 0 {
+        bail!("deploying app-v2 ended with exit code {code}, expected 0");
+    }
+    detail(&format!("running revision: {}", running(&pv).await?));
+
+    say(
+        "As an operator: deploy a revision whose container cannot start (objects pulled over MQTT)",
+    );
+    let broken = b"app v3: missing its init\n".repeat(4096);
+    let sha3 = hex(&Sha256::digest(&broken));
+    let v3 = export(
+        &pv,
+        dir.path(),
+        "app-v3",
+        std::slice::from_ref(&broken),
+        |s| {
+            s["app/root.squashfs"] = json!(sha3);
+            s["_sim/behaviour.json"] = json!({"outcome": "error", "container": "app"});
+        },
+    )
+    .await?;
+    detail("This time the bridge pulls the object in chunks over MQTT (blob/get) and");
+    detail("pv-fleet answers; Pantavisor tries the revision, fails, and rolls back:");
+    let code = deploy::run(&broker, deploy_args(v3, "app-v3", "mqtt"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if code != 1 {
+        bail!("deploying app-v3 ended with exit code {code}, expected 1 (ERROR)");
+    }
     detail(&format!(
-        "Pantavisor rolled back: running revision is {now} again"
+        "Pantavisor rolled back to its rollback point (the last DONE revision): {}",
+        running(&pv).await?
+    ));
+    detail(
+        "(app-v2 was a non-reboot update: UPDATED runs it but does not make it a rollback point)",
+    );
+
+    say("As an operator: `pv-fleet meta set demo-1 app.greeting=hello`");
+    let code = ops::meta(
+        &broker,
+        "demo-1",
+        &[("app.greeting".into(), json!("hello"))],
+        &[],
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    if code != 0 {
+        bail!("meta set ended with exit code {code}");
+    }
+    let um = pv.meta(Meta::User).await?;
+    detail(&format!(
+        "on the device (pv-ctrl user-meta): app.greeting = {}",
+        um.get("app.greeting").cloned().unwrap_or(Value::Null)
     ));
 
-    say("Metadata: user-meta down, device-meta up");
-    pv.put_meta(Meta::User, "app.greeting", b"hello from the cloud")
-        .await?;
-    let um = pv.meta(Meta::User).await?;
-    detail(&format!("user-meta app.greeting = {}", um["app.greeting"]));
-    let dm = pv.meta(Meta::Device).await?;
-    for k in ["pantavisor.revision", "pantavisor.mode", "storage"] {
-        detail(&format!(
-            "device-meta {k} = {}",
-            dm.get(k).cloned().unwrap_or(Value::Null)
-        ));
+    say("As an operator: `pv-fleet cmd demo-1 ping`");
+    let code = ops::cmd(&broker, "demo-1", "ping", &[], 15, None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if code != 0 {
+        bail!("ping ended with exit code {code}");
     }
 
-    say("Logs: Pantavisor's log tree, as the bridge will forward it");
-    let log = std::fs::read_to_string(sim.storage().join("logs/current/pantavisor/pantavisor.log"))
-        .unwrap_or_default();
-    for l in log
-        .lines()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-    {
-        detail(l);
-    }
+    say("As an operator: `pv-fleet status`");
+    ops::status(&broker, &[], 500)
+        .await
+        .map_err(anyhow::Error::msg)?;
 
+    say("As an operator: `pv-fleet logs demo-1 -n 4` (forwarded from the device's log tree)");
+    ops::logs(&broker, "demo-1", None, None, Some(4))
+        .await
+        .map_err(anyhow::Error::msg)?;
+
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), bridge).await;
     sim.stop().await;
     say(&format!("Done in {:.1} s", started.elapsed().as_secs_f64()));
+    detail("With a real broker and device:");
+    detail("  on the device, /etc/pv-bridge/config.toml with");
     detail(
-        "Try it by hand: cargo run -p pv-testkit --bin pv-sim -- --storage /tmp/dev --socket /tmp/pv-ctrl",
+        "    [[backend]] type = \"mqtt\", name = \"plant\", broker = \"mqtts://broker.example:8883\", device_id = \"<id>\"",
     );
-    detail("then: curl --unix-socket /tmp/pv-ctrl http://localhost/containers");
-    detail(
-        "On a real device pv-bridge talks to /pantavisor/pv-ctrl: pv-bridge run --config /etc/pv-bridge/config.toml",
-    );
+    detail("  and from your desk:");
+    detail("    pv-fleet --broker mqtts://broker.example:8883 status");
+    detail("    pv-fleet --broker mqtts://broker.example:8883 deploy ./my-export -d <id>");
+    detail("  Protocol: docs/mqtt-protocol.md. Configuration: docs/configuration.md.");
     Ok(())
 }

@@ -8,6 +8,8 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod engine;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod pvctrl;
 pub mod state;
 pub mod telemetry;

@@ -152,21 +152,43 @@ fn run_with_a_broken_config_exits_2() {
 fn demo_runs_end_to_end_without_external_services() {
     let started = Instant::now();
     let out = bridge().arg("demo").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    // pv-fleet's summaries go to stderr, as they do for the real tool.
+    let text = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
-        "UPDATED Update finished, revision not set as rollback point",
-        "DONE Update finished, revision set as rollback point",
-        "ERROR A container could not be started",
-        "Pantavisor rolled back: running revision is locals/kernel-v2 again",
-        "user-meta app.greeting = \"hello from the cloud\"",
+        "listening on mqtt://127.0.0.1:",
+        "\"online\":true",
+        "UPDATED      0.2/0.2 MiB  1/1 objects  Update finished, revision not set as rollback point",
+        "app-v2: 1 succeeded, 0 failed, 0 unfinished",
+        "objects via mqtt",
+        "ERROR        0.1/0.1 MiB  1/1 objects  A container could not be started",
+        "app-v3: 0 succeeded, 1 failed, 0 unfinished",
+        "rolled back to its rollback point (the last DONE revision): 0",
+        "applied version 1: {\"app.greeting\":\"hello\"}",
+        "on the device (pv-ctrl user-meta): app.greeting = \"hello\"",
+        "successful: pong",
+        "app-v3 ERROR",
+        "With a real broker and device:",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+    // Four forwarded log lines after the logs step.
+    let logs = text
+        .split("pv-fleet logs demo-1 -n 4")
+        .nth(1)
+        .unwrap_or_default();
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.contains("synthetic log line"))
+            .count(),
+        4,
+        "{text}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "the demo must finish in under a minute"

@@ -1,15 +1,15 @@
-//! pv-fleet: the operator's side of pv-bridge's MQTT protocol v1
+//! pv-fleet, the operator tool: the operator's side of pv-bridge's MQTT protocol v1
 //! (docs/mqtt-protocol.md). Deploy a `pvr export` to devices and watch it land,
 //! see the fleet, edit user-meta, run commands, follow logs.
 //!
 //! Exit codes: 0 success, 1 a device reported failure, 2 usage or connection
 //! error, 3 timeout.
 
-mod conn;
-mod deploy;
-mod export;
-mod ops;
-mod serve;
+pub mod conn;
+pub mod deploy;
+pub mod export;
+pub mod ops;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -100,7 +100,8 @@ pub fn sha256_hex(b: &[u8]) -> String {
         .collect()
 }
 
-fn main() {
+/// Runs pv-fleet with the process's arguments; returns the exit code.
+pub fn main() -> i32 {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -109,7 +110,7 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pv-fleet: cannot start: {e}");
-            std::process::exit(2);
+            return 2;
         }
     };
     let b = &cli.broker;
@@ -138,10 +139,10 @@ fn main() {
         }
     });
     match result {
-        Ok(code) => std::process::exit(code),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("pv-fleet: {e}");
-            std::process::exit(2);
+            2
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::conn::{BrokerArgs, Fleet};
+use crate::fleet::conn::{BrokerArgs, Fleet};
 
 /// Collects messages until `quiet` passes without one (retained state arrives
 /// in a burst after subscribing), or `max` in total.
@@ -28,7 +28,7 @@ async fn gather(f: &mut Fleet, quiet: Duration, max: Duration) -> Vec<(String, V
 
 /// `status`: one row per device seen, from the retained messages.
 pub async fn status(b: &BrokerArgs, devices: &[String], wait_ms: u64) -> Result<i32, String> {
-    let root = crate::conn::Root::new(&b.topic_root)?;
+    let root = crate::fleet::conn::Root::new(&b.topic_root)?;
     let rests = ["status", "revision/current", "revision/progress"];
     let filters = rests
         .iter()
@@ -117,7 +117,7 @@ pub async fn meta(
     set: &[(String, Value)],
     unset: &[String],
 ) -> Result<i32, String> {
-    let root = crate::conn::Root::new(&b.topic_root)?;
+    let root = crate::fleet::conn::Root::new(&b.topic_root)?;
     let desired_t = root.topic(device, "meta/user/set");
     let applied_t = root.topic(device, "meta/user");
     let mut f = Fleet::connect(b, vec![desired_t.clone(), applied_t.clone()]).await?;
@@ -190,7 +190,7 @@ pub async fn cmd(
     timeout: u64,
     expires_in: Option<u64>,
 ) -> Result<i32, String> {
-    let root = crate::conn::Root::new(&b.topic_root)?;
+    let root = crate::fleet::conn::Root::new(&b.topic_root)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -276,7 +276,7 @@ pub async fn logs(
     level: Option<&str>,
     count: Option<u64>,
 ) -> Result<i32, String> {
-    let root = crate::conn::Root::new(&b.topic_root)?;
+    let root = crate::fleet::conn::Root::new(&b.topic_root)?;
     let filter = root.topic(device, &format!("logs/{}", platform.unwrap_or("+")));
     let mut f = Fleet::connect(b, vec![filter]).await?;
     let max = level.map(level_rank);

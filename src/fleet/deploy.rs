@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::conn::{BrokerArgs, Fleet};
-use crate::export::Export;
-use crate::serve;
+use crate::fleet::conn::{BrokerArgs, Fleet};
+use crate::fleet::export::Export;
+use crate::fleet::serve;
 
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {
@@ -58,7 +58,7 @@ fn offer(a: &DeployArgs, id: &str, export: &Export, base: Option<&str>) -> Resul
         // Too big for most brokers' comfort: devices download it instead.
         (true, Some(b)) => {
             v["state_url"] = json!(format!("{b}/state.json"));
-            v["state_sha256"] = json!(crate::sha256_hex(&export.state));
+            v["state_sha256"] = json!(crate::fleet::sha256_hex(&export.state));
         }
         _ => v["state"] = state,
     }
@@ -138,7 +138,7 @@ pub async fn run(b: &BrokerArgs, a: DeployArgs) -> Result<i32, String> {
         _ => None,
     };
     let offer = offer(&a, &id, &export, base.as_deref())?;
-    let root = crate::conn::Root::new(&b.topic_root)?;
+    let root = crate::fleet::conn::Root::new(&b.topic_root)?;
     let mut filters: Vec<String> = a
         .devices
         .iter()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::export::Export;
+use crate::fleet::export::Export;
 
 /// Starts the HTTP server; returns its address. `/objects/<sha256>` serves the
 /// export's objects, `/state.json` its state.
