@@ -441,6 +441,184 @@ async fn bridge_process(mib: usize) -> u64 {
     peak
 }
 
+/// A mosquitto for the MQTT bench (Debian package; fails loudly when missing).
+fn mosquitto(dir: &Path) -> (std::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nmax_queued_messages 0\n"
+        ),
+    )
+    .unwrap();
+    let exe = if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = Command::new(exe)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto is required: apt-get install -y mosquitto mosquitto-clients");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+/// Counts what a subscriber receives: messages, or log records when `records`.
+fn subscriber(
+    port: u16,
+    topic: &str,
+    want: u64,
+    records: bool,
+) -> std::thread::JoinHandle<Instant> {
+    use std::io::BufRead;
+    let mut child = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub is required: apt-get install -y mosquitto-clients");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut got = 0u64;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            got += if records {
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v["records"].as_array().map(|a| a.len() as u64))
+                    .unwrap_or(0)
+            } else {
+                1
+            };
+            if got >= want {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Instant::now()
+    })
+}
+
+fn rss_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// (d) Log forwarding to a real mosquitto against `mosquitto_pub -l` fed the
+/// same lines, and the bridge's idle RSS with the MQTT backend connected.
+async fn mqtt(lines: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, port) = mosquitto(dir.path());
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(logs.join("0/app/lxc")).unwrap();
+    std::os::unix::fs::symlink("0", logs.join("current")).unwrap();
+    let mut text = String::with_capacity(lines * 80);
+    for i in 0..lines {
+        text.push_str(&format!(
+            "app: synthetic benchmark log line {i:08} with some payload text\n"
+        ));
+    }
+    let src = logs.join("0/app/lxc/console.log");
+    std::fs::write(&src, &text).unwrap();
+
+    // Baseline: mosquitto_pub -l, one message per line, QoS 1.
+    let sub = subscriber(port, "bench/base", lines as u64, false);
+    let start = Instant::now();
+    let ok = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            "bench/base",
+            "-l",
+        ])
+        .stdin(std::fs::File::open(&src).unwrap())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let base = sub.join().unwrap() - start;
+
+    // pv-bridge: tail → parse → spool → batches on pv/bench/logs/app.
+    let sock = dir.path().join("pv-ctrl");
+    let sim = Sim::start(SimConfig {
+        log_rate: 0.0,
+        ..SimConfig::new(dir.path().join("dev"), &sock)
+    })
+    .await
+    .unwrap();
+    let cfg = dir.path().join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 100\nrate_per_sec = 100000000\nburst = 100000000\nspool_max_bytes = 1073741824\n[[backend]]\ntype = \"mqtt\"\nname = \"bench\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndevice_id = \"bench\"\n",
+            sock.display(),
+            logs.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let sub = subscriber(port, "pv/bench/logs/#", lines as u64, true);
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let took = sub.join().unwrap() - start;
+    let peak = rss_kib(child.id(), "VmHWM:");
+    // Idle: connected, nothing to forward.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = rss_kib(child.id(), "VmRSS:");
+    let _ = child.kill();
+    let _ = child.wait();
+    sim.stop().await;
+    let _ = broker.kill();
+    let _ = broker.wait();
+    println!("== (d) {lines} log lines to a real mosquitto (QoS 1)");
+    println!(
+        "baseline  mosquitto_pub -l (a message per line): {:8.3} s  {:10.0} lines/s",
+        base.as_secs_f64(),
+        lines as f64 / base.as_secs_f64()
+    );
+    println!(
+        "pv-bridge log tree → MQTT batches (start included):  {:8.3} s  {:10.0} lines/s",
+        took.as_secs_f64(),
+        lines as f64 / took.as_secs_f64()
+    );
+    println!("pv-bridge RSS: peak {peak} KiB while forwarding; {idle} KiB idle and connected");
+}
+
 fn main() {
     let mib: usize = std::env::var("PV_BENCH_MIB")
         .ok()
@@ -460,8 +638,14 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::env::consts::ARCH
     );
+    let only = std::env::var("PV_BENCH_ONLY").unwrap_or_default();
+    if only == "mqtt" {
+        rt.block_on(mqtt(lines));
+        return;
+    }
     rt.block_on(staging(mib));
     rt.block_on(logs(lines));
+    rt.block_on(mqtt(lines));
     let small = rt.block_on(bridge_process(1));
     let large = rt.block_on(bridge_process(mib));
     println!(

@@ -153,8 +153,8 @@ fn demo_runs_end_to_end_without_external_services() {
     let started = Instant::now();
     let out = bridge().arg("demo").output().unwrap();
     // pv-fleet's summaries go to stderr, as they do for the real tool.
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "{text}\n{}",
