@@ -474,13 +474,14 @@ fn mosquitto(dir: &Path) -> (std::process::Child, u16) {
     (child, port)
 }
 
-/// Counts what a subscriber receives: messages, or log records when `records`.
+/// Counts what a subscriber receives (messages, or log records when `records`)
+/// until `want` arrived or nothing came for 3 s: (count, time of the last one).
 fn subscriber(
     port: u16,
     topic: &str,
     want: u64,
     records: bool,
-) -> std::thread::JoinHandle<Instant> {
+) -> std::thread::JoinHandle<(u64, Instant)> {
     use std::io::BufRead;
     let mut child = Command::new("mosquitto_sub")
         .args([
@@ -498,11 +499,11 @@ fn subscriber(
         .expect("mosquitto_sub is required: apt-get install -y mosquitto-clients");
     std::thread::sleep(Duration::from_millis(300));
     let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
     std::thread::spawn(move || {
-        let mut got = 0u64;
         for line in std::io::BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            got += if records {
+            let n = if records {
                 serde_json::from_str::<serde_json::Value>(&line)
                     .ok()
                     .and_then(|v| v["records"].as_array().map(|a| a.len() as u64))
@@ -510,13 +511,25 @@ fn subscriber(
             } else {
                 1
             };
-            if got >= want {
+            if tx.send(n).is_err() {
                 break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let (mut got, mut last) = (0u64, Instant::now());
+        while got < want {
+            match rx.recv_timeout(Duration::from_secs(3)) {
+                Ok(n) => {
+                    got += n;
+                    last = Instant::now();
+                }
+                Err(_) => break,
             }
         }
         let _ = child.kill();
         let _ = child.wait();
-        Instant::now()
+        (got, last)
     })
 }
 
@@ -565,7 +578,8 @@ async fn mqtt(lines: usize) {
         .status()
         .unwrap();
     assert!(ok.success());
-    let base = sub.join().unwrap() - start;
+    let (base_got, last) = sub.join().unwrap();
+    let base = last - start;
 
     // pv-bridge: tail → parse → spool → batches on pv/bench/logs/app.
     let sock = dir.path().join("pv-ctrl");
@@ -586,6 +600,48 @@ async fn mqtt(lines: usize) {
         ),
     )
     .unwrap();
+    // Idle first: a bridge connected to the broker with nothing to forward.
+    let idle_cfg = dir.path().join("idle.toml");
+    std::fs::create_dir_all(dir.path().join("empty-logs")).unwrap();
+    std::fs::write(
+        &idle_cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[[backend]]\ntype = \"mqtt\"\nname = \"idle\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndevice_id = \"idle\"\n",
+            sock.display(),
+            dir.path().join("empty-logs").display(),
+            dir.path().join("idle-state").display()
+        ),
+    )
+    .unwrap();
+    let mut idler = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+        .args(["run", "--config"])
+        .arg(&idle_cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let online = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "pv/idle/status",
+        ])
+        .args(["-C", "1", "-W", "15"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&online.stdout).contains("\"online\":true"),
+        "the idle bridge did not connect"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_connected = rss_kib(idler.id(), "VmRSS:");
+    let idle_peak = rss_kib(idler.id(), "VmHWM:");
+    let _ = idler.kill();
+    let _ = idler.wait();
+
     let sub = subscriber(port, "pv/bench/logs/#", lines as u64, true);
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
@@ -595,11 +651,9 @@ async fn mqtt(lines: usize) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let took = sub.join().unwrap() - start;
+    let (got, last) = sub.join().unwrap();
+    let took = last - start;
     let peak = rss_kib(child.id(), "VmHWM:");
-    // Idle: connected, nothing to forward.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle = rss_kib(child.id(), "VmRSS:");
     let _ = child.kill();
     let _ = child.wait();
     sim.stop().await;
@@ -607,16 +661,18 @@ async fn mqtt(lines: usize) {
     let _ = broker.wait();
     println!("== (d) {lines} log lines to a real mosquitto (QoS 1)");
     println!(
-        "baseline  mosquitto_pub -l (a message per line): {:8.3} s  {:10.0} lines/s",
+        "baseline  mosquitto_pub -l (a message per line): {:8.3} s  {:10.0} lines/s  ({base_got} of {lines} delivered)",
         base.as_secs_f64(),
-        lines as f64 / base.as_secs_f64()
+        base_got as f64 / base.as_secs_f64()
     );
     println!(
-        "pv-bridge log tree → MQTT batches (start included):  {:8.3} s  {:10.0} lines/s",
+        "pv-bridge log tree → MQTT batches (start included):  {:8.3} s  {:10.0} lines/s  ({got} of {lines} delivered)",
         took.as_secs_f64(),
-        lines as f64 / took.as_secs_f64()
+        got as f64 / took.as_secs_f64()
     );
-    println!("pv-bridge RSS: peak {peak} KiB while forwarding; {idle} KiB idle and connected");
+    println!(
+        "pv-bridge RSS: idle and connected {idle_connected} KiB (peak {idle_peak} KiB); peak while forwarding {peak} KiB"
+    );
 }
 
 fn main() {
