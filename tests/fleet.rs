@@ -87,6 +87,24 @@ async fn an_operator_deploys_watches_configures_and_commands_a_device() {
     let cur = retained(p, "pv/dev-1/revision/current").unwrap();
     assert_eq!(cur["rev"], "locals/v2");
 
+    // The same kind of deploy from a .tgz archive (as `pvr export` writes it);
+    // the offer id defaults to the archive's name.
+    let v2b = export(&d, "app-v2b", &b"app v2b".repeat(30_000), |_| {}).await;
+    let tgz = d.dir.path().join("app-v2b.tgz");
+    let ok = Command::new("tar")
+        .arg("-czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&v2b)
+        .args(["json", "objects"])
+        .status()
+        .expect("tar is required");
+    assert!(ok.success());
+    let o = tokio::task::block_in_place(|| fleet(p, &["deploy", path(&tgz), "-d", "dev-1"]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let cur = retained(p, "pv/dev-1/revision/current").unwrap();
+    assert_eq!(cur["rev"], "locals/app-v2b");
+
     // A failing revision pulled in chunks over MQTT: ERROR, rollback, exit 1.
     let bad = export(&d, "app-v3", &b"app v3".repeat(30_000), |s| {
         s["_sim/behaviour.json"] = json!({"outcome": "error", "container": "app"})

@@ -573,7 +573,7 @@ async fn wrong_credentials_give_a_clear_error_and_a_bounded_reconnect_rate() {
     let log = bridge.log_text();
     let attempts = log.matches("MQTT connection lost").count();
     // Backoff 1, 2, 4 s (+ up to 25 % jitter): attempts near 0, 1, 3 and 7 s.
-    // That schedule allows at most 7 attempts in the first minute.
+    // That schedule allows at most 6 attempts in the first minute.
     assert!(
         (3..=4).contains(&attempts),
         "{attempts} attempts in {:?}:\n{log}",

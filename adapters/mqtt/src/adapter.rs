@@ -179,6 +179,11 @@ fn jitter(d: Duration) -> Duration {
     d + Duration::from_millis(u64::from(n) % (d.as_millis() as u64 / 4 + 1))
 }
 
+/// The wait after a failed connection: `previous` doubled, from 1 s up to 5 min.
+fn next_backoff(previous: Duration) -> Duration {
+    (previous * 2).clamp(Duration::from_secs(1), Duration::from_secs(300))
+}
+
 fn json(v: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -537,7 +542,7 @@ impl MqttAdapter {
             warn!(backend = %self.name, reason = %reason, retry_in = ?backoff, "MQTT connection lost");
             link.send(BackendEvent::Disconnected { reason }).await?;
             tokio::time::sleep(jitter(backoff)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(300));
+            backoff = next_backoff(backoff);
         }
     }
 }
@@ -559,5 +564,41 @@ impl Adapter for MqttAdapter {
 
     fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {
         Box::pin(self.serve(link))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attempts a failing broker sees in the first `window`, jitter at its least.
+    fn attempts_within(window: Duration) -> u32 {
+        let (mut t, mut wait, mut n) = (Duration::ZERO, Duration::from_secs(1), 0);
+        while t <= window {
+            n += 1;
+            t += wait;
+            wait = next_backoff(wait);
+        }
+        n
+    }
+
+    #[test]
+    fn reconnects_are_never_a_tight_loop() {
+        // 0, 1, 3, 7, 15, 31 s: six attempts in the first minute; then 63, 127, 255
+        // and 511 s; then one every 5 min (811 … 3511 s): 20 in the first hour.
+        assert_eq!(attempts_within(Duration::from_secs(60)), 6);
+        assert_eq!(attempts_within(Duration::from_secs(3600)), 6 + 4 + 10);
+        let mut d = Duration::from_secs(1);
+        for _ in 0..20 {
+            d = next_backoff(d);
+        }
+        assert_eq!(d, Duration::from_secs(300));
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(8));
+            assert!(
+                j >= Duration::from_secs(8) && j <= Duration::from_secs(10),
+                "{j:?}"
+            );
+        }
     }
 }
