@@ -22,6 +22,18 @@ use serde_json::{Value, json};
 
 const ROOT: &str = "pv/dev-1";
 
+/// The device's factory state with `app/root.squashfs` pointing at `sha`.
+async fn state_with_root(d: &common::Device, sha: &str) -> Value {
+    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    state["app/root.squashfs"] = json!(sha);
+    state
+}
+
+/// Publishes an offer, retained, on `revision/set`.
+fn publish_offer(port: u16, offer: &Value) {
+    publish(port, "pv/dev-1/revision/set", &offer.to_string(), true);
+}
+
 async fn online(port: u16) -> Value {
     wait_for("status online", Duration::from_secs(15), || {
         retained(port, "pv/dev-1/status").filter(|s| s["online"] == true)
@@ -83,16 +95,10 @@ async fn an_offer_over_mosquitto_installs_and_the_last_will_reports_lost() {
     let root = b"app over mqtt".repeat(4000);
     let sha = sha256_hex(&root);
     srv.put("/o/root", root.clone());
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    state["app/root.squashfs"] = json!(sha);
+    let state = state_with_root(&d, &sha).await;
     let offer = json!({"v": 1, "id": "m1", "state": state,
         "objects": {sha.clone(): {"url": srv.url("/o/root"), "size": root.len()}}});
-    publish(
-        broker.port,
-        "pv/dev-1/revision/set",
-        &offer.to_string(),
-        true,
-    );
+    publish_offer(broker.port, &offer);
     let p = wait_for("UPDATED", Duration::from_secs(30), || {
         retained(broker.port, "pv/dev-1/revision/progress").filter(|p| p["status"] == "UPDATED")
     })
@@ -660,16 +666,10 @@ async fn a_broker_restart_in_the_middle_of_a_download_loses_nothing() {
     let root: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let sha = sha256_hex(&root);
     srv.put("/o/big", root.clone());
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    state["app/root.squashfs"] = json!(sha);
+    let state = state_with_root(&d, &sha).await;
     let offer = json!({"v": 1, "id": "r1", "state": state,
         "objects": {sha.clone(): {"url": srv.url("/o/big"), "size": root.len()}}});
-    publish(
-        broker.port,
-        "pv/dev-1/revision/set",
-        &offer.to_string(),
-        true,
-    );
+    publish_offer(broker.port, &offer);
     wait_for("DOWNLOADING with bytes", Duration::from_secs(15), || {
         retained(broker.port, "pv/dev-1/revision/progress")
             .filter(|p| p["status"] == "DOWNLOADING" && p["bytes_done"].as_u64() > Some(0))
@@ -701,17 +701,11 @@ async fn an_object_with_the_wrong_sha_fails_the_update_and_nothing_runs() {
     online(broker.port).await;
     let claimed = sha256_hex(b"what the state promises");
     srv.put("/o/x", b"something else entirely".to_vec());
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    state["app/root.squashfs"] = json!(claimed);
+    let state = state_with_root(&d, &claimed).await;
     let offer = json!({"v": 1, "id": "bad-sha", "state": state,
         "objects": {claimed.clone(): {"url": srv.url("/o/x")}}});
     assert!(mosquitto::validator("revision-set").is_valid(&offer));
-    publish(
-        broker.port,
-        "pv/dev-1/revision/set",
-        &offer.to_string(),
-        true,
-    );
+    publish_offer(broker.port, &offer);
     let p = wait_for("a final failure", Duration::from_secs(30), || {
         retained(broker.port, "pv/dev-1/revision/progress").filter(|p| {
             p["id"] == "bad-sha"
@@ -812,17 +806,11 @@ async fn objects_pulled_in_chunks_over_mqtt_install_and_a_lost_chunk_is_asked_ag
         [(sha.clone(), root.clone())].into(),
         65536,
     );
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    state["app/root.squashfs"] = json!(sha);
+    let state = state_with_root(&d, &sha).await;
     let offer = json!({"v": 1, "id": "pulled", "state": state,
         "objects": {sha.clone(): {"size": root.len()}}});
     assert!(mosquitto::validator("revision-set").is_valid(&offer));
-    publish(
-        broker.port,
-        "pv/dev-1/revision/set",
-        &offer.to_string(),
-        true,
-    );
+    publish_offer(broker.port, &offer);
     let p = wait_for("UPDATED", Duration::from_secs(30), || {
         retained(broker.port, "pv/dev-1/revision/progress").filter(|p| p["status"] == "UPDATED")
     })
@@ -871,8 +859,7 @@ async fn a_state_given_by_url_is_downloaded_checked_and_installed() {
     let root = b"state by url".repeat(1000);
     let sha = sha256_hex(&root);
     srv.put("/o/root", root.clone());
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    state["app/root.squashfs"] = json!(sha);
+    let state = state_with_root(&d, &sha).await;
     let state_bytes = serde_json::to_vec_pretty(&state).unwrap();
     srv.put("/state.json", state_bytes.clone());
 
@@ -881,12 +868,7 @@ async fn a_state_given_by_url_is_downloaded_checked_and_installed() {
         "state_sha256": sha256_hex(b"another state"),
         "objects": {sha.clone(): {"url": srv.url("/o/root"), "size": root.len()}}});
     assert!(mosquitto::validator("revision-set").is_valid(&wrong));
-    publish(
-        broker.port,
-        "pv/dev-1/revision/set",
-        &wrong.to_string(),
-        true,
-    );
+    publish_offer(broker.port, &wrong);
     let p = wait_for("WONTGO", Duration::from_secs(30), || {
         retained(broker.port, "pv/dev-1/revision/progress")
             .filter(|p| p["id"] == "s-bad" && p["status"] == "WONTGO")
@@ -898,12 +880,7 @@ async fn a_state_given_by_url_is_downloaded_checked_and_installed() {
     let good = json!({"v": 1, "id": "s-url", "state_url": srv.url("/state.json"),
         "state_sha256": sha256_hex(&state_bytes),
         "objects": {sha.clone(): {"url": srv.url("/o/root"), "size": root.len()}}});
-    publish(
-        broker.port,
-        "pv/dev-1/revision/set",
-        &good.to_string(),
-        true,
-    );
+    publish_offer(broker.port, &good);
     wait_for("UPDATED", Duration::from_secs(30), || {
         retained(broker.port, "pv/dev-1/revision/progress")
             .filter(|p| p["id"] == "s-url" && p["status"] == "UPDATED")
