@@ -413,16 +413,7 @@ async fn bridge_process(mib: usize) -> u64 {
     let start = Instant::now();
     let mut peak = 0;
     loop {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-        if let Some(v) = status.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
-            peak = v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(peak);
-        }
+        peak = peak.max(rss_kib(child.id(), "VmHWM:"));
         let done = std::fs::read_to_string(&status_file).unwrap_or_default();
         if done.contains("\"UPDATED\"") || done.contains("\"WONTGO\"") || done.contains("\"ERROR\"")
         {

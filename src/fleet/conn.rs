@@ -91,21 +91,7 @@ impl Fleet {
     /// Fails with the broker's reason if the first connection fails.
     pub async fn connect(a: &BrokerArgs, filters: Vec<String>) -> Result<Fleet, String> {
         let root = Root::new(&a.topic_root)?;
-        let (rest, tls, port) = if let Some(r) = a.broker.strip_prefix("mqtts://") {
-            (r, true, 8883)
-        } else if let Some(r) = a.broker.strip_prefix("mqtt://") {
-            (r, false, 1883)
-        } else {
-            return Err(format!("--broker {:?}: use mqtt:// or mqtts://", a.broker));
-        };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_owned(),
-                p.parse()
-                    .map_err(|_| format!("--broker {:?}: bad port", a.broker))?,
-            ),
-            None => (rest.to_owned(), port),
-        };
+        let (host, port, tls) = transport::parse_broker(&a.broker).map_err(|e| format!("--{e}"))?;
         let tls = if tls {
             let client_cert = match (&a.cert_file, &a.key_file) {
                 (Some(c), Some(k)) => Some((c.clone(), k.clone())),

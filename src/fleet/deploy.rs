@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sha2::Digest;
 
 use crate::fleet::conn::{BrokerArgs, Fleet};
 use crate::fleet::export::Export;
@@ -58,7 +59,7 @@ fn offer(a: &DeployArgs, id: &str, export: &Export, base: Option<&str>) -> Resul
         // Too big for most brokers' comfort: devices download it instead.
         (true, Some(b)) => {
             v["state_url"] = json!(format!("{b}/state.json"));
-            v["state_sha256"] = json!(crate::fleet::sha256_hex(&export.state));
+            v["state_sha256"] = json!(crate::pvctrl::hex(&sha2::Sha256::digest(&export.state)));
         }
         _ => v["state"] = state,
     }

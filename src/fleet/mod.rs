@@ -91,15 +91,6 @@ enum MetaOp {
     Get { device: String },
 }
 
-/// sha256 of bytes, lower-case hex.
-pub fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
 /// Runs pv-fleet with the process's arguments; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();

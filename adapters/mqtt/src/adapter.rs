@@ -93,27 +93,7 @@ impl MqttConfig {
     /// Host, port and TLS of the broker, or why the settings are wrong.
     pub fn check(&self) -> Result<(String, u16, Option<TlsFiles>), String> {
         Topics::new(&self.topic_root, &self.device_id)?;
-        let (rest, tls, default_port) = if let Some(r) = self.broker.strip_prefix("mqtts://") {
-            (r, true, 8883)
-        } else if let Some(r) = self.broker.strip_prefix("mqtt://") {
-            (r, false, 1883)
-        } else {
-            return Err(format!(
-                "broker URL scheme must be mqtt or mqtts, got {:?}",
-                self.broker
-            ));
-        };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("broker: bad port in {:?}", self.broker))?,
-            ),
-            None => (rest, default_port),
-        };
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("broker: bad host in {:?}", self.broker));
-        }
+        let (host, port, tls) = transport::parse_broker(&self.broker)?;
         if self.keep_alive_secs < 5 {
             return Err("keep_alive_secs must be at least 5".into());
         }
@@ -141,7 +121,7 @@ impl MqttConfig {
             // Every file is read now, so a bad one is a configuration error.
             transport::tls_config(&files)?;
         }
-        Ok((host.to_owned(), port, tls.then_some(files)))
+        Ok((host, port, tls.then_some(files)))
     }
 }
 

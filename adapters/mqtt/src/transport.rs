@@ -270,6 +270,32 @@ pub fn open(s: Settings) -> (Client, Connection) {
     }
 }
 
+/// Host, port and whether TLS is on, from `mqtt://host[:1883]` or
+/// `mqtts://host[:8883]`.
+pub fn parse_broker(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true, 8883)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false, 1883)
+    } else {
+        return Err(format!(
+            "broker URL scheme must be mqtt or mqtts, got {url:?}"
+        ));
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("broker: bad port in {url:?}"))?,
+        ),
+        None => (rest, default_port),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("broker: bad host in {url:?}"));
+    }
+    Ok((host.to_owned(), port, tls))
+}
+
 /// TLS settings of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct TlsFiles {
