@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod journal;
 pub mod logs;
 pub mod meta;
+pub mod store;
 pub mod update;
 
 use std::collections::BTreeMap;
@@ -270,9 +271,13 @@ pub async fn run_with(
         None
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let device_store: Arc<dyn pv_adapter_api::DeviceStore> =
+        Arc::new(store::PvStore::new(pv.clone()));
     let mut supervisors = Vec::new();
     for (name, factory, rx) in receivers {
-        let mut link = EngineLink::new(&name, events_tx.clone(), rx).with_stop(stop_rx.clone());
+        let mut link = EngineLink::new(&name, events_tx.clone(), rx)
+            .with_stop(stop_rx.clone())
+            .with_device(device_store.clone());
         if let Some(f) = feed.as_ref().filter(|_| log_backends.contains(&name)) {
             link = link.with_logs(f.clone() as Arc<dyn pv_adapter_api::LogFeed>);
         }

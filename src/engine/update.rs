@@ -260,12 +260,32 @@ async fn upload(
     throttle: Option<Arc<Throttle>>,
 ) -> Result<u64, Refusal> {
     let sha = &f.sha;
+    // An adapter may name a (signed, expiring) URL only now: download it like any URL.
+    let mut source = f.source.clone();
+    if let (Src::Adapter(key), Some(fetcher)) = (&f.source, sources.fetcher.as_ref()) {
+        match fetcher.url(key).await {
+            Ok(Some(url)) if url.starts_with("http://") || url.starts_with("https://") => {
+                source = Src::Url(url)
+            }
+            Ok(Some(url)) => {
+                return Err(Refusal::wontgo(format!(
+                    "object {sha}: its source {url:?} is not an http or https URL"
+                )));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Refusal::wontgo(format!(
+                    "object {sha}: cannot locate its source: {e}"
+                )));
+            }
+        }
+    }
     let mut attempt = 0;
     loop {
         attempt += 1;
         // Adapter sources are counted as they stream; URL sources while they
         // download into the cache, before this upload.
-        let (reader, len, count): (ObjectReader, u64, Arc<AtomicU64>) = match &f.source {
+        let (reader, len, count): (ObjectReader, u64, Arc<AtomicU64>) = match &source {
             Src::Adapter(key) => {
                 let fetcher = sources.fetcher.as_ref().ok_or_else(|| {
                     Refusal::wontgo(format!("object {sha}: the offer has no fetcher"))
@@ -316,7 +336,7 @@ async fn upload(
             )));
         }
         let start = count.load(Ordering::Relaxed);
-        let adapter_throttle = match f.source {
+        let adapter_throttle = match source {
             Src::Adapter(_) => throttle.clone(),
             Src::Url(_) => None,
         };

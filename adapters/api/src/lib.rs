@@ -170,6 +170,25 @@ pub struct ObjectRef {
 pub trait ObjectFetcher: Send + Sync {
     /// Opens the object the adapter named `key`, returning its reader and length.
     fn open(&self, key: &str) -> BoxFuture<'_, Result<(ObjectReader, u64), AdapterError>>;
+
+    /// For objects whose URL the adapter can only name when the fetch starts (the
+    /// signed, expiring URLs of Pantacor Hub): the http(s) URL to download with the
+    /// engine's downloader (Range resume, retries, cache), or `None` to stream
+    /// [`ObjectFetcher::open`] instead. Called once per fetch.
+    fn url(&self, key: &str) -> BoxFuture<'_, Result<Option<String>, AdapterError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// Read access to what the device stores, for adapters that mirror it to their
+/// backend (Pantacor Hub's factory sync uploads the running revision).
+pub trait DeviceStore: Send + Sync {
+    /// The state JSON of the revision `rev`, byte for byte as Pantavisor keeps it.
+    fn state(&self, rev: &str) -> BoxFuture<'_, Result<Vec<u8>, AdapterError>>;
+    /// Opens a stored object: its reader and length. The reader fails (never ends
+    /// short silently) when the device cannot deliver all the bytes.
+    fn object(&self, sha: &str) -> BoxFuture<'_, Result<(ObjectReader, u64), AdapterError>>;
 }
 
 /// A state JSON to download: its URL and the sha256 of its bytes.
@@ -396,6 +415,7 @@ pub struct EngineLink {
     view: watch::Receiver<DeviceView>,
     logs: Option<Arc<dyn LogFeed>>,
     stop: Option<watch::Receiver<bool>>,
+    device: Option<Arc<dyn DeviceStore>>,
 }
 
 impl fmt::Debug for EngineLink {
@@ -420,7 +440,19 @@ impl EngineLink {
             view,
             logs: None,
             stop: None,
+            device: None,
         }
+    }
+
+    /// With read access to the device's store.
+    pub fn with_device(mut self, store: Arc<dyn DeviceStore>) -> Self {
+        self.device = Some(store);
+        self
+    }
+
+    /// The device's store, when the engine gave access to it.
+    pub fn device(&self) -> Option<Arc<dyn DeviceStore>> {
+        self.device.clone()
     }
 
     /// With the engine's stop signal.

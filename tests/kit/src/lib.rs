@@ -3,6 +3,8 @@
 //!
 //! - [`sim`]: pv-sim, a protocol-faithful simulation of Pantavisor's pv-ctrl.
 //! - [`objects`]: an HTTP object server with Range, ETags and fault injection.
+//! - [`hub`]: a fake Pantacor Hub (device API, the user calls of `pvr`, faults).
 
+pub mod hub;
 pub mod objects;
 pub mod sim;
