@@ -223,10 +223,15 @@ pub const AVAILABLE_TYPES: &[&str] = &[
     "local",
     #[cfg(feature = "mqtt")]
     "mqtt",
+    #[cfg(feature = "pantahub")]
+    "pantahub",
 ];
 
 /// Checks a backend's own settings by parsing them as its adapter does.
-#[cfg_attr(not(any(feature = "local", feature = "mqtt")), allow(unused_variables))]
+#[cfg_attr(
+    not(any(feature = "local", feature = "mqtt", feature = "pantahub")),
+    allow(unused_variables)
+)]
 fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
     match kind {
         #[cfg(feature = "local")]
@@ -241,6 +246,12 @@ fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
             .try_into::<pv_adapter_mqtt::MqttConfig>()
             .map_err(|e| e.message().trim().to_owned())
             .and_then(|c| c.check().map(drop)),
+        #[cfg(feature = "pantahub")]
+        "pantahub" => settings
+            .clone()
+            .try_into::<pv_adapter_pantahub::PantahubConfig>()
+            .map_err(|e| e.message().trim().to_owned())
+            .and_then(|c| c.validate()),
         _ => Ok(()),
     }
 }
@@ -554,7 +565,10 @@ dir = "/media/updates"
         );
         assert_eq!(
             parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
-            "config.toml:2: backend \"cloud\": type \"azure\" is not available in this build (available: local, mqtt)"
+            format!(
+                "config.toml:2: backend \"cloud\": type \"azure\" is not available in this build (available: {})",
+                AVAILABLE_TYPES.join(", ")
+            )
         );
         assert!(
             parse("[bridge\n")

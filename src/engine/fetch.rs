@@ -125,45 +125,65 @@ impl Downloader {
             .await
             .map(|m| m.len())
             .unwrap_or(0);
-        if validator.url.is_empty() || size.is_some_and(|s| have > s) {
+        // Objects are named by their sha256, which is checked at the end: bytes
+        // kept from an earlier attempt (even from another URL for the same object,
+        // such as a fresh signed URL) are resumed with Range.
+        if size.is_some_and(|s| have > s) {
             have = 0;
         }
         counter.fetch_add(have, Ordering::Relaxed);
-        let mut attempt = 0;
+        let mut resumed = false;
+        let mut fresh_retry = false;
         loop {
-            attempt += 1;
-            match self
-                .attempt(
-                    url,
-                    &part,
-                    &meta,
-                    &mut validator,
-                    &mut have,
-                    size,
-                    counter,
-                    throttle,
-                    budget,
-                )
-                .await
-            {
-                Ok(()) => break,
-                Err(Failure::Fatal(why)) => return Err(why),
-                Err(Failure::Retry(why, after)) if attempt < ATTEMPTS => {
-                    let wait = after
-                        .unwrap_or_else(|| backoff(attempt))
-                        .min(Duration::from_secs(60));
-                    warn!(url = %url, attempt, retry_in = ?wait, reason = %why, "download interrupted");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(Failure::Retry(why, _)) => {
-                    return Err(format!("{url}: giving up after {ATTEMPTS} attempts: {why}"));
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self
+                    .attempt(
+                        url,
+                        &part,
+                        &meta,
+                        &mut validator,
+                        &mut have,
+                        &mut resumed,
+                        size,
+                        counter,
+                        throttle,
+                        budget,
+                    )
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(Failure::Fatal(why)) => return Err(why),
+                    Err(Failure::Retry(why, after)) if attempt < ATTEMPTS => {
+                        let wait = after
+                            .unwrap_or_else(|| backoff(attempt))
+                            .min(Duration::from_secs(60));
+                        warn!(url = %url, attempt, retry_in = ?wait, reason = %why, "download interrupted");
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(Failure::Retry(why, _)) => {
+                        return Err(format!("{url}: giving up after {ATTEMPTS} attempts: {why}"));
+                    }
                 }
             }
-        }
-        let got = hash_file(&part).await.unwrap_or_default();
-        if got != sha {
+            let got = hash_file(&part).await.unwrap_or_default();
+            if got == sha {
+                break;
+            }
             let _ = tokio::fs::remove_file(&part).await;
             let _ = tokio::fs::remove_file(&meta).await;
+            if resumed && !fresh_retry {
+                // The kept bytes may not belong to what the server sends now: once,
+                // download the whole object again.
+                warn!(url = %url, object = %sha, "a resumed download does not match its sha256; downloading it whole");
+                fresh_retry = true;
+                resumed = false;
+                counter.fetch_sub(have, Ordering::Relaxed);
+                have = 0;
+                validator = Validator::default();
+                continue;
+            }
             return Err(format!("object {sha}: the bytes from {url} hash to {got}"));
         }
         tokio::fs::rename(&part, &done)
@@ -181,6 +201,7 @@ impl Downloader {
         meta: &Path,
         validator: &mut Validator,
         have: &mut u64,
+        resumed: &mut bool,
         size: Option<u64>,
         counter: &AtomicU64,
         throttle: Option<&Arc<Throttle>>,
@@ -190,10 +211,17 @@ impl Downloader {
             return Ok(());
         }
         let mut req = self.client.get(url);
-        let resume = *have > 0 && (validator.etag.is_some() || validator.last_modified.is_some());
+        let resume = *have > 0;
         if resume {
             req = req.header(reqwest::header::RANGE, format!("bytes={}-", *have));
-            if let Some(v) = validator.etag.as_ref().or(validator.last_modified.as_ref()) {
+            // If-Range only for the same URL: another one has other validators.
+            let same = validator.url == url;
+            if let Some(v) = validator
+                .etag
+                .as_ref()
+                .or(validator.last_modified.as_ref())
+                .filter(|_| same)
+            {
                 req = req.header(reqwest::header::IF_RANGE, v.clone());
             }
         }
@@ -229,11 +257,13 @@ impl Downloader {
                         None,
                     ));
                 }
+                *resumed = true;
                 true
             }
             200 => false,
             416 if resume => {
                 // Nothing after what we have: the part may be whole.
+                *resumed = true;
                 return Ok(());
             }
             408 | 429 | 500..=599 => {

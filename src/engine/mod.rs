@@ -48,7 +48,10 @@ pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineErr
         .collect()
 }
 
-#[cfg_attr(not(any(feature = "local", feature = "mqtt")), allow(unused_variables))]
+#[cfg_attr(
+    not(any(feature = "local", feature = "mqtt", feature = "pantahub")),
+    allow(unused_variables)
+)]
 fn factory(
     name: &str,
     kind: &str,
@@ -81,6 +84,21 @@ fn factory(
             let _ = work_dir;
             Ok(Arc::new(move || {
                 Box::new(pv_adapter_mqtt::MqttAdapter::new(&name, mc.clone())) as Box<dyn Adapter>
+            }))
+        }
+        #[cfg(feature = "pantahub")]
+        "pantahub" => {
+            let pc: pv_adapter_pantahub::PantahubConfig =
+                settings.clone().try_into().map_err(|e: toml::de::Error| {
+                    EngineError::Config(format!("backend {name:?}: {}", e.message().trim()))
+                })?;
+            let name = name.to_owned();
+            Ok(Arc::new(move || {
+                Box::new(pv_adapter_pantahub::PantahubAdapter::new(
+                    &name,
+                    pc.clone(),
+                    work_dir.clone(),
+                )) as Box<dyn Adapter>
             }))
         }
         other => Err(EngineError::Config(format!(

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use pv_adapter_api::{AdapterError, BoxFuture, DeviceStore, ObjectReader};
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::pvctrl::PvCtrl;
+use crate::pvctrl::{Meta, PvCtrl};
 
 /// Reads the device's store through pv-ctrl.
 pub struct PvStore {
@@ -22,6 +22,23 @@ impl PvStore {
 }
 
 impl DeviceStore for PvStore {
+    fn set_device_meta<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let r = match value {
+                Some(v) => self.pv.put_meta(Meta::Device, key, v.as_bytes()).await,
+                None => self.pv.delete_meta(Meta::Device, key).await,
+            };
+            r.map_err(|e| AdapterError::Object {
+                key: format!("device-meta {key}"),
+                reason: e.to_string(),
+            })
+        })
+    }
+
     fn state(&self, rev: &str) -> BoxFuture<'_, Result<Vec<u8>, AdapterError>> {
         let rev = rev.to_owned();
         Box::pin(async move {

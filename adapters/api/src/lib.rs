@@ -189,6 +189,13 @@ pub trait DeviceStore: Send + Sync {
     /// Opens a stored object: its reader and length. The reader fails (never ends
     /// short silently) when the device cannot deliver all the bytes.
     fn object(&self, sha: &str) -> BoxFuture<'_, Result<(ObjectReader, u64), AdapterError>>;
+    /// Sets one device-meta key on the device itself (what an adapter wants local
+    /// users and containers to see, such as a claim challenge); `None` deletes it.
+    fn set_device_meta<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), AdapterError>>;
 }
 
 /// A state JSON to download: its URL and the sha256 of its bytes.

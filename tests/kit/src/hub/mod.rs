@@ -190,6 +190,8 @@ struct State {
     /// auto-claim token → (owner, default user-meta).
     autotokens: HashMap<String, (String, Map<String, Value>)>,
     logs: Vec<Value>,
+    /// Every progress a device PUT, by (trail, rev), in order.
+    history: BTreeMap<(String, i64), Vec<Value>>,
     faults: VecDeque<Fault>,
     seen: Vec<Seen>,
     counter: u64,
@@ -309,6 +311,17 @@ impl FakeHub {
     /// Every log entry posted, in order.
     pub fn logs(&self) -> Vec<Value> {
         self.shared.lock().logs.clone()
+    }
+
+    /// Every progress body the device sent for a step, as sent (before the
+    /// hub dropped the fields it does not keep).
+    pub fn progress_history(&self, id: &str, rev: i64) -> Vec<Value> {
+        self.shared
+            .lock()
+            .history
+            .get(&(id.to_owned(), rev))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The registered devices' ids, oldest first.
@@ -1579,6 +1592,10 @@ fn trail_item(
                 Err(e) => return e,
             };
             let p = step_progress(&body);
+            st.history
+                .entry((id.to_owned(), rev))
+                .or_default()
+                .push(body.clone());
             let t = stamp();
             if let Some(tr) = st.trails.get_mut(id) {
                 tr.touched = t.clone();

@@ -1,0 +1,659 @@
+//! The Pantacor Hub adapter end to end: the real pv-bridge binary, pv-sim, and the
+//! test kit's fake Pantacor Hub (protocol of pantacor-hub-api.md, quirks included).
+//! The user side (claim, steps, cancel, user-meta) goes through the hub's own API
+//! as `pvr` would call it.
+
+#![cfg(feature = "pantahub")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use pv_testkit::hub::{Action, FakeHub, Fault, HubConfig};
+use pv_testkit::sim::Generation;
+use serde_json::{Value, json};
+
+/// pv-bridge with one `pantahub` backend (plus `extra` config).
+struct Bridge {
+    child: Child,
+    log: PathBuf,
+    state: PathBuf,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fast timers so a test takes seconds, not minutes.
+const FAST: &str = "poll_interval_secs = 0.3\nuser_meta_interval_secs = 0.3\ndevice_meta_interval_secs = 0.5\nprogress_interval_secs = 0.5\n";
+
+impl Bridge {
+    fn start(d: &common::Device, dir: &Path, hub: &FakeHub, top: &str, backend: &str) -> Bridge {
+        let cfg = dir.join("bridge.toml");
+        let state = dir.join("state");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 100\n{top}\n[[backend]]\ntype = \"pantahub\"\nname = \"hub\"\nurl = \"{}\"\ninsecure = true\n{FAST}{backend}\n",
+                d.cfg().socket.display(),
+                d.storage().join("logs").display(),
+                state.display(),
+                hub.url(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("bridge.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        Bridge { child, log, state }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Waits for `f` to give `Some`; on timeout fails showing the bridge's log.
+async fn wait<T>(b: &Bridge, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; the bridge's log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts pv-sim, the fake hub and the bridge; waits for registration, claims the
+/// device and waits for the factory sync. Returns the device id.
+async fn claimed(d: &common::Device, hub: &FakeHub, top: &str, backend: &str) -> (Bridge, String) {
+    let b = Bridge::start(d, d.dir.path(), hub, top, backend);
+    let id = wait(&b, "registration", Duration::from_secs(20), || {
+        hub.device_ids().first().cloned()
+    })
+    .await;
+    assert_eq!(hub.claim(&id), 200);
+    wait(&b, "the factory sync", Duration::from_secs(30), || {
+        hub.factory_state(&id)
+    })
+    .await;
+    (b, id)
+}
+
+/// The running state of the device with `app/root.squashfs` replaced by an object
+/// the user uploads to the hub (and `extra` keys merged).
+async fn next_state(d: &common::Device, hub: &FakeHub, data: &[u8], extra: Value) -> Value {
+    let running = d.sim.as_ref().unwrap().running();
+    let mut state: Value = serde_json::from_slice(&d.pv.step(&running).await.unwrap()).unwrap();
+    state["app/root.squashfs"] = json!(hub.upload("app/root.squashfs", data));
+    if let Value::Object(m) = extra {
+        for (k, v) in m {
+            state[k] = v;
+        }
+    }
+    state
+}
+
+fn hub_status(hub: &FakeHub, id: &str, rev: i64) -> String {
+    hub.step(id, rev)
+        .and_then(|s| s["progress"]["status"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+async fn final_on_hub(b: &Bridge, hub: &FakeHub, id: &str, rev: i64) -> String {
+    wait(
+        b,
+        &format!("a final status of rev {rev} on the hub"),
+        Duration::from_secs(60),
+        || {
+            let s = hub_status(hub, id, rev);
+            ["DONE", "UPDATED", "ERROR", "WONTGO", "CANCEL"]
+                .contains(&s.as_str())
+                .then_some(s)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 5.0).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let b = Bridge::start(&d, d.dir.path(), &hub, "", "");
+
+    // Registration: credentials kept with mode 0600, the challenge shown in a
+    // log line, a file and the device's own device-meta.
+    let id = wait(&b, "registration", Duration::from_secs(20), || {
+        hub.device_ids().first().cloned()
+    })
+    .await;
+    let record = hub.device(&id).unwrap();
+    let challenge = record["challenge"].as_str().unwrap().to_owned();
+    let secret = record["secret"].as_str().unwrap().to_owned();
+    let creds = b.state.join("adapters/hub/pantahub.creds");
+    let text = wait(&b, "the credentials file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&creds).ok()
+    })
+    .await;
+    assert!(text.contains(&format!("PH_CREDS_ID={id}")), "{text}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let file = b.state.join("adapters/hub/challenge");
+    wait(&b, "the challenge file", Duration::from_secs(10), || {
+        (std::fs::read_to_string(&file).ok()? == challenge).then_some(())
+    })
+    .await;
+    wait(
+        &b,
+        "the challenge in the log",
+        Duration::from_secs(10),
+        || b.log_text().contains(&challenge).then_some(()),
+    )
+    .await;
+    let meta = common::eventually(
+        Duration::from_secs(10),
+        "challenge in device-meta",
+        || async {
+            let m = d.pv.meta(pv_bridge::pvctrl::Meta::Device).await.ok()?;
+            (m.get("pantahub.challenge")? == &json!(challenge)).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(meta.get("pantahub.claimed"), Some(&json!("0")));
+    // Unclaimed: nothing synced yet, and every call carried a User-Agent.
+    assert!(hub.factory_state(&id).is_none());
+
+    // Claim → fresh login → factory sync of the running revision.
+    assert_eq!(hub.claim(&id), 200);
+    let factory = wait(&b, "the factory sync", Duration::from_secs(30), || {
+        hub.factory_state(&id)
+    })
+    .await;
+    let running: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    assert_eq!(factory, running);
+    for (k, v) in running.as_object().unwrap() {
+        if let Some(sha) = v.as_str().filter(|s| s.len() == 64) {
+            assert!(hub.has_blob(sha), "{k} was not uploaded");
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
+    let logins_before_claim = hub
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/auth/login")
+        .count();
+    assert!(logins_before_claim >= 2, "a fresh login after the claim");
+    assert!(
+        hub.seen().iter().all(|s| s
+            .user_agent
+            .as_deref()
+            .is_some_and(|u| u.starts_with("pv-bridge/"))),
+        "every call has pv-bridge's User-Agent"
+    );
+
+    // An update: the user posts rev 1; the device installs locals/hub-1 and the hub
+    // follows Pantavisor's statuses with its fixed progress numbers.
+    let root = pv_testkit::sim::factory::blob("hub-root-1", 300_000);
+    let state = next_state(&d, &hub, &root, json!({})).await;
+    // Slow enough (about 1.5 s) for DOWNLOADING reports with byte counts.
+    hub.fault(Fault::new(
+        Some("GET"),
+        "/local-s3/",
+        Action::Slow(200_000),
+        1,
+    ));
+    let (status, step) = hub.post_step(&id, &state, "first update");
+    assert_eq!(status, 200, "{step}");
+    assert_eq!(step["rev"], 1);
+    let outcome = final_on_hub(&b, &hub, &id, 1).await;
+    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+    assert_eq!(d.sim.as_ref().unwrap().running(), "locals/hub-1");
+    let history = hub.progress_history(&id, 1);
+    let statuses: Vec<&str> = history
+        .iter()
+        .filter_map(|p| p["status"].as_str())
+        .collect();
+    let order = [
+        "QUEUED",
+        "DOWNLOADING",
+        "INPROGRESS",
+        "TESTING",
+        "UPDATED",
+        "DONE",
+    ];
+    let numbers = [5, 25, 50, 75, 100, 100];
+    let mut last = 0;
+    for p in &history {
+        let i = order
+            .iter()
+            .position(|s| p["status"] == *s)
+            .unwrap_or_else(|| panic!("unexpected status in {statuses:?}"));
+        assert!(i >= last, "statuses out of order: {statuses:?}");
+        assert_eq!(p["progress"], numbers[i], "{p}");
+        last = i;
+    }
+    assert_eq!(statuses.first(), Some(&"QUEUED"), "{statuses:?}");
+    let dl = history
+        .iter()
+        .rev()
+        .find(|p| p["status"] == "DOWNLOADING")
+        .unwrap_or_else(|| panic!("no DOWNLOADING in {statuses:?}"));
+    assert_eq!(
+        dl["downloads"]["total"]["total_size"],
+        root.len() as u64,
+        "{dl}"
+    );
+    assert!(
+        history
+            .iter()
+            .all(|p| p["status"] == "DOWNLOADING" || p.get("downloads").is_none())
+    );
+    assert_eq!(history.last().unwrap()["progress"], 100);
+
+    // The hub shows the running revision by its own number.
+    wait(
+        &b,
+        "pantavisor.revision 1 on the hub",
+        Duration::from_secs(15),
+        || {
+            let m = hub.device_meta(&id);
+            (m.get("pantavisor.revision") == Some(&json!("1"))
+                && m.get("pv-bridge.revision") == Some(&json!("locals/hub-1")))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // A failing revision: ERROR on the hub with the update log, and the device
+    // back on locals/hub-1.
+    let bad = next_state(
+        &d,
+        &hub,
+        b"failing root",
+        json!({"_sim/behaviour.json": {"outcome": "error", "container": "app"}}),
+    )
+    .await;
+    assert_eq!(hub.post_step(&id, &bad, "broken").0, 200);
+    assert_eq!(final_on_hub(&b, &hub, &id, 2).await, "ERROR");
+    // Back to the rollback point: rev 1 if it was committed (DONE); after a
+    // non-reboot update (UPDATED) that is still the factory revision.
+    let (local, number) = if outcome == "DONE" {
+        ("locals/hub-1", "1")
+    } else {
+        ("0", "0")
+    };
+    assert_eq!(d.sim.as_ref().unwrap().running(), local);
+    wait(
+        &b,
+        "the rollback on the hub",
+        Duration::from_secs(15),
+        || (hub.device_meta(&id).get("pantavisor.revision") == Some(&json!(number))).then_some(()),
+    )
+    .await;
+    let last = hub.progress_history(&id, 2).last().cloned().unwrap();
+    assert!(
+        last["logs"].as_str().is_some_and(|l| !l.is_empty()),
+        "{last}"
+    );
+
+    // Logs: real timestamps, levels, platform and the hub revision.
+    let logs = wait(
+        &b,
+        "log entries on the hub",
+        Duration::from_secs(20),
+        || {
+            let l = hub.logs();
+            l.iter().any(|e| e["rev"] == "1").then_some(l)
+        },
+    )
+    .await;
+    let e = logs.iter().find(|e| e["rev"] == "1").unwrap();
+    assert!(e["tsec"].as_i64().unwrap() > 1_600_000_000, "{e}");
+    assert!(e["plat"].as_str().is_some_and(|p| !p.is_empty()), "{e}");
+
+    // Nothing secret in the log.
+    let log = b.log_text();
+    assert!(!log.contains(&secret), "the secret leaked into the log");
+    assert!(!log.contains("Bearer "), "a token leaked into the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_the_hub_before_inprogress_stops_the_update() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let (b, id) = claimed(&d, &hub, "", "").await;
+    let root = pv_testkit::sim::factory::blob("to-cancel", 400_000);
+    let state = next_state(&d, &hub, &root, json!({})).await;
+    // About 8 s of download: time to cancel in the middle.
+    hub.fault(Fault::new(
+        Some("GET"),
+        "/local-s3/",
+        Action::Slow(50_000),
+        1,
+    ));
+    assert_eq!(hub.post_step(&id, &state, "to cancel").0, 200);
+    wait(
+        &b,
+        "DOWNLOADING on the hub",
+        Duration::from_secs(20),
+        || (hub_status(&hub, &id, 1) == "DOWNLOADING").then_some(()),
+    )
+    .await;
+    assert_eq!(hub.cancel(&id, 1), 200);
+    assert_eq!(final_on_hub(&b, &hub, &id, 1).await, "CANCEL");
+    wait(&b, "the device's CANCEL", Duration::from_secs(20), || {
+        let h = hub.progress_history(&id, 1);
+        let last = h.last()?;
+        (last["status"] == "CANCEL" && last["status-msg"] == "Cancelled as requested by owner")
+            .then_some(())
+    })
+    .await;
+    // It stays cancelled: no later report overwrote it, and nothing was installed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hub_status(&hub, &id, 1), "CANCEL");
+    assert!(d.pv.step("locals/hub-1").await.is_err());
+    assert_eq!(d.sim.as_ref().unwrap().running(), "0");
+
+    // The next revision goes through.
+    let state = next_state(&d, &hub, b"after the cancel", json!({})).await;
+    assert_eq!(hub.post_step(&id, &state, "next").0, 200);
+    let outcome = final_on_hub(&b, &hub, &id, 2).await;
+    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_and_a_cut_download_do_not_stop_an_update() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let (b, id) = claimed(&d, &hub, "", "").await;
+    let root = pv_testkit::sim::factory::blob("resume-me", 400_000);
+    let state = next_state(&d, &hub, &root, json!({})).await;
+    // The first download is cut after 100 000 bytes; the resumed one is slow
+    // enough for the session to expire while it runs.
+    hub.fault(Fault::new(
+        Some("GET"),
+        "/local-s3/",
+        Action::CutAfter(100_000),
+        1,
+    ));
+    hub.fault(Fault::new(
+        Some("GET"),
+        "/local-s3/",
+        Action::Slow(100_000),
+        1,
+    ));
+    assert_eq!(hub.post_step(&id, &state, "resume").0, 200);
+    wait(
+        &b,
+        "DOWNLOADING on the hub",
+        Duration::from_secs(20),
+        || (hub_status(&hub, &id, 1) == "DOWNLOADING").then_some(()),
+    )
+    .await;
+    let logins = |hub: &FakeHub| {
+        hub.seen()
+            .iter()
+            .filter(|s| s.path == "/auth/login")
+            .count()
+    };
+    let before = logins(&hub);
+    hub.expire_sessions();
+    let outcome = final_on_hub(&b, &hub, &id, 1).await;
+    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+    let seen = hub.seen();
+    assert!(
+        seen.iter().any(|s| s.status == 401),
+        "the expired token was refused"
+    );
+    assert!(logins(&hub) > before, "logged in again after the expiry");
+    let downloads: Vec<_> = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.starts_with("/local-s3/"))
+        .collect();
+    assert!(
+        downloads
+            .iter()
+            .any(|s| s.status == 206 && s.range.as_deref() == Some("bytes=100000-")),
+        "resumed with Range: {downloads:?}"
+    );
+    assert_eq!(
+        downloads.iter().filter(|s| s.status == 200).count(),
+        1,
+        "{downloads:?}"
+    );
+    // Never a hot loop of logins.
+    assert!(
+        logins(&hub) - before <= 3,
+        "{} logins",
+        logins(&hub) - before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_answers_are_named_and_nothing_half_installed_runs() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let (b, id) = claimed(&d, &hub, "", "").await;
+    let steps = format!("/trails/{id}/steps");
+
+    // Garbage and an oversize answer to the steps poll.
+    hub.fault(Fault::new(
+        Some("GET"),
+        &steps,
+        Action::Body(200, b"<html>oops".to_vec()),
+        1,
+    ));
+    wait(&b, "the garbage named", Duration::from_secs(10), || {
+        b.log_text()
+            .contains("not a JSON array of steps")
+            .then_some(())
+    })
+    .await;
+    let mut huge = vec![b' '; 3 * 1024 * 1024];
+    huge.extend_from_slice(b"[]");
+    hub.fault(Fault::new(Some("GET"), &steps, Action::Body(200, huge), 1));
+    wait(
+        &b,
+        "the oversize answer named",
+        Duration::from_secs(10),
+        || {
+            b.log_text()
+                .contains("the answer exceeds 2097152 bytes")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // An object whose download gives other bytes than its sha256 names.
+    let wanted = pv_testkit::sim::factory::blob("wanted", 50_000);
+    let other = pv_testkit::sim::factory::blob("other", 50_000);
+    let state = next_state(&d, &hub, &wanted, json!({})).await;
+    let wanted_sha = state["app/root.squashfs"].as_str().unwrap().to_owned();
+    let other_sha = hub.upload("other", &other);
+    let tok = hub.user_token();
+    let (_, meta) = hub.call("GET", &format!("/objects/{other_sha}"), Some(&tok), None);
+    let lie = json!({"id": wanted_sha, "sha256sum": wanted_sha, "size": other.len().to_string(),
+        "sizeint": other.len(), "signed-geturl": meta["signed-geturl"]});
+    hub.fault(Fault::new(
+        Some("GET"),
+        &format!("/objects/{wanted_sha}"),
+        Action::Body(200, lie.to_string().into_bytes()),
+        10,
+    ));
+    assert_eq!(hub.post_step(&id, &state, "corrupt").0, 200);
+    assert_eq!(final_on_hub(&b, &hub, &id, 1).await, "WONTGO");
+    let last = hub.progress_history(&id, 1).last().cloned().unwrap();
+    assert!(
+        last["status-msg"].as_str().unwrap().contains("hash to"),
+        "{last}"
+    );
+    assert!(d.pv.step("locals/hub-1").await.is_err());
+    assert_eq!(d.sim.as_ref().unwrap().running(), "0");
+
+    // Still working: a good revision installs.
+    let state = next_state(&d, &hub, b"good one", json!({})).await;
+    assert_eq!(hub.post_step(&id, &state, "good").0, 200);
+    let outcome = final_on_hub(&b, &hub, &id, 2).await;
+    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_meta_and_device_meta_round_trip() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let (b, id) = claimed(&d, &hub, "", "").await;
+    use pv_bridge::pvctrl::Meta;
+
+    assert_eq!(
+        hub.set_user_meta(&id, json!({"a": "1", "b": {"x": 1}})),
+        200
+    );
+    common::eventually(
+        Duration::from_secs(15),
+        "user-meta on the device",
+        || async {
+            let m = d.pv.meta(Meta::User).await.ok()?;
+            (m.get("a") == Some(&json!("1")) && m.contains_key("b")).then_some(())
+        },
+    )
+    .await;
+    // The hub's map is the whole set: b disappears from the device.
+    assert_eq!(hub.set_user_meta(&id, json!({"a": "2"})), 200);
+    common::eventually(
+        Duration::from_secs(15),
+        "the deletion on the device",
+        || async {
+            let m = d.pv.meta(Meta::User).await.ok()?;
+            (m.get("a") == Some(&json!("2")) && !m.contains_key("b")).then_some(())
+        },
+    )
+    .await;
+
+    // Device-meta: Pantavisor's keys reach the hub, replaced only when changed.
+    let local = d.pv.meta(Meta::Device).await.unwrap();
+    let key = local
+        .keys()
+        .find(|k| k.starts_with("pantavisor."))
+        .cloned()
+        .unwrap();
+    wait(
+        &b,
+        "device-meta on the hub",
+        Duration::from_secs(15),
+        || {
+            let m = hub.device_meta(&id);
+            (m.contains_key(&key) && m.get("pantahub.claimed") == Some(&json!("1"))).then_some(())
+        },
+    )
+    .await;
+    let puts = |hub: &FakeHub| {
+        hub.seen()
+            .iter()
+            .filter(|s| s.method == "PUT" && s.path.ends_with("/device-meta"))
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = puts(&hub);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        puts(&hub) - n <= 1,
+        "device-meta sent again without a change"
+    );
+    d.pv.put_meta(Meta::Device, "app.health", b"green")
+        .await
+        .unwrap();
+    wait(
+        &b,
+        "a changed key on the hub",
+        Duration::from_secs(15),
+        || (hub.device_meta(&id).get("app.health") == Some(&json!("green"))).then_some(()),
+    )
+    .await;
+}
+
+/// "synthetic log line N" → N.
+fn seq(e: &Value) -> Option<u64> {
+    e["msg"]
+        .as_str()?
+        .split("synthetic log line ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_arrive_complete_and_in_order_after_a_hub_outage() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 40.0).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let (b, _id) = claimed(&d, &hub, "", "").await;
+    // An outage of the log service: 503s, then dropped connections.
+    hub.fault(Fault::new(Some("POST"), "/logs/", Action::Status(503), 3));
+    hub.fault(Fault::new(Some("POST"), "/logs/", Action::Drop, 2));
+    let logs = wait(&b, "200 synthetic lines", Duration::from_secs(60), || {
+        let l = hub.logs();
+        (l.iter().filter(|e| seq(e).is_some()).count() >= 200).then_some(l)
+    })
+    .await;
+    assert!(
+        hub.seen()
+            .iter()
+            .any(|s| s.path == "/logs/" && s.status == 503)
+    );
+    let mut files: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
+    for e in &logs {
+        if let Some(n) = seq(e) {
+            let key = (
+                e["plat"].as_str().unwrap().to_owned(),
+                e["src"].as_str().unwrap().to_owned(),
+            );
+            files.entry(key).or_default().push(n);
+            assert_eq!(e["lvl"], "INFO", "{e}");
+        }
+    }
+    for (f, ns) in &files {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{f:?} out of order or duplicated: {ns:?}"
+        );
+    }
+    // Every line between the latest first line and the earliest last line of all
+    // the files arrived.
+    let lo = files.values().map(|v| v[0]).max().unwrap();
+    let hi = files.values().map(|v| *v.last().unwrap()).min().unwrap();
+    let all: std::collections::BTreeSet<u64> = files.values().flatten().copied().collect();
+    let missing: Vec<u64> = (lo..=hi).filter(|n| !all.contains(n)).collect();
+    assert!(
+        hi > lo && missing.is_empty(),
+        "missing {missing:?} in {lo}..={hi}"
+    );
+    // Batches stay within the hub's limits.
+    assert!(hub.seen().iter().filter(|s| s.path == "/logs/").count() >= 2);
+}
