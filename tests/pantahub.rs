@@ -36,6 +36,17 @@ const FAST: &str = "poll_interval_secs = 0.3\nuser_meta_interval_secs = 0.3\ndev
 
 impl Bridge {
     fn start(d: &common::Device, dir: &Path, hub: &FakeHub, top: &str, backend: &str) -> Bridge {
+        Self::start_env(d, dir, hub, top, backend, &[])
+    }
+
+    fn start_env(
+        d: &common::Device,
+        dir: &Path,
+        hub: &FakeHub,
+        top: &str,
+        backend: &str,
+        env: &[(&str, &str)],
+    ) -> Bridge {
         let cfg = dir.join("bridge.toml");
         let state = dir.join("state");
         std::fs::write(
@@ -50,7 +61,21 @@ impl Bridge {
         )
         .unwrap();
         let log = dir.join("bridge.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pv-bridge"));
+        for k in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.envs(env.iter().copied());
+        let child = cmd
             .args(["run", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
@@ -656,4 +681,220 @@ async fn logs_arrive_complete_and_in_order_after_a_hub_outage() {
     );
     // Batches stay within the hub's limits.
     assert!(hub.seen().iter().filter(|s| s.path == "/logs/").count() >= 2);
+}
+
+/// tinyproxy (Debian's package) on a free loopback port, in the foreground.
+struct Tinyproxy {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tinyproxy {
+    fn start(dir: &Path) -> Tinyproxy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.join("tinyproxy.log");
+        let conf = dir.join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Connect\nLogFile \"{}\"\nMaxClients 20\nAllow 127.0.0.1\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let bin = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("tinyproxy is needed for the proxy test: apt-get install -y tinyproxy");
+        let child = Command::new(bin)
+            .args(["-d", "-c"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tinyproxy did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tinyproxy { child, port, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_device_talks_tls_through_an_https_proxy() {
+    let d = common::start(Generation::Gen2).await;
+    let pki = common::test_pki(&d.dir.path().join("pki"));
+    // Objects are served as 127.0.0.1, the API as localhost: the proxy's log tells
+    // downloads from API calls.
+    let cfg = HubConfig {
+        object_host: Some("127.0.0.1".into()),
+        ..HubConfig::default()
+    };
+    let hub = FakeHub::start_tls(cfg, &pki.server_cert, &pki.server_key)
+        .await
+        .unwrap();
+    assert!(hub.url().starts_with("https://localhost:"));
+    // A device the built-in client registered and its owner claimed: its
+    // pantahub.config moves to pv-bridge as it is.
+    let tok = hub.user_token();
+    let (status, dev) = hub.call(
+        "POST",
+        "/devices/",
+        Some(&tok),
+        Some(json!({"nick": "moved"})),
+    );
+    assert_eq!(status, 200, "{dev}");
+    let id = dev["id"].as_str().unwrap().to_owned();
+    let creds = d.dir.path().join("pantahub.config");
+    std::fs::write(
+        &creds,
+        format!(
+            "PH_CREDS_HOST=localhost\nPH_CREDS_PORT=443\nPH_CREDS_ID={id}\nPH_CREDS_PRN={}\nPH_CREDS_SECRET={}\n",
+            dev["prn"].as_str().unwrap(),
+            dev["secret"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let proxy = Tinyproxy::start(d.dir.path());
+
+    // First with a CA that did not sign the hub's certificate: refused, and said.
+    let other = common::test_pki(&d.dir.path().join("other-pki"));
+    let backend = |ca: &Path, proxy_key: bool| {
+        let key = if proxy_key {
+            format!("proxy = \"http://127.0.0.1:{}\"\n", proxy.port)
+        } else {
+            String::new()
+        };
+        format!(
+            "ca_file = \"{}\"\ncredentials_file = \"{}\"\n{key}",
+            ca.display(),
+            creds.display(),
+        )
+    };
+    let wrong_dir = d.dir.path().join("wrong");
+    std::fs::create_dir_all(&wrong_dir).unwrap();
+    let b = Bridge::start(&d, &wrong_dir, &hub, "", &backend(&other.ca, true));
+    wait(&b, "a certificate error", Duration::from_secs(20), || {
+        b.log_text().contains("certificate").then_some(())
+    })
+    .await;
+    drop(b);
+    assert!(hub.factory_state(&id).is_none());
+    let port = hub.addr().port();
+    let connect = format!("CONNECT localhost:{port}");
+    let first = proxy.log_text().matches(&connect).count();
+    assert!(
+        first > 0,
+        "the `proxy` setting is used: {}",
+        proxy.log_text()
+    );
+
+    // With the right CA, and the proxy from HTTPS_PROXY: no registration,
+    // straight to the factory sync.
+    let via = format!("http://127.0.0.1:{}", proxy.port);
+    let b = Bridge::start_env(
+        &d,
+        d.dir.path(),
+        &hub,
+        "",
+        &backend(&pki.ca, false),
+        &[("HTTPS_PROXY", &via)],
+    );
+    wait(&b, "the factory sync", Duration::from_secs(30), || {
+        hub.factory_state(&id)
+    })
+    .await;
+    assert_eq!(hub.device_ids(), vec![id.clone()], "no new registration");
+    assert!(!b.state.join("adapters/hub/pantahub.creds").exists());
+    let plog = proxy.log_text();
+    let before = plog.matches(&connect).count();
+    assert!(before > first, "HTTPS_PROXY is used: {plog}");
+    // An update: objects come over TLS from the hub (trusted through the
+    // backend's ca_file) and through the proxy too.
+    let state = next_state(&d, &hub, b"over the proxy", json!({})).await;
+    assert_eq!(hub.post_step(&id, &state, "via proxy").0, 200);
+    let outcome = final_on_hub(&b, &hub, &id, 1).await;
+    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+    assert!(
+        hub.seen()
+            .iter()
+            .any(|s| s.method == "GET" && s.path.starts_with("/local-s3/") && s.status == 200)
+    );
+    let plog = proxy.log_text();
+    assert!(
+        plog.contains(&format!("CONNECT 127.0.0.1:{port}")),
+        "object downloads go through the proxy too: {plog}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_claim_token_skips_the_claim_and_brings_default_user_meta() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let tok = hub.user_token();
+    let (status, t) = hub.call(
+        "POST",
+        "/devices/tokens",
+        Some(&tok),
+        Some(json!({"default-user-meta": {"fleet": "north"}})),
+    );
+    assert_eq!(status, 200, "{t}");
+    let autotok = d.dir.path().join("autotok");
+    std::fs::write(&autotok, format!("{}\n", t["token"].as_str().unwrap())).unwrap();
+    // One of the device's objects is already on the hub: the sync skips it (409).
+    let state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    let sha = state["app/root.squashfs"].as_str().unwrap().to_owned();
+    let mut bytes = Vec::new();
+    d.pv.get_object(&sha, &mut bytes).await.unwrap();
+    assert_eq!(hub.upload("app/root.squashfs", &bytes), sha);
+    // A proxy that does not exist, bypassed by NO_PROXY.
+    let b = Bridge::start_env(
+        &d,
+        d.dir.path(),
+        &hub,
+        "",
+        &format!("autotok_file = \"{}\"\n", autotok.display()),
+        &[
+            ("HTTP_PROXY", "http://127.0.0.1:9"),
+            ("NO_PROXY", "localhost"),
+        ],
+    );
+    let id = wait(&b, "the factory sync", Duration::from_secs(30), || {
+        let id = hub.device_ids().first().cloned()?;
+        hub.factory_state(&id).map(|_| id)
+    })
+    .await;
+    let rec = hub.device(&id).unwrap();
+    assert_eq!(rec["owner"], pv_testkit::hub::USER_PRN);
+    assert_eq!(rec["challenge"], "");
+    assert!(
+        hub.seen()
+            .iter()
+            .any(|s| s.method == "POST" && s.path == "/objects/" && s.status == 409),
+        "the object already there was not uploaded again"
+    );
+    assert!(!b.log_text().contains("waiting to be claimed"));
+    common::eventually(Duration::from_secs(15), "the token's user-meta", || async {
+        let m = d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
+        (m.get("fleet") == Some(&json!("north"))).then_some(())
+    })
+    .await;
 }

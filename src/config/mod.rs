@@ -86,6 +86,9 @@ pub struct Updates {
     pub max_update_bytes: u64,
     /// Extra trust anchors (PEM) for https object downloads.
     pub ca_file: Option<PathBuf>,
+    /// HTTP proxy for object downloads; default: a backend's `proxy`, else the
+    /// environment's.
+    pub proxy: Option<String>,
 }
 
 impl Default for Updates {
@@ -98,6 +101,7 @@ impl Default for Updates {
             poll_interval_ms: o.poll_interval.as_millis() as u64,
             max_update_bytes: o.max_update_bytes,
             ca_file: None,
+            proxy: None,
         }
     }
 }
@@ -113,6 +117,8 @@ impl Updates {
             max_update_bytes: self.max_update_bytes,
             cache_dir: None,
             ca_file: self.ca_file.clone(),
+            backend_ca_files: Vec::new(),
+            proxy: self.proxy.clone(),
         }
     }
 }

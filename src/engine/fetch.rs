@@ -58,16 +58,41 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Downloader {
     /// A downloader caching in `cache`. TLS trusts the system's certificates, plus
-    /// those in `ca_file` (PEM) when given.
-    pub fn new(cache: &Path, ca_file: Option<&Path>) -> Result<Self, String> {
+    /// those in the `ca_files` (PEM). Downloads go through `proxy` when given, else
+    /// through the environment's `HTTPS_PROXY`/`HTTP_PROXY` (`NO_PROXY` honoured).
+    pub fn new(cache: &Path, ca_files: &[&Path], proxy: Option<&str>) -> Result<Self, String> {
         // reqwest is built without a default crypto provider: use ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("pv-bridge/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = ca_file {
+        for path in ca_files {
             builder = builder.tls_certs_merge(load_ca(path)?);
+        }
+        builder = builder.no_proxy();
+        let env = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+        };
+        let https = proxy
+            .map(str::to_owned)
+            .or_else(|| env(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]));
+        let http = proxy
+            .map(str::to_owned)
+            .or_else(|| env(&["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]));
+        if let Some(p) = https {
+            let px = reqwest::Proxy::https(&p)
+                .map_err(|e| format!("proxy {p:?}: {}", chain(&e)))?
+                .no_proxy(reqwest::NoProxy::from_env());
+            builder = builder.proxy(px);
+        }
+        if let Some(p) = http {
+            let px = reqwest::Proxy::http(&p)
+                .map_err(|e| format!("proxy {p:?}: {}", chain(&e)))?
+                .no_proxy(reqwest::NoProxy::from_env());
+            builder = builder.proxy(px);
         }
         let client = builder
             .build()

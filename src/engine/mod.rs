@@ -251,6 +251,19 @@ pub async fn run_with(
     let (connected_tx, connected_rx) = watch::channel(false);
     let readiness = tokio::spawn(keep_ready(pv.clone(), ready.clone(), connected_rx));
     let mut opts = opts;
+    // Network settings the operator gave a backend serve its downloads too.
+    for b in &cfg.backends {
+        if let Some(ca) = b.settings.get("ca_file").and_then(|v| v.as_str()) {
+            opts.backend_ca_files.push(ca.into());
+        }
+        if opts.proxy.is_none() {
+            opts.proxy = b
+                .settings
+                .get("proxy")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+        }
+    }
     if opts.cache_dir.is_none() {
         opts.cache_dir = Some(cfg.bridge.state_dir.join("cache"));
     }

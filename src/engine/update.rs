@@ -48,6 +48,12 @@ pub struct UpdateOptions {
     pub cache_dir: Option<std::path::PathBuf>,
     /// Extra trust anchors (PEM) for https downloads.
     pub ca_file: Option<std::path::PathBuf>,
+    /// More trust anchors: the backends' own `ca_file`s (a hub with a private CA
+    /// serves its objects under the same certificate).
+    pub backend_ca_files: Vec<std::path::PathBuf>,
+    /// HTTP proxy for downloads (`http://host:port`); `None` = the environment's
+    /// `HTTPS_PROXY`/`HTTP_PROXY`, with `NO_PROXY`.
+    pub proxy: Option<String>,
 }
 
 impl Default for UpdateOptions {
@@ -60,6 +66,8 @@ impl Default for UpdateOptions {
             max_update_bytes: 0,
             cache_dir: None,
             ca_file: None,
+            backend_ca_files: Vec::new(),
+            proxy: None,
         }
     }
 }
@@ -428,7 +436,20 @@ impl Coordinator {
         slot: super::arbiter::Shared,
     ) -> Self {
         let downloader = opts.cache_dir.as_deref().and_then(|dir| {
-            match super::fetch::Downloader::new(dir, opts.ca_file.as_deref()) {
+            // A backend's own CA file that does not load is that backend's
+            // problem (its adapter says so); downloads go on without it.
+            let usable = opts.backend_ca_files.iter().filter(|p| {
+                super::fetch::load_ca(p)
+                    .map_err(|e| warn!(error = %e, "not trusted for downloads"))
+                    .is_ok()
+            });
+            let cas: Vec<&std::path::Path> = opts
+                .ca_file
+                .iter()
+                .chain(usable)
+                .map(|p| p.as_path())
+                .collect();
+            match super::fetch::Downloader::new(dir, &cas, opts.proxy.as_deref()) {
                 Ok(d) => Some(Arc::new(d)),
                 Err(e) => {
                     error!(error = %e, "URL object sources will be refused");

@@ -57,6 +57,9 @@ pub struct HubConfig {
     pub cancel_from: Vec<String>,
     /// Base URL put into signed object URLs; the fake's own address when `None`.
     pub public_url: Option<String>,
+    /// Host name for signed object URLs with the fake's own scheme and port (tests
+    /// tell object downloads from API calls by it: `127.0.0.1` vs `localhost`).
+    pub object_host: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -67,6 +70,7 @@ impl Default for HubConfig {
                 .map(String::from)
                 .to_vec(),
             public_url: None,
+            object_host: None,
         }
     }
 }
@@ -200,6 +204,8 @@ struct State {
 struct Shared {
     cfg: HubConfig,
     base: String,
+    /// Base of signed object URLs.
+    objects_base: String,
     state: Mutex<State>,
 }
 
@@ -255,9 +261,14 @@ impl FakeHub {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{host}"));
+        let objects_base = match &cfg.object_host {
+            Some(h) if cfg.public_url.is_none() => format!("{scheme}://{h}:{}", addr.port()),
+            _ => base.clone(),
+        };
         let shared = Arc::new(Shared {
             cfg,
             base,
+            objects_base,
             state: Mutex::new(State::default()),
         });
         let sh = shared.clone();
@@ -1676,7 +1687,7 @@ fn sign(
             exp: now() + 86_400,
         },
     );
-    format!("{}/local-s3/{token}", sh.base)
+    format!("{}/local-s3/{token}", sh.objects_base)
 }
 
 fn object_json(sh: &Shared, st: &mut State, owner: &str, sha: &str, put: bool) -> Option<Value> {
