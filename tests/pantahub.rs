@@ -8,6 +8,8 @@
 
 #[macro_use]
 mod common;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -895,6 +897,128 @@ async fn an_auto_claim_token_skips_the_claim_and_brings_default_user_meta() {
     common::eventually(Duration::from_secs(15), "the token's user-meta", || async {
         let m = d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
         (m.get("fleet") == Some(&json!("north"))).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_entry_the_hub_refuses_is_dropped_and_the_rest_arrive() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let (b, _id) = claimed(&d, &hub, "", "").await;
+    hub.refuse_logs_containing("POISON");
+    let running = d.sim.as_ref().unwrap().running();
+    let file = d
+        .storage()
+        .join(format!("logs/{running}/app/lxc/console.log"));
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let mut text = String::new();
+    for i in 0..5 {
+        text.push_str(&format!("line before {i}\n"));
+    }
+    text.push_str("a POISON line\n");
+    for i in 0..5 {
+        text.push_str(&format!("line after {i}\n"));
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let msgs = wait(
+        &b,
+        "the lines after the poison",
+        Duration::from_secs(30),
+        || {
+            let msgs: Vec<String> = hub
+                .logs()
+                .iter()
+                .filter(|e| e["plat"] == "app")
+                .filter_map(|e| e["msg"].as_str().map(str::to_owned))
+                .filter(|m| m.starts_with("line "))
+                .collect();
+            msgs.iter().any(|m| m == "line after 4").then_some(msgs)
+        },
+    )
+    .await;
+    let want: Vec<String> = (0..5)
+        .map(|i| format!("line before {i}"))
+        .chain((0..5).map(|i| format!("line after {i}")))
+        .collect();
+    assert_eq!(msgs, want);
+    assert!(
+        !hub.logs()
+            .iter()
+            .any(|e| e["msg"].as_str().unwrap_or("").contains("POISON"))
+    );
+    assert!(
+        b.log_text()
+            .contains("dropping a log entry the hub refuses")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_and_mqtt_run_together_with_the_hub_owning_updates() {
+    let d = common::start(Generation::Gen2).await;
+    let broker = mosquitto::Broker::start(d.dir.path(), "");
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let mqtt = format!(
+        "[[backend]]\ntype = \"mqtt\"\nname = \"plant\"\ndevice_id = \"dev-1\"\nbroker = \"mqtt://127.0.0.1:{}\"\nupdates = false\n",
+        broker.port
+    );
+    let (b, id) = claimed(&d, &hub, &mqtt, "priority = 10\n").await;
+    mosquitto::wait_for("MQTT status online", Duration::from_secs(15), || {
+        mosquitto::retained(broker.port, "pv/dev-1/status").filter(|s| s["online"] == true)
+    })
+    .await;
+
+    // An offer over MQTT is refused: that backend does not own updates.
+    let running: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    mosquitto::publish(
+        broker.port,
+        "pv/dev-1/revision/set",
+        &json!({"v": 1, "id": "m1", "state": running}).to_string(),
+        true,
+    );
+    let p = mosquitto::wait_for("WONTGO over MQTT", Duration::from_secs(15), || {
+        mosquitto::retained(broker.port, "pv/dev-1/revision/progress")
+            .filter(|p| p["id"] == "m1" && p["status"] == "WONTGO")
+    })
+    .await;
+    assert!(
+        p["status_msg"].as_str().unwrap().contains("switched off"),
+        "{p}"
+    );
+
+    // The hub's update runs, and MQTT sees the device on it.
+    let state = next_state(&d, &hub, b"both backends", json!({})).await;
+    assert_eq!(hub.post_step(&id, &state, "together").0, 200);
+    let outcome = final_on_hub(&b, &hub, &id, 1).await;
+    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+    mosquitto::wait_for(
+        "the new revision in MQTT's status",
+        Duration::from_secs(15),
+        || {
+            mosquitto::retained(broker.port, "pv/dev-1/status")
+                .filter(|s| s["online"] == true && s["revision"] == "locals/hub-1")
+        },
+    )
+    .await;
+    // User-meta from both backends reaches the device.
+    assert_eq!(hub.set_user_meta(&id, json!({"from-hub": "1"})), 200);
+    mosquitto::publish(
+        broker.port,
+        "pv/dev-1/meta/user/set",
+        &json!({"v": 1, "version": 1, "data": {"from-mqtt": "2"}}).to_string(),
+        true,
+    );
+    common::eventually(Duration::from_secs(15), "user-meta from both", || async {
+        let m = d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
+        (m.get("from-hub") == Some(&json!("1")) && m.get("from-mqtt") == Some(&json!("2")))
+            .then_some(())
     })
     .await;
 }

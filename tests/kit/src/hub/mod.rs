@@ -194,6 +194,8 @@ struct State {
     /// auto-claim token → (owner, default user-meta).
     autotokens: HashMap<String, (String, Map<String, Value>)>,
     logs: Vec<Value>,
+    /// Log batches with an entry whose `msg` contains this are refused (400).
+    log_poison: Option<String>,
     /// Every progress a device PUT, by (trail, rev), in order.
     history: BTreeMap<(String, i64), Vec<Value>>,
     faults: VecDeque<Fault>,
@@ -304,6 +306,12 @@ impl FakeHub {
     /// Queues a fault.
     pub fn fault(&self, f: Fault) {
         self.shared.lock().faults.push_back(f);
+    }
+
+    /// Refuses (400) every log batch with an entry whose `msg` contains `text`,
+    /// as a hub refuses an entry it cannot store.
+    pub fn refuse_logs_containing(&self, text: &str) {
+        self.shared.lock().log_poison = Some(text.to_owned());
     }
 
     /// Every session token expires now: the next call with one gets 401.
@@ -1867,6 +1875,13 @@ fn logs(_sh: &Shared, req: &Request, rest: &str) -> Response {
                 Ok(v @ Value::Object(_)) => vec![v],
                 _ => return rest_error(400, "body must be a log entry or an array of them"),
             };
+            if let Some(p) = &st.log_poison
+                && entries
+                    .iter()
+                    .any(|e| e["msg"].as_str().is_some_and(|m| m.contains(p.as_str())))
+            {
+                return rest_error(400, "cannot store a log entry");
+            }
             let mut parsed = Vec::with_capacity(entries.len());
             for e in entries {
                 let Value::Object(mut m) = e else {
