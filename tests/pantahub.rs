@@ -246,8 +246,11 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
 
     // An update: the user posts rev 1; the device installs locals/hub-1 and the hub
     // follows Pantavisor's statuses with its fixed progress numbers.
+    // A new kernel too: a reboot update, committed as DONE.
     let root = pv_testkit::sim::factory::blob("hub-root-1", 300_000);
-    let state = next_state(&d, &hub, &root, json!({})).await;
+    let kernel = pv_testkit::sim::factory::blob("hub-kernel-1", 100_000);
+    let ksha = hub.upload("bsp/kernel.img", &kernel);
+    let state = next_state(&d, &hub, &root, json!({"bsp/kernel.img": ksha})).await;
     // Slow enough (about 1.5 s) for DOWNLOADING reports with byte counts.
     hub.fault(Fault::new(
         Some("GET"),
@@ -258,8 +261,7 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
     let (status, step) = hub.post_step(&id, &state, "first update");
     assert_eq!(status, 200, "{step}");
     assert_eq!(step["rev"], 1);
-    let outcome = final_on_hub(&b, &hub, &id, 1).await;
-    assert!(outcome == "DONE" || outcome == "UPDATED", "{outcome}");
+    assert_eq!(final_on_hub(&b, &hub, &id, 1).await, "DONE");
     assert_eq!(d.sim.as_ref().unwrap().running(), "locals/hub-1");
     let history = hub.progress_history(&id, 1);
     let statuses: Vec<&str> = history
@@ -293,8 +295,12 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
         .unwrap_or_else(|| panic!("no DOWNLOADING in {statuses:?}"));
     assert_eq!(
         dl["downloads"]["total"]["total_size"],
-        root.len() as u64,
+        (root.len() + kernel.len()) as u64,
         "{dl}"
+    );
+    assert!(
+        statuses.contains(&"INPROGRESS") && statuses.contains(&"TESTING"),
+        "{statuses:?}"
     );
     assert!(
         history
@@ -328,21 +334,13 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
     .await;
     assert_eq!(hub.post_step(&id, &bad, "broken").0, 200);
     assert_eq!(final_on_hub(&b, &hub, &id, 2).await, "ERROR");
-    // Back to the rollback point: rev 1 if it was committed (DONE); after a
-    // non-reboot update (UPDATED) that is still the factory revision.
-    let (local, number) = if outcome == "DONE" {
-        ("locals/hub-1", "1")
-    } else {
-        ("0", "0")
-    };
-    assert_eq!(d.sim.as_ref().unwrap().running(), local);
-    wait(
-        &b,
-        "the rollback on the hub",
-        Duration::from_secs(15),
-        || (hub.device_meta(&id).get("pantavisor.revision") == Some(&json!(number))).then_some(()),
-    )
-    .await;
+    // Back to the rollback point, rev 1, as the hub keeps showing.
+    assert_eq!(d.sim.as_ref().unwrap().running(), "locals/hub-1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        hub.device_meta(&id).get("pantavisor.revision"),
+        Some(&json!("1"))
+    );
     let last = hub.progress_history(&id, 2).last().cloned().unwrap();
     assert!(
         last["logs"].as_str().is_some_and(|l| !l.is_empty()),
@@ -1021,4 +1019,58 @@ async fn the_hub_and_mqtt_run_together_with_the_hub_owning_updates() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_back_off_and_a_fixed_file_recovers() {
+    let d = common::start(Generation::Gen2).await;
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let tok = hub.user_token();
+    let (_, dev) = hub.call(
+        "POST",
+        "/devices/",
+        Some(&tok),
+        Some(json!({"nick": "dev"})),
+    );
+    let id = dev["id"].as_str().unwrap().to_owned();
+    let secret = dev["secret"].as_str().unwrap().to_owned();
+    let creds = d.dir.path().join("pantahub.config");
+    let write = |s: &str| {
+        std::fs::write(&creds, format!("PH_CREDS_ID={id}\nPH_CREDS_SECRET={s}\n")).unwrap()
+    };
+    write("not-the-secret");
+    let b = Bridge::start(
+        &d,
+        d.dir.path(),
+        &hub,
+        "",
+        &format!("credentials_file = \"{}\"\n", creds.display()),
+    );
+    let logins = || {
+        hub.seen()
+            .iter()
+            .filter(|s| s.path == "/auth/login")
+            .count()
+    };
+    wait(&b, "a refused login", Duration::from_secs(10), || {
+        (logins() > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let n = logins();
+    assert!(
+        (2..=6).contains(&n),
+        "{n} login attempts in about 8 s: backoff, not a hot loop"
+    );
+    let log = b.log_text();
+    assert!(log.contains("POST /auth/login: HTTP 401"), "{log}");
+    assert!(!log.contains("not-the-secret"));
+    assert!(hub.factory_state(&id).is_none());
+    // The file is read again on every attempt: fixing it is enough.
+    write(&secret);
+    wait(&b, "the factory sync", Duration::from_secs(90), || {
+        hub.factory_state(&id)
+    })
+    .await;
+    assert!(!b.log_text().contains(&secret));
 }

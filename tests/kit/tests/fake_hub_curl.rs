@@ -190,4 +190,73 @@ fn a_device_and_a_user_through_curl() {
     assert_eq!(code, 500, "no trail yet: the hub answers 500");
     let (code, _, _) = curl(&["-A", ua, "-H", "Authorization: Bearer nope", &u("/trails/")]);
     assert_eq!(code, 401);
+
+    // The token predates the claim: its owner is empty until the device logs in
+    // again, so owner-scoped calls are refused.
+    let (code, _, _) = curl(&["-A", ua, "-H", &bearer, "-d", "{}", &u("/trails/")]);
+    assert_eq!(code, 403);
+    let (_, _, body) = curl(&[
+        "-A",
+        ua,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &creds,
+        &u("/auth/login"),
+    ]);
+    let bearer = format!(
+        "Authorization: Bearer {}",
+        json(&body)["token"].as_str().unwrap()
+    );
+    // An empty factory state is allowed; a second trail is a 500.
+    let (code, head, body) = curl(&["-A", ua, "-H", &bearer, "-d", "{}", &u("/trails/")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(head.contains("PhJsonFormat"), "{head}");
+    assert!(
+        !body.contains(' ') && !body.contains('\n'),
+        "canonical: {body}"
+    );
+    let (code, _, _) = curl(&["-A", ua, "-H", &bearer, "-d", "{}", &u("/trails/")]);
+    assert_eq!(code, 500);
+    // Not found, the hub's ways: unknown step 500, unknown object 403, bad sha 400.
+    let (code, _, body) = curl(&[
+        "-A",
+        ua,
+        "-H",
+        &bearer,
+        &u(&format!("/trails/{id}/steps/7")),
+    ]);
+    assert_eq!(
+        (code, json(&body)["msg"].as_str()),
+        (500, Some("No access"))
+    );
+    let (code, _, body) = curl(&[
+        "-A",
+        ua,
+        "-H",
+        &bearer,
+        &u(&format!("/objects/{}", "ab".repeat(32))),
+    ]);
+    assert_eq!(
+        (code, json(&body)["msg"].as_str()),
+        (403, Some("No Access"))
+    );
+    let (code, _, _) = curl(&["-A", ua, "-H", &bearer, &u("/objects/xyz")]);
+    assert_eq!(code, 400);
+    // Progress of rev 0 by the device: echoed with the hub's fields only.
+    let (code, _, body) = curl(&[
+        "-X",
+        "PUT",
+        "-A",
+        ua,
+        "-H",
+        &bearer,
+        "-d",
+        "{\"status\":\"DONE\",\"status-msg\":\"Factory revision\",\"progress\":100,\"retries\":3}",
+        &u(&format!("/trails/{id}/steps/0/progress")),
+    ]);
+    assert_eq!(code, 200);
+    let p = json(&body);
+    assert_eq!(p["status"], "DONE");
+    assert!(p.get("retries").is_none(), "{p}");
 }
