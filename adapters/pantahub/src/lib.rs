@@ -314,6 +314,8 @@ struct Active {
     queue: std::collections::VecDeque<Progress>,
     download_started: u64,
     owner_cancel: bool,
+    /// The last report failed: wait the interval before the next attempt.
+    failed: bool,
 }
 
 impl Hub {
@@ -680,6 +682,7 @@ impl Hub {
             queue: Default::default(),
             download_started: 0,
             owner_cancel: false,
+            failed: false,
         });
         if a.rev != rev {
             return;
@@ -735,7 +738,7 @@ impl Hub {
         let due = a
             .last_put
             .is_none_or(|t| t.elapsed() >= secs(self.cfg.progress_interval_secs));
-        if !changed && !due {
+        if !due && (!changed || a.failed) {
             return false;
         }
         if matches!(p.status, UpdateStatus::Queued | UpdateStatus::Downloading) && !a.owner_cancel {
@@ -768,6 +771,7 @@ impl Hub {
             Ok(r) if r.status == 200 => {
                 debug!(rev = a.rev, status = %p.status, "progress reported");
                 a.sent = Some((p.status, p.status_msg.clone()));
+                a.failed = false;
                 a.queue.pop_front();
                 if p.status.is_final() {
                     info!(backend = %self.link.backend(), rev = a.rev, status = %p.status, "final status reported to the hub");
@@ -778,10 +782,12 @@ impl Hub {
             }
             Ok(r) => {
                 warn!(backend = %self.link.backend(), error = %status_error(&format!("PUT {path}"), &r), "progress not accepted");
+                a.failed = true;
                 false
             }
             Err(e) => {
                 warn!(backend = %self.link.backend(), error = %e, "cannot report progress");
+                a.failed = true;
                 false
             }
         }
@@ -931,6 +937,7 @@ impl Hub {
             queue: Default::default(),
             download_started: 0,
             owner_cancel: false,
+            failed: false,
         });
         let offer = Offer {
             id,
