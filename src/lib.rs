@@ -4,6 +4,7 @@
 //! and drives backend adapters (see the `pv-adapter-api` crate) on the other.
 //! [`state`] holds the state JSON model shared by every part that stages revisions.
 
+pub mod cli;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;

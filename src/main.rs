@@ -4,47 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
 use pv_bridge::config::{self, Config};
 use pv_bridge::pvctrl::PvCtrl;
 use pv_bridge::telemetry::{self, LogFormat};
 use tracing::{error, info, warn};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "pv-bridge",
-    version,
-    about = "Bridge between Pantavisor's pv-ctrl and cloud backends"
-)]
-struct Cli {
-    /// Log format: text or json (log level from RUST_LOG, default info).
-    #[arg(
-        long,
-        global = true,
-        default_value = "text",
-        env = "PV_BRIDGE_LOG_FORMAT"
-    )]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Run the bridge daemon.
-    Run {
-        /// Configuration file [default: $PV_BRIDGE_CONFIG or /etc/pv-bridge/config.toml].
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
-    /// Validate a configuration file: exit 0 with a summary, or 2 with file:line.
-    CheckConfig {
-        /// Configuration file [default: $PV_BRIDGE_CONFIG or /etc/pv-bridge/config.toml].
-        file: Option<PathBuf>,
-    },
-    /// Zero-setup tour against a simulated device; needs nothing external.
-    Demo,
-}
+use pv_bridge::cli::{self, Cmd};
 
 fn config_path(given: Option<PathBuf>) -> PathBuf {
     given
@@ -53,8 +18,23 @@ fn config_path(given: Option<PathBuf>) -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let env_format = std::env::var("PV_BRIDGE_LOG_FORMAT").ok();
+    let cli = match cli::parse(std::env::args_os().skip(1), env_format.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
+        Cmd::Help => {
+            print!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Cmd::Version => {
+            println!("pv-bridge {}", pv_bridge::VERSION);
+            ExitCode::SUCCESS
+        }
         Cmd::CheckConfig { file } => {
             let path = config_path(file);
             match Config::load(&path) {
