@@ -39,7 +39,7 @@ struct Validator {
 
 /// Downloads objects into a cache directory.
 pub struct Downloader {
-    client: reqwest::Client,
+    client: pv_http::Client,
     cache: PathBuf,
 }
 
@@ -61,40 +61,17 @@ impl Downloader {
     /// those in the `ca_files` (PEM). Downloads go through `proxy` when given, else
     /// through the environment's `HTTPS_PROXY`/`HTTP_PROXY` (`NO_PROXY` honoured).
     pub fn new(cache: &Path, ca_files: &[&Path], proxy: Option<&str>) -> Result<Self, String> {
-        // reqwest is built without a default crypto provider: use ring.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
+        let mut builder = pv_http::Client::builder()
             .connect_timeout(Duration::from_secs(30))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("pv-bridge/", env!("CARGO_PKG_VERSION")));
+            .read_timeout(Duration::from_secs(60));
         for path in ca_files {
-            builder = builder.tls_certs_merge(load_ca(path)?);
+            builder = builder.ca_file(path).map_err(|e| e.to_string())?;
         }
-        builder = builder.no_proxy();
-        let env = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-        };
-        let https = proxy
-            .map(str::to_owned)
-            .or_else(|| env(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]));
-        let http = proxy
-            .map(str::to_owned)
-            .or_else(|| env(&["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]));
-        if let Some(p) = https {
-            let px = reqwest::Proxy::https(&p)
-                .map_err(|e| format!("proxy {p:?}: {}", chain(&e)))?
-                .no_proxy(reqwest::NoProxy::from_env());
-            builder = builder.proxy(px);
-        }
-        if let Some(p) = http {
-            let px = reqwest::Proxy::http(&p)
-                .map_err(|e| format!("proxy {p:?}: {}", chain(&e)))?
-                .no_proxy(reqwest::NoProxy::from_env());
-            builder = builder.proxy(px);
+        if let Some(p) = proxy {
+            builder = builder.proxy(p);
         }
         let client = builder
+            .proxy_from_env()
             .build()
             .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
         Ok(Self {
@@ -238,7 +215,7 @@ impl Downloader {
         let mut req = self.client.get(url);
         let resume = *have > 0;
         if resume {
-            req = req.header(reqwest::header::RANGE, format!("bytes={}-", *have));
+            req = req.header("Range", &format!("bytes={}-", *have));
             // If-Range only for the same URL: another one has other validators.
             let same = validator.url == url;
             if let Some(v) = validator
@@ -247,32 +224,27 @@ impl Downloader {
                 .or(validator.last_modified.as_ref())
                 .filter(|_| same)
             {
-                req = req.header(reqwest::header::IF_RANGE, v.clone());
+                req = req.header("If-Range", v);
             }
         }
         let mut resp = req.send().await.map_err(|e| {
-            let why = chain(&e);
             // A certificate the bridge does not trust will not become trusted by
             // retrying: fail now, with the reason.
-            if why.contains("certificate") {
-                Failure::Fatal(format!("{url}: TLS: {why}"))
+            if e.is_tls() {
+                Failure::Fatal(format!("{url}: {e}"))
             } else {
-                Failure::Retry(why, None)
+                Failure::Retry(e.to_string(), None)
             }
         })?;
-        let status = resp.status().as_u16();
+        let status = resp.status;
         let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
+            .header("retry-after")
             .and_then(|v| v.trim().parse().ok())
             .map(Duration::from_secs);
         let append = match status {
             206 if resume => {
                 let start = resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
+                    .header("content-range")
                     .and_then(|v| v.strip_prefix("bytes "))
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.parse::<u64>().ok());
@@ -302,16 +274,10 @@ impl Downloader {
         if !append {
             counter.fetch_sub(*have, Ordering::Relaxed);
             *have = 0;
-            let h = resp.headers();
-            let text = |n| {
-                h.get(n)
-                    .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
-                    .map(str::to_owned)
-            };
             *validator = Validator {
                 url: url.to_owned(),
-                etag: text(reqwest::header::ETAG),
-                last_modified: text(reqwest::header::LAST_MODIFIED),
+                etag: resp.header("etag").map(str::to_owned),
+                last_modified: resp.header("last-modified").map(str::to_owned),
             };
             if let Ok(b) = serde_json::to_vec(validator) {
                 let _ = tokio::fs::write(meta, b).await;
@@ -325,10 +291,11 @@ impl Downloader {
             .open(part)
             .await
             .map_err(|e| Failure::Fatal(format!("cannot write {}: {e}", part.display())))?;
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let chunk = match resp.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
+            let chunk = match resp.chunk(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => &buf[..n],
                 Err(e) => {
                     let _ = f.flush().await;
                     return Err(Failure::Retry(
@@ -351,7 +318,7 @@ impl Downloader {
                     size.unwrap_or(0)
                 )));
             }
-            f.write_all(&chunk)
+            f.write_all(chunk)
                 .await
                 .map_err(|e| Failure::Fatal(format!("cannot write {}: {e}", part.display())))?;
             *have += n;
@@ -373,27 +340,12 @@ impl Downloader {
 }
 
 /// Reads a PEM bundle of trust anchors.
-pub fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+pub fn load_ca(path: &Path) -> Result<(), String> {
     let pem =
         std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("CA file {} is not PEM certificates: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("CA file {} holds no certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-/// The error and every cause, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    pv_http::client::load_pem_certs(&pem)
+        .map(drop)
+        .map_err(|e| format!("CA file {}: {e}", path.display()))
 }
 
 async fn hash_file(path: &Path) -> Option<String> {

@@ -60,6 +60,26 @@ impl HubError {
     }
 }
 
+/// An HTTP method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method(&'static str);
+
+impl Method {
+    pub const GET: Method = Method("GET");
+    pub const POST: Method = Method("POST");
+    pub const PUT: Method = Method("PUT");
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// An answer: status and body.
 #[derive(Debug)]
 pub struct Resp {
@@ -86,9 +106,8 @@ struct Session {
 
 /// The hub's API with the device's session.
 pub struct Client {
-    http: reqwest::Client,
+    http: pv_http::Client,
     base: String,
-    timeout: Duration,
     max_body: usize,
     creds: std::sync::Mutex<Option<Creds>>,
     session: tokio::sync::Mutex<Session>,
@@ -100,52 +119,25 @@ pub const USER_AGENT: &str = concat!(
     " (Pantavisor bridge)"
 );
 
-/// One line for an error and its causes (reqwest nests the useful part).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl Client {
     pub fn new(opts: ClientOptions<'_>) -> Result<Client, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut b = reqwest::Client::builder()
+        let mut b = pv_http::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(Duration::from_secs(30))
-            .read_timeout(opts.timeout)
-            .no_proxy();
+            .read_timeout(opts.timeout);
         if let Some(path) = opts.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("ca_file: cannot read {}: {e}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("ca_file: {} is not PEM certificates: {e}", path.display()))?;
-            if certs.is_empty() {
-                return Err(format!("ca_file: {} holds no certificate", path.display()));
-            }
-            b = b.tls_certs_merge(certs);
+            b = b.ca_file(path).map_err(|e| format!("ca_file: {e}"))?;
         }
         if let Some(p) = &opts.proxy {
-            let proxy = reqwest::Proxy::all(p)
-                .map_err(|e| format!("proxy {p:?}: {}", chain(&e)))?
-                .no_proxy(reqwest::NoProxy::from_env());
-            b = b.proxy(proxy);
+            b = b.proxy(p);
         }
         let http = b
+            .proxy_from_env()
             .build()
-            .map_err(|e| format!("cannot set up the HTTP client: {}", chain(&e)))?;
+            .map_err(|e| format!("cannot set up the HTTP client: {e}"))?;
         Ok(Client {
             http,
             base: opts.base.trim_end_matches('/').to_owned(),
-            timeout: opts.timeout,
             max_body: opts.max_body,
             creds: std::sync::Mutex::new(None),
             session: tokio::sync::Mutex::new(Session::default()),
@@ -156,7 +148,7 @@ impl Client {
         &self.base
     }
 
-    pub fn http(&self) -> &reqwest::Client {
+    pub fn http(&self) -> &pv_http::Client {
         &self.http
     }
 
@@ -177,7 +169,7 @@ impl Client {
     /// Sends one request and reads the answer (capped).
     async fn send(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         token: Option<&str>,
         headers: &[(&str, String)],
@@ -185,43 +177,37 @@ impl Client {
     ) -> Result<Resp, HubError> {
         let what = format!("{method} {path}");
         let url = format!("{}{path}", self.base);
-        let mut rb = self.http.request(method, &url).timeout(self.timeout);
+        let mut rb = self.http.request(method.as_str(), &url);
         if let Some(t) = token {
-            rb = rb.bearer_auth(t);
+            rb = rb.bearer(t);
         }
         for (k, v) in headers {
-            rb = rb.header(*k, v);
+            rb = rb.header(k, v);
         }
         rb = rb.header("Content-Type", "application/json");
         if let Some(b) = body {
             rb = rb.body(b);
         }
-        let mut resp = rb.send().await.map_err(|e| HubError::Transport {
+        let resp = rb.send().await.map_err(|e| HubError::Transport {
             what: what.clone(),
-            detail: chain(&e),
+            detail: e.to_string(),
         })?;
-        let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(c)) => {
-                    if body.len() + c.len() > self.max_body {
-                        return Err(HubError::TooLarge {
-                            what,
-                            limit: self.max_body,
-                        });
-                    }
-                    body.extend_from_slice(&c);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(HubError::Transport {
-                        what,
-                        detail: chain(&e),
-                    });
-                }
+        let status = resp.status;
+        let body = match resp.bytes(self.max_body).await {
+            Ok(b) => b,
+            Err(e) if e.kind == pv_http::client::ErrorKind::TooLarge => {
+                return Err(HubError::TooLarge {
+                    what,
+                    limit: self.max_body,
+                });
             }
-        }
+            Err(e) => {
+                return Err(HubError::Transport {
+                    what,
+                    detail: e.to_string(),
+                });
+            }
+        };
         debug!(call = %what, status, bytes = body.len(), "hub answered");
         Ok(Resp { status, body })
     }
@@ -229,7 +215,7 @@ impl Client {
     /// A call without a session (registration).
     pub async fn anonymous(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         headers: &[(&str, String)],
         body: Option<Vec<u8>>,
@@ -260,7 +246,7 @@ impl Client {
         let body = serde_json::json!({"username": creds.prn, "password": creds.secret});
         let r = self
             .send(
-                reqwest::Method::POST,
+                Method::POST,
                 "/auth/login",
                 None,
                 &[],
@@ -301,13 +287,13 @@ impl Client {
     /// and replays the call once.
     pub async fn call(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Resp, HubError> {
         let token = self.token().await?;
         let r = self
-            .send(method.clone(), path, Some(&token), &[], body.clone())
+            .send(method, path, Some(&token), &[], body.clone())
             .await?;
         if r.status != 401 {
             return Ok(r);
@@ -338,7 +324,7 @@ impl Client {
     /// A call that must answer 200 with JSON of type `T`.
     pub async fn json<T: DeserializeOwned>(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, HubError> {

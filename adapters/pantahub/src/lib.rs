@@ -37,12 +37,11 @@ use pv_adapter_api::{
     LogRecord, ObjectFetcher, ObjectReader, ObjectRef, ObjectSource, Offer, Progress, UpdateStatus,
     read_secret,
 };
-use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
-use client::{Client, ClientOptions, HubError, status_error};
+use client::{Client, ClientOptions, HubError, Method, status_error};
 use creds::Creds;
 
 /// Settings of a `pantahub` backend.
@@ -603,18 +602,17 @@ impl Hub {
             .and_then(Value::as_str)
             .ok_or("POST /objects/: no signed-puturl in the answer")?;
         let url = self.client.upload_url(put);
-        let stream = tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024);
         let resp = self
             .client
             .http()
-            .put(&url)
+            .request("PUT", &url)
             .header("Content-Type", "application/json")
-            .header("Content-Length", len.to_string())
-            .body(reqwest::Body::wrap_stream(stream))
+            .body(pv_http::Body::Reader(reader, len))
             .send()
             .await
             .map_err(|e| format!("PUT object {sha}: {e}"))?;
-        let status = resp.status().as_u16();
+        let status = resp.status;
+        let _ = resp.bytes(64 * 1024).await;
         if status != 200 {
             // A writable object whose bytes changed since it was installed no longer
             // matches its name: Pantavisor skips those too.
@@ -929,12 +927,26 @@ impl Hub {
         }
         let id = wire::offer_id(&self.prefix, rev);
         info!(backend = %self.link.backend(), rev, id = %id, msg = %step.commit_msg, objects = refs.len(), "new revision from the hub");
+        // Like Pantavisor, say QUEUED as soon as the step is taken: the engine's
+        // own QUEUED may pass before this adapter sees it.
+        let queued = Progress {
+            id: id.clone(),
+            rev: format!("locals/{id}"),
+            status: UpdateStatus::Queued,
+            status_msg: "Update queued".into(),
+            progress: 5,
+            bytes_done: 0,
+            bytes_total: refs.values().filter_map(|r| r.size).sum(),
+            objects_done: 0,
+            objects_total: refs.len() as u32,
+            logs: None,
+        };
         *active = Some(Active {
             rev,
             id: id.clone(),
             sent: None,
             last_put: None,
-            queue: Default::default(),
+            queue: [queued].into(),
             download_started: 0,
             owner_cancel: false,
             failed: false,

@@ -1,0 +1,14 @@
+//! pv-bridge's HTTP/1.1: the response codec pv-ctrl and the client share
+//! ([`codec`]), and a small client ([`Client`]) for object downloads and cloud APIs:
+//! rustls with ring (system roots plus extra PEM anchors), HTTP CONNECT proxies with
+//! `NO_PROXY`, redirects for GET, per-read timeouts, keep-alive reuse, bodies
+//! streamed both ways with bounded memory.
+//!
+//! It replaces reqwest/hyper in device builds (about 450 KB of binary; ADR 0009).
+
+pub mod client;
+pub mod codec;
+mod url;
+
+pub use client::{Body, Client, ClientBuilder, Error, Response};
+pub use url::Url;
