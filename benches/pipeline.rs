@@ -10,6 +10,9 @@
 //!     staging a 1 MiB export and then a large one: the difference is what object
 //!     size costs in memory.
 //!
+//! (e) Footprint: time to pv-ctrl's first answer and idle RSS per backend
+//!     (`PV_BENCH_ONLY=footprint`, `PV_BENCH_BRIDGE=<binary>` for a static build).
+//!
 //! Sizes: `PV_BENCH_MIB` (default 256) split into 8 objects; `PV_BENCH_LINES`
 //! (default 500000) log lines.
 
@@ -666,6 +669,146 @@ async fn mqtt(lines: usize) {
     );
 }
 
+/// (e) Footprint of a bridge binary (`PV_BENCH_BRIDGE`, default the one cargo
+/// built): time from start to pv-ctrl's first answer, and idle RSS with each
+/// backend connected to a local peer (mosquitto, the fake Pantacor Hub, a
+/// directory) and with all three. Baseline: an idle `mosquitto_sub`, a C MQTT
+/// client, in the same run.
+async fn footprint() {
+    let bin = std::env::var("PV_BENCH_BRIDGE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_pv-bridge").to_owned());
+    println!("== (e) footprint of {bin}");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, port) = mosquitto(dir.path());
+    let hub = pv_testkit::hub::FakeHub::start(pv_testkit::hub::HubConfig::default())
+        .await
+        .unwrap();
+    let mut base = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "bench/idle/#",
+            "-q",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let base_rss = rss_kib(base.id(), "VmRSS:");
+    let _ = base.kill();
+    let _ = base.wait();
+    let tok = hub.user_token();
+    let (_, t) = hub.call(
+        "POST",
+        "/devices/tokens",
+        Some(&tok),
+        Some(serde_json::json!({"default-user-meta": {}})),
+    );
+    let autotok = dir.path().join("autotok");
+    std::fs::write(&autotok, t["token"].as_str().unwrap()).unwrap();
+    let usb = dir.path().join("usb");
+    std::fs::create_dir_all(&usb).unwrap();
+    let local = format!(
+        "[[backend]]\ntype = \"local\"\nname = \"usb\"\ndir = \"{}\"\n",
+        usb.display()
+    );
+    let mqtt = format!(
+        "[[backend]]\ntype = \"mqtt\"\nname = \"plant\"\ndevice_id = \"bench\"\nbroker = \"mqtt://127.0.0.1:{port}\"\n"
+    );
+    let pantahub = format!(
+        "[[backend]]\ntype = \"pantahub\"\nname = \"hub\"\nurl = \"{}\"\ninsecure = true\nautotok_file = \"{}\"\n",
+        hub.url(),
+        autotok.display()
+    );
+    let cases = [
+        ("local", local.clone(), 8192u64),
+        ("mqtt", mqtt.clone(), 8192),
+        ("pantahub", pantahub.clone(), 8192),
+        ("all three", format!("{local}{mqtt}{pantahub}"), 12288),
+    ];
+    println!(
+        "{:<10} {:>16} {:>14} {:>14} {:>10}",
+        "backends", "first pv-ctrl ms", "idle RSS KiB", "peak RSS KiB", "target KiB"
+    );
+    for (i, (name, backends, target)) in cases.iter().enumerate() {
+        let case = dir.path().join(format!("case{i}"));
+        let sock = case.join("pv-ctrl");
+        let sim = Sim::start(SimConfig {
+            log_rate: 0.0,
+            ..SimConfig::fast(case.join("dev"), &sock)
+        })
+        .await
+        .unwrap();
+        let cfg = case.join("bridge.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n{backends}",
+                sock.display(),
+                case.join("dev/logs").display(),
+                case.join("state").display()
+            ),
+        )
+        .unwrap();
+        let log = case.join("bridge.log");
+        let devices_before = hub.device_ids().len();
+        let start = Instant::now();
+        let mut child = Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut first = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if first.is_none() && text.contains("pv-ctrl reachable") {
+                first = Some(start.elapsed());
+            }
+            let mqtt_ok = text.contains(" connected backend=plant");
+            let hub_ok = hub.device_ids().len() > devices_before
+                && hub
+                    .device_ids()
+                    .last()
+                    .and_then(|id| hub.factory_state(id))
+                    .is_some();
+            let connected = match *name {
+                "local" => true,
+                "mqtt" => mqtt_ok,
+                "pantahub" => hub_ok,
+                _ => mqtt_ok && hub_ok,
+            };
+            if first.is_some() && connected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: not connected; log:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = rss_kib(child.id(), "VmRSS:");
+        let peak = rss_kib(child.id(), "VmHWM:");
+        let _ = child.kill();
+        let _ = child.wait();
+        sim.stop().await;
+        println!(
+            "{name:<10} {:>16.1} {idle:>14} {peak:>14} {target:>10}",
+            first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+        );
+    }
+    println!("baseline: an idle mosquitto_sub (C, libmosquitto) {base_rss} KiB");
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
+
 fn main() {
     let mib: usize = std::env::var("PV_BENCH_MIB")
         .ok()
@@ -690,9 +833,14 @@ fn main() {
         rt.block_on(mqtt(lines));
         return;
     }
+    if only == "footprint" {
+        rt.block_on(footprint());
+        return;
+    }
     rt.block_on(staging(mib));
     rt.block_on(logs(lines));
     rt.block_on(mqtt(lines));
+    rt.block_on(footprint());
     let small = rt.block_on(bridge_process(1));
     let large = rt.block_on(bridge_process(mib));
     println!(
