@@ -7,6 +7,7 @@
 #   run.json, lxc.container.conf, src.json
 #   fragment.json           the state-JSON keys to merge into a device revision
 #   objects/<sha256>        the objects the fragment names
+#   pvr/pv-bridge/          the same files by name, to copy into a `pvr` checkout
 # Environment: FEATURES (default local,mqtt,pantahub), SOURCE_DATE_EPOCH (default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,9 @@ root_sha=$(sha "$out/root.squashfs")
 conf_sha=$(sha "$out/lxc.container.conf")
 cp "$out/root.squashfs" "$out/objects/$root_sha"
 cp "$out/lxc.container.conf" "$out/objects/$conf_sha"
+# The same files by name, for a pvr checkout (`cp -r pvr/pv-bridge <checkout>/`).
+mkdir -p "$out/pvr/pv-bridge"
+cp "$out/root.squashfs" "$out/run.json" "$out/src.json" "$out/lxc.container.conf" "$out/pvr/pv-bridge/"
 python3 - "$out" "$root_sha" "$conf_sha" <<'PY'
 import json, sys
 out, root, conf = sys.argv[1:4]

@@ -73,7 +73,8 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The daemon: the engine, plus a note of which Pantavisor answers.
-async fn run(cfg: Config) -> ExitCode {
+async fn run(mut cfg: Config) -> ExitCode {
+    apply_overrides(&mut cfg).await;
     info!(version = pv_bridge::VERSION, socket = %cfg.pantavisor.socket.display(), backends = cfg.backends.len(), "pv-bridge starting");
     tokio::spawn(report_pvctrl(PvCtrl::new(&cfg.pantavisor.socket)));
     let opts = cfg.updates.options();
@@ -86,6 +87,35 @@ async fn run(cfg: Config) -> ExitCode {
             error!("{e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Applies `pv-bridge.config.*` keys of the device's user-meta (read once, at
+/// start; a restart of the container applies changes).
+async fn apply_overrides(cfg: &mut Config) {
+    let pv = PvCtrl::new(&cfg.pantavisor.socket);
+    let meta = tokio::time::timeout(
+        Duration::from_secs(2),
+        pv.meta(pv_bridge::pvctrl::Meta::User),
+    )
+    .await;
+    let meta = match meta {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            info!(error = %e, "no configuration overrides read from user-meta");
+            return;
+        }
+        Err(_) => {
+            info!("no configuration overrides read from user-meta (pv-ctrl did not answer within 2 s)");
+            return;
+        }
+    };
+    let (applied, refused) = cfg.apply_user_meta(&meta);
+    for a in applied {
+        info!(setting = %a, "configuration override from user-meta applied");
+    }
+    for r in refused {
+        warn!(reason = %r, "configuration override from user-meta refused");
     }
 }
 

@@ -84,6 +84,14 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_reaches_pv_ctrl_logs_json_and_stops_on_sigterm() {
     let d = common::start(Generation::Gen2).await;
+    // Configuration overrides from user-meta: one allowed, one refused.
+    use pv_bridge::pvctrl::Meta;
+    d.pv.put_meta(Meta::User, "pv-bridge.config.logs.rate_per_sec", b"25")
+        .await
+        .unwrap();
+    d.pv.put_meta(Meta::User, "pv-bridge.config.bridge.state_dir", b"/tmp")
+        .await
+        .unwrap();
     let cfg = d.dir.path().join("config.toml");
     std::fs::write(
         &cfg,
@@ -124,6 +132,17 @@ async fn run_reaches_pv_ctrl_logs_json_and_stops_on_sigterm() {
     }
     let last: serde_json::Value = serde_json::from_str(seen.last().unwrap()).unwrap();
     assert_eq!(last["generation"], "Gen2");
+    let text = seen.join("\n");
+    assert!(
+        text.contains("configuration override from user-meta applied")
+            && text.contains("logs.rate_per_sec = 25"),
+        "{text}"
+    );
+    assert!(
+        text.contains("configuration override from user-meta refused")
+            && text.contains("bridge.state_dir: not a setting user-meta may change"),
+        "{text}"
+    );
     let kill = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())

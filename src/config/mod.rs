@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod overrides;
+
 /// Where `pv-bridge run` looks when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/pv-bridge/config.toml";
 /// Environment variable that overrides the default path.
