@@ -106,7 +106,9 @@ async fn apply_overrides(cfg: &mut Config) {
             return;
         }
         Err(_) => {
-            info!("no configuration overrides read from user-meta (pv-ctrl did not answer within 2 s)");
+            info!(
+                "no configuration overrides read from user-meta (pv-ctrl did not answer within 2 s)"
+            );
             return;
         }
     };

@@ -33,6 +33,8 @@ pub struct Config {
     pub metadata: Metadata,
     #[serde(default)]
     pub logs: Logs,
+    #[serde(default)]
+    pub dbus: Dbus,
     #[serde(default, rename = "backend")]
     pub backends: Vec<Backend>,
 }
@@ -143,6 +145,15 @@ impl Default for Metadata {
             user_meta_interval_ms: 30_000,
         }
     }
+}
+
+/// The local D-Bus API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dbus {
+    /// `system`, `session`, or a D-Bus address (`unix:path=/run/dbus/system_bus_socket`);
+    /// absent: no D-Bus API.
+    pub bus: Option<String>,
 }
 
 /// How logs are collected and kept.

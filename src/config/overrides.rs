@@ -174,9 +174,27 @@ mod tests {
         assert_eq!(c.updates.concurrency, 2);
         assert!(!c.backends[0].logs);
         assert_eq!(refused.len(), 4, "{refused:?}");
-        assert!(refused.iter().any(|r| r.starts_with("bridge.state_dir: not a setting")));
-        assert!(refused.iter().any(|r| r == "backend.cloud.logs: no backend named \"cloud\""));
-        assert!(refused.iter().any(|r| r == "logs.burst: \"-1\" is not a positive number"));
-        assert_eq!(c.logs.burst, Config::parse(std::path::Path::new("c"), "").unwrap().logs.burst);
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.starts_with("bridge.state_dir: not a setting"))
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|r| r == "backend.cloud.logs: no backend named \"cloud\"")
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|r| r == "logs.burst: \"-1\" is not a positive number")
+        );
+        assert_eq!(
+            c.logs.burst,
+            Config::parse(std::path::Path::new("c"), "")
+                .unwrap()
+                .logs
+                .burst
+        );
     }
 }

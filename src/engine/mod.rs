@@ -3,6 +3,8 @@
 
 pub mod arbiter;
 pub mod commands;
+#[cfg(feature = "dbus")]
+pub mod dbus;
 pub mod fetch;
 pub mod journal;
 pub mod logs;
@@ -237,6 +239,21 @@ pub async fn run_with(
         &cfg.bridge.state_dir,
     );
     let (resync_tx, resync_rx) = mpsc::channel(4);
+    let dbus_task: Option<tokio::task::JoinHandle<()>> = match cfg.dbus.bus.clone() {
+        #[cfg(feature = "dbus")]
+        Some(bus) => Some(tokio::spawn(dbus::serve(
+            bus,
+            views.clone(),
+            resync_tx.clone(),
+            slot.clone(),
+        ))),
+        #[cfg(not(feature = "dbus"))]
+        Some(bus) => {
+            warn!(bus = %bus, "this pv-bridge was built without the `dbus` feature; no D-Bus API");
+            None
+        }
+        None => None,
+    };
     let metasync = tokio::spawn(metasync.run(desired_rx, resync_rx));
     let (commands_tx, commands_rx) = mpsc::channel(32);
     let executor = commands::Commands::new(
@@ -414,6 +431,9 @@ pub async fn run_with(
     metasync.abort();
     executor.abort();
     readiness.abort();
+    if let Some(t) = dbus_task {
+        t.abort();
+    }
     if let Some(t) = logs_task {
         t.abort();
     }
