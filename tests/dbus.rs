@@ -251,3 +251,62 @@ async fn a_missing_bus_is_retried_and_the_bridge_keeps_working() {
     )
     .await;
 }
+
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_health_changes_are_signalled() {
+    let d = common::start(Generation::Gen2).await;
+    let (_daemon, addr) = bus(&d.dir.path().join("bus"));
+    let mut broker = mosquitto::Broker::start(d.dir.path(), "");
+    let cfg = d.dir.path().join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[dbus]\nbus = \"{addr}\"\n[[backend]]\ntype = \"mqtt\"\nname = \"plant\"\ndevice_id = \"dev-1\"\nbroker = \"mqtt://127.0.0.1:{}\"\nkeep_alive_secs = 5\n",
+            d.cfg().socket.display(),
+            d.dir.path().join("state").display(),
+            broker.port
+        ),
+    )
+    .unwrap();
+    let _bridge = Kill(
+        Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::eventually(
+        Duration::from_secs(20),
+        "plant connected on D-Bus",
+        || async {
+            let (ok, out) = property(&addr, "Backends");
+            (ok && out.contains("string \"plant\"") && out.contains("boolean true")).then_some(())
+        },
+    )
+    .await;
+    let monitor_out = d.dir.path().join("monitor.txt");
+    let _monitor = Kill(
+        Command::new("dbus-monitor")
+            .arg("--address")
+            .arg(&addr)
+            .arg("type='signal',interface='org.pantavisor.Bridge1'")
+            .stdout(std::fs::File::create(&monitor_out).unwrap())
+            .spawn()
+            .expect("dbus-monitor"),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.stop();
+    let text = common::eventually(Duration::from_secs(30), "BackendHealthChanged", || async {
+        let t = std::fs::read_to_string(&monitor_out).unwrap_or_default();
+        (t.contains("member=BackendHealthChanged") && t.contains("boolean false")).then_some(t)
+    })
+    .await;
+    assert!(text.contains("string \"plant\""), "{text}");
+    let (_, out) = property(&addr, "Backends");
+    assert!(out.contains("boolean false"), "{out}");
+}
