@@ -10,8 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::path::Path;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -75,21 +73,7 @@ impl ObjectServer {
 
     /// HTTPS with the certificate chain and key (PEM files) given.
     pub async fn start_tls(cert_chain: &Path, key: &Path) -> io::Result<ObjectServer> {
-        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_chain)
-            .map_err(|e| invalid(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| invalid(e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(e.to_string()))?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| invalid(e.to_string()))?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = crate::hub::acceptor(cert_chain, key)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));

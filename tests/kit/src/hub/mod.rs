@@ -529,7 +529,9 @@ impl FakeHub {
     }
 }
 
-fn acceptor(cert_chain: &Path, key: &Path) -> io::Result<tokio_rustls::TlsAcceptor> {
+/// A TLS acceptor for a certificate chain and key (PEM files); the test kit's
+/// HTTPS servers share it.
+pub fn acceptor(cert_chain: &Path, key: &Path) -> io::Result<tokio_rustls::TlsAcceptor> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_chain)
         .map_err(|e| invalid(e.to_string()))?
