@@ -41,22 +41,25 @@ struct Snapshot {
 fn snapshot(views: &update::Views) -> Snapshot {
     let mut s = Snapshot::default();
     for (name, tx) in views.iter() {
-        let v: DeviceView = tx.borrow().clone();
-        if let Some(r) = v.running.filter(|r| !r.is_empty()) {
-            s.running = r;
+        // Only the fields the API shows; device-meta is not copied.
+        let v = tx.borrow();
+        if let Some(r) = v.running.as_ref().filter(|r| !r.is_empty()) {
+            s.running = r.clone();
         }
-        if let Some(p) = v.update {
+        if let Some(p) = &v.update {
             let replace = match &s.update {
                 None => true,
                 Some((_, cur)) => cur.status.is_final() && !p.status.is_final(),
             };
             if replace {
-                s.update = Some((name.clone(), p));
+                s.update = Some((name.clone(), p.clone()));
             }
         }
-        for (b, h) in v.health {
-            s.health
-                .insert(b, (h.connected, h.last_error.unwrap_or_default()));
+        for (b, h) in &v.health {
+            s.health.insert(
+                b.clone(),
+                (h.connected, h.last_error.clone().unwrap_or_default()),
+            );
         }
     }
     for name in views.keys() {

@@ -26,6 +26,11 @@ impl fmt::Debug for Creds {
     }
 }
 
+/// True for a hub device id: 24 hex digits (a Mongo ObjectID).
+pub fn is_device_id(id: &str) -> bool {
+    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 impl Creds {
     /// Parses `PH_CREDS_ID=…` lines (also the legacy `creds.id=…` names); other
     /// keys, comments and blank lines are ignored.
@@ -50,7 +55,7 @@ impl Creds {
             }
         }
         let id = id.filter(|s| !s.is_empty()).ok_or("no PH_CREDS_ID")?;
-        if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_device_id(&id) {
             return Err(format!("PH_CREDS_ID {id:?} is not 24 hex digits"));
         }
         let secret = secret

@@ -159,21 +159,6 @@ impl PantahubConfig {
         }
         Ok(())
     }
-
-    /// The proxy to use: the setting, else the environment's.
-    fn proxy(&self) -> Option<String> {
-        if self.proxy.is_some() {
-            return self.proxy.clone();
-        }
-        let names: &[&str] = if self.url.starts_with("https://") {
-            &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
-        } else {
-            &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
-        };
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-    }
 }
 
 /// What the adapter remembers between runs (`hub.json` in its state directory).
@@ -247,17 +232,19 @@ impl Adapter for PantahubAdapter {
             let client = Client::new(ClientOptions {
                 base: self.cfg.url.clone(),
                 ca_file: self.cfg.ca_file.as_deref(),
-                proxy: self.cfg.proxy(),
+                proxy: self.cfg.proxy.clone(),
                 timeout: secs(self.cfg.request_timeout_secs),
                 max_body: self.cfg.max_response_bytes,
             })
             .map_err(AdapterError::Config)?;
+            let memory = Memory::load(&self.work_dir.join("hub.json"));
             let hub = Hub {
                 prefix: wire::id_prefix(&self.name),
                 client: Arc::new(client),
                 cfg: self.cfg,
                 work: self.work_dir,
                 link: link.clone(),
+                memory: Arc::new(std::sync::Mutex::new(memory)),
             };
             tokio::select! {
                 r = hub.run() => r,
@@ -290,6 +277,8 @@ struct Hub {
     cfg: PantahubConfig,
     work: PathBuf,
     link: EngineLink,
+    /// `hub.json`, read once; written through on every change.
+    memory: Arc<std::sync::Mutex<Memory>>,
 }
 
 /// The device record fields the adapter reads.
@@ -318,8 +307,21 @@ struct Active {
 }
 
 impl Hub {
-    fn memory_path(&self) -> PathBuf {
-        self.work.join("hub.json")
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes what the adapter remembers and saves it.
+    fn remember(&self, change: impl FnOnce(&mut Memory)) {
+        let mut mem = self.memory();
+        change(&mut mem);
+        mem.save(&self.work.join("hub.json"));
+    }
+
+    /// The hub revision of the device's running revision, if it is one.
+    fn hub_rev(&self, running: &str) -> Option<i64> {
+        let mem = self.memory();
+        wire::hub_rev_of_running(&self.prefix, mem.factory_rev.as_deref(), running)
     }
 
     fn poll(&self) -> Duration {
@@ -460,7 +462,7 @@ impl Hub {
             prn: reg.prn,
             secret: reg.secret,
         };
-        if creds.id.len() != 24 || !creds.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !creds::is_device_id(&creds.id) {
             return Err(HubError::Json {
                 what: "POST /devices/".into(),
                 detail: format!("device id {:?} is not 24 hex digits", creds.id),
@@ -561,9 +563,7 @@ impl Hub {
         if r.status != 200 {
             return Err(status_error("POST /trails/", &r).to_string());
         }
-        let mut mem = Memory::load(&self.memory_path());
-        mem.factory_rev = Some(running.clone());
-        mem.save(&self.memory_path());
+        self.remember(|m| m.factory_rev = Some(running.clone()));
         info!(backend = %self.link.backend(), revision = %running, bytes = uploaded, "factory state synced to the hub");
         Ok(())
     }
@@ -756,9 +756,9 @@ impl Hub {
         let path = format!("/trails/{device}/steps/{}/progress", a.rev);
         if p.status.is_final() {
             // Remember it first: it is sent again while the hub lists the step.
-            let mut mem = Memory::load(&self.memory_path());
-            mem.finals.insert(a.rev, body.clone());
-            mem.save(&self.memory_path());
+            self.remember(|m| {
+                m.finals.insert(a.rev, body.clone());
+            });
         }
         a.last_put = Some(Instant::now());
         match self
@@ -831,8 +831,8 @@ impl Hub {
                 return Ok(());
             }
         };
-        let mem = Memory::load(&self.memory_path());
-        if let Some(body) = mem.finals.get(&step.rev) {
+        let known = self.memory().finals.get(&step.rev).cloned();
+        if let Some(body) = known {
             // The hub still lists it: our final report was lost or overwritten.
             info!(backend = %self.link.backend(), rev = step.rev, "sending the final status again");
             let p = format!("/trails/{device}/steps/{}/progress", step.rev);
@@ -857,9 +857,9 @@ impl Hub {
     async fn refuse(&self, device: &str, rev: i64, why: &str) {
         warn!(backend = %self.link.backend(), rev, reason = %why, "refusing the revision");
         let body = wire::final_body("WONTGO", why);
-        let mut mem = Memory::load(&self.memory_path());
-        mem.finals.insert(rev, body.clone());
-        mem.save(&self.memory_path());
+        self.remember(|m| {
+            m.finals.insert(rev, body.clone());
+        });
         let p = format!("/trails/{device}/steps/{rev}/progress");
         if let Err(e) = self
             .client
@@ -1029,12 +1029,9 @@ impl Hub {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mem = Memory::load(&self.memory_path());
         if let Some(running) = &v.running {
             m.insert("pv-bridge.revision".into(), json!(running));
-            if let Some(rev) =
-                wire::hub_rev_of_running(&self.prefix, mem.factory_rev.as_deref(), running)
-            {
+            if let Some(rev) = self.hub_rev(running) {
                 m.insert("pantavisor.revision".into(), json!(rev.to_string()));
             }
         }
@@ -1060,16 +1057,10 @@ impl Hub {
             if batch.dropped > 0 {
                 warn!(backend = %self.link.backend(), dropped = batch.dropped, "log lines were dropped before reaching this backend");
             }
-            let rev = {
-                let v = self.link.view();
-                let v = v.borrow();
-                let mem = Memory::load(&self.memory_path());
-                v.running.as_deref().map(|r| {
-                    wire::hub_rev_of_running(&self.prefix, mem.factory_rev.as_deref(), r)
-                        .map_or_else(|| r.to_owned(), |n| n.to_string())
-                })
-            }
-            .unwrap_or_default();
+            let running = self.link.view().borrow().running.clone();
+            let rev = running
+                .map(|r| self.hub_rev(&r).map_or(r, |n| n.to_string()))
+                .unwrap_or_default();
             let entries: Vec<Value> = batch.records.iter().map(|r| entry(r, &rev)).collect();
             for chunk in chunks(&entries, MAX_ENTRIES, MAX_BYTES) {
                 dropped_total += self.post_logs(chunk).await;

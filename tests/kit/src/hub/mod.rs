@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::sim::hex;
 use http::{Request, Response};
 
 /// The user every fake hub knows (`POST /auth/login` with these).
@@ -713,10 +714,6 @@ fn rfc3339(nanos: u128) -> String {
 
 fn stamp() -> String {
     rfc3339(now_nanos())
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn is_sha(s: &str) -> bool {

@@ -24,7 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use device::Device;
+pub use device::{Device, hex};
 pub use store::{Boot, MetaKind, Store};
 
 use device::Power;
