@@ -120,7 +120,7 @@ impl FromStr for ConnectionString {
 /// A part as it may be shown in an error: the value of a key-looking part hidden.
 fn redact(part: &str) -> String {
     if part.len() > 24 {
-        format!("{}…", &part[..part.floor_char_boundary(12)])
+        format!("{}…", part.chars().take(12).collect::<String>())
     } else {
         part.to_owned()
     }
