@@ -244,11 +244,18 @@ pub const AVAILABLE_TYPES: &[&str] = &[
     "mqtt",
     #[cfg(feature = "pantahub")]
     "pantahub",
+    #[cfg(feature = "azure")]
+    "azure",
 ];
 
 /// Checks a backend's own settings by parsing them as its adapter does.
 #[cfg_attr(
-    not(any(feature = "local", feature = "mqtt", feature = "pantahub")),
+    not(any(
+        feature = "local",
+        feature = "mqtt",
+        feature = "pantahub",
+        feature = "azure"
+    )),
     allow(unused_variables)
 )]
 fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
@@ -269,6 +276,12 @@ fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
         "pantahub" => settings
             .clone()
             .try_into::<pv_adapter_pantahub::PantahubConfig>()
+            .map_err(|e| e.message().trim().to_owned())
+            .and_then(|c| c.validate()),
+        #[cfg(feature = "azure")]
+        "azure" => settings
+            .clone()
+            .try_into::<pv_adapter_azure::AzureConfig>()
             .map_err(|e| e.message().trim().to_owned())
             .and_then(|c| c.validate()),
         _ => Ok(()),

@@ -51,7 +51,12 @@ pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineErr
 }
 
 #[cfg_attr(
-    not(any(feature = "local", feature = "mqtt", feature = "pantahub")),
+    not(any(
+        feature = "local",
+        feature = "mqtt",
+        feature = "pantahub",
+        feature = "azure"
+    )),
     allow(unused_variables)
 )]
 fn factory(
@@ -99,6 +104,21 @@ fn factory(
                 Box::new(pv_adapter_pantahub::PantahubAdapter::new(
                     &name,
                     pc.clone(),
+                    work_dir.clone(),
+                )) as Box<dyn Adapter>
+            }))
+        }
+        #[cfg(feature = "azure")]
+        "azure" => {
+            let ac: pv_adapter_azure::AzureConfig =
+                settings.clone().try_into().map_err(|e: toml::de::Error| {
+                    EngineError::Config(format!("backend {name:?}: {}", e.message().trim()))
+                })?;
+            let name = name.to_owned();
+            Ok(Arc::new(move || {
+                Box::new(pv_adapter_azure::AzureAdapter::new(
+                    &name,
+                    ac.clone(),
                     work_dir.clone(),
                 )) as Box<dyn Adapter>
             }))

@@ -6,5 +6,6 @@
 //! - [`hub`]: a fake Pantacor Hub (device API, the user calls of `pvr`, faults).
 
 pub mod hub;
+pub mod iothub;
 pub mod objects;
 pub mod sim;
