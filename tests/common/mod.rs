@@ -316,7 +316,7 @@ pub fn test_pki(dir: &Path) -> Pki {
         (
             "srv",
             "127.0.0.1",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=IP:127.0.0.1,IP:127.0.0.2,DNS:localhost,DNS:fake-hub.azure-devices.net,DNS:global.azure-devices-provisioning.net\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
         ),
         (
             "client",

@@ -106,7 +106,6 @@ pub(crate) struct Conn {
     pub subs: Vec<String>,
 }
 
-#[derive(Default)]
 pub(crate) struct DeviceRec {
     pub key: Option<String>,
     pub thumbprint: Option<String>,
@@ -121,6 +120,27 @@ pub(crate) struct DeviceRec {
     pub c2d: VecDeque<(String, Vec<u8>)>,
     pub d2c: Vec<D2c>,
     pub methods: HashMap<String, oneshot::Sender<(u16, Value)>>,
+}
+
+impl Default for DeviceRec {
+    /// A new device's twin: both sections at `$version` 1, as the hub starts them.
+    fn default() -> Self {
+        DeviceRec {
+            key: None,
+            thumbprint: None,
+            disabled: false,
+            desired: Map::new(),
+            desired_version: 1,
+            reported: Map::new(),
+            reported_version: 1,
+            conn: None,
+            connects: 0,
+            model_id: None,
+            c2d: VecDeque::new(),
+            d2c: Vec::new(),
+            methods: HashMap::new(),
+        }
+    }
 }
 
 #[derive(Default)]
