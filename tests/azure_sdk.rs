@@ -9,6 +9,8 @@
 //! The SDKs live in a virtualenv: `PV_AZURE_PYTHON` names its interpreter,
 //! default `.venv-azure/bin/python` (`.ci/run` makes it; see the README).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;
