@@ -119,6 +119,8 @@ pub(crate) struct DeviceRec {
     pub model_id: Option<String>,
     pub c2d: VecDeque<(String, Vec<u8>)>,
     pub d2c: Vec<D2c>,
+    /// Reported patches accepted, in order.
+    pub patches: Vec<Value>,
     pub methods: HashMap<String, oneshot::Sender<(u16, Value)>>,
 }
 
@@ -138,6 +140,7 @@ impl Default for DeviceRec {
             model_id: None,
             c2d: VecDeque::new(),
             d2c: Vec::new(),
+            patches: Vec::new(),
             methods: HashMap::new(),
         }
     }
@@ -535,6 +538,16 @@ impl FakeIotHub {
     /// C2D messages not yet completed (PUBACKed).
     pub fn c2d_pending(&self, id: &str) -> usize {
         self.inner.lock().devices.get(id).map_or(0, |d| d.c2d.len())
+    }
+
+    /// Every reported patch the hub accepted from the device, in order.
+    pub fn reported_patches(&self, id: &str) -> Vec<Value> {
+        self.inner
+            .lock()
+            .devices
+            .get(id)
+            .map(|d| d.patches.clone())
+            .unwrap_or_default()
     }
 
     /// Device-to-cloud messages received.

@@ -503,11 +503,11 @@ fn publish(
             Ok(patch) => {
                 let mut next = d.reported.clone();
                 merge(&mut next, &patch);
-                match twin_problem(&Value::Object(patch))
-                    .or_else(|| twin_problem(&Value::Object(next.clone())))
-                {
+                let patch = Value::Object(patch);
+                match twin_problem(&patch).or_else(|| twin_problem(&Value::Object(next.clone()))) {
                     Some(_) => 400,
                     None => {
+                        d.patches.push(patch);
                         d.reported = next;
                         d.reported_version += 1;
                         204

@@ -1,0 +1,356 @@
+//! The Azure IoT Hub adapter end to end: the real pv-bridge binary, pv-sim, and
+//! the test kit's fake IoT Hub (MQTT over TLS with a test CA; the protocol of
+//! azure-iot-hub.md), driven the way a back end drives a real hub: desired
+//! properties, direct methods, and reading the reported side.
+
+#![cfg(feature = "azure")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+mod common;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use pv_testkit::iothub::{DpsSetup, FakeIotHub, Invoked};
+use pv_testkit::objects::ObjectServer;
+use pv_testkit::sim::Generation;
+use serde_json::{Value, json};
+
+const HOST: &str = "fake-hub.azure-devices.net";
+const KEY: &str = "ZGV2aWNlLWtleS1mb3ItcHYtYnJpZGdlLXRlc3Rz";
+
+/// pv-bridge with one `azure` backend.
+struct Bridge {
+    child: Child,
+    log: PathBuf,
+    state: PathBuf,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bridge {
+    /// `backend` is the rest of the `[[backend]]` table (credentials included).
+    fn start(
+        d: &common::Device,
+        hub: &FakeIotHub,
+        pki: &common::Pki,
+        backend: &str,
+        more: &str,
+    ) -> Bridge {
+        let dir = d.dir.path();
+        let cfg = dir.join("bridge.toml");
+        let state = dir.join("state");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 100\n\n[[backend]]\ntype = \"azure\"\nname = \"azure\"\nca_file = \"{}\"\nconnect_address = \"{}\"\nreport_interval_secs = 1\n{backend}\n{more}",
+                d.cfg().socket.display(),
+                d.storage().join("logs").display(),
+                state.display(),
+                pki.ca.display(),
+                hub.mqtt_addr(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("bridge.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("HTTP_PROXY")
+            .env_remove("ALL_PROXY")
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        Bridge { child, log, state }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Waits for `f` to give `Some`; on timeout fails showing the bridge's log.
+async fn wait<T>(b: &Bridge, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; the bridge's log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A device, a fake hub that knows it, an object server and the test PKI.
+struct Env {
+    d: common::Device,
+    hub: FakeIotHub,
+    objects: ObjectServer,
+    pki: common::Pki,
+    conn_file: PathBuf,
+}
+
+async fn env_with(tweak: impl FnOnce(&mut pv_testkit::sim::SimConfig)) -> Env {
+    let d = common::start_with(Generation::Gen2, tweak).await;
+    let pki = common::test_pki(&d.dir.path().join("pki"));
+    let hub = FakeIotHub::local(HOST, &pki.server_cert, &pki.server_key, Some(&pki.ca))
+        .await
+        .unwrap();
+    let conn = hub.add_device("dev-1", KEY);
+    let conn_file = d.dir.path().join("azure.conn");
+    std::fs::write(&conn_file, format!("{conn}\n")).unwrap();
+    let objects = ObjectServer::start().await.unwrap();
+    Env {
+        d,
+        hub,
+        objects,
+        pki,
+        conn_file,
+    }
+}
+
+impl Env {
+    fn bridge(&self, more_backend: &str) -> Bridge {
+        self.bridge_with(
+            &format!(
+                "connection_string_file = \"{}\"\n{more_backend}",
+                self.conn_file.display()
+            ),
+            "",
+        )
+    }
+
+    fn bridge_with(&self, backend: &str, more: &str) -> Bridge {
+        Bridge::start(&self.d, &self.hub, &self.pki, backend, more)
+    }
+
+    /// A revision: the running state with `app/root.squashfs` replaced by `data`
+    /// (and `extra` keys), served with its object. Returns the desired value.
+    async fn revision(&self, id: &str, data: &[u8], extra: Value, template: bool) -> Value {
+        let running = self.d.sim.as_ref().unwrap().running();
+        let mut state: Value =
+            serde_json::from_slice(&self.d.pv.step(&running).await.unwrap()).unwrap();
+        let sha = common::sha256_hex(data);
+        state["app/root.squashfs"] = json!(sha);
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                state[k] = v;
+            }
+        }
+        let bytes = serde_json::to_vec(&state).unwrap();
+        self.objects.put(&format!("/objects/{sha}"), data.to_vec());
+        self.objects
+            .put(&format!("/states/{id}.json"), bytes.clone());
+        let mut r = json!({
+            "id": id,
+            "stateUrl": self.objects.url(&format!("/states/{id}.json")),
+            "stateSha256": common::sha256_hex(&bytes),
+        });
+        if template {
+            r["objectUrlTemplate"] = json!(self.objects.url("/objects/{sha256}"));
+        } else {
+            r["objects"] = json!({ sha.clone(): self.objects.url(&format!("/objects/{sha}")) });
+        }
+        r
+    }
+
+    fn reported(&self) -> Value {
+        self.hub.reported("dev-1")
+    }
+
+    async fn connected(&self, b: &Bridge) {
+        wait(
+            b,
+            "the bridge's first report",
+            Duration::from_secs(20),
+            || {
+                self.reported()["pantavisor"]["bridge"]["version"]
+                    .as_str()
+                    .map(drop)
+            },
+        )
+        .await;
+    }
+
+    async fn ack(&self, b: &Bridge, key: &str, av: u64, done: impl Fn(&Value) -> bool) -> Value {
+        wait(
+            b,
+            &format!("the {key} ack of version {av}"),
+            Duration::from_secs(60),
+            || {
+                let a = self.reported()[key].clone();
+                (a["av"] == av && done(&a)).then_some(a)
+            },
+        )
+        .await
+    }
+}
+
+fn final_ack(a: &Value) -> bool {
+    a["ac"] != 202
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_sync_desired_revisions_and_user_meta() {
+    let e = env_with(|_| {}).await;
+    let b = e.bridge("model_id = \"dtmi:pantacor:pvbridge;1\"\n");
+    e.connected(&b).await;
+    assert_eq!(
+        e.hub.model_id("dev-1").as_deref(),
+        Some("dtmi:pantacor:pvbridge;1")
+    );
+    // The reported side: running revision, health, device-meta with escaped keys.
+    let r = wait(
+        &b,
+        "device-meta in the twin",
+        Duration::from_secs(20),
+        || {
+            let r = e.reported();
+            r["pantavisor"]["deviceMeta"]["pantavisor%2Erevision"]
+                .is_string()
+                .then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(r["pantavisor"]["revision"], "0");
+    assert_eq!(
+        r["pantavisor"]["bridge"]["backends"]["azure"]["connected"],
+        true
+    );
+    assert!(
+        r["pantavisor"]["deviceMeta"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains('.'))
+    );
+
+    // A desired revision with its objects listed → DONE, progress visible on the way.
+    let rev = e
+        .revision("r1", &b"new root".repeat(50_000), json!({}), false)
+        .await;
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 200, "{a}");
+    let ad = a["ad"].as_str().unwrap();
+    assert!(ad.starts_with("DONE") || ad.starts_with("UPDATED"), "{a}");
+    assert_eq!(a["value"], json!({"id": "r1"}));
+    assert_eq!(e.d.sim.as_ref().unwrap().running(), "locals/r1");
+    let r = wait(
+        &b,
+        "the running revision reported",
+        Duration::from_secs(20),
+        || {
+            let r = e.reported();
+            (r["pantavisor"]["revision"] == "locals/r1").then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(
+        r["pantavisor"]["update"]["status"],
+        ad.split(':').next().unwrap()
+    );
+    assert_eq!(r["pantavisor"]["update"]["bytesTotal"], 400_000);
+    let seen: Vec<String> = e
+        .hub
+        .reported_patches("dev-1")
+        .iter()
+        .filter_map(|p| {
+            p["pantavisor"]["update"]["status"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        seen.iter()
+            .any(|s| s == "DOWNLOADING" || s == "INPROGRESS" || s == "QUEUED"),
+        "no progress on the way: {seen:?}"
+    );
+    assert!(
+        e.hub
+            .reported_patches("dev-1")
+            .iter()
+            .any(|p| p["revision"]["ac"] == 202),
+        "no 202 ack while installing"
+    );
+
+    // A failing revision fetched by template → ERROR, ack 500, rolled back.
+    let rev = e
+        .revision(
+            "r2",
+            b"bad root",
+            json!({"_sim/behaviour.json": {"outcome": "error", "container": "app"}}),
+            true,
+        )
+        .await;
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 500, "{a}");
+    assert!(a["ad"].as_str().unwrap().starts_with("ERROR"), "{a}");
+    // Rolled back to the last rollback point (r1 ended UPDATED, not DONE).
+    assert_ne!(e.d.sim.as_ref().unwrap().running(), "locals/r2");
+
+    // userMeta: escaped keys arrive unescaped; null deletes.
+    let v = e
+        .hub
+        .update_desired(
+            "dev-1",
+            json!({"userMeta": {"app%2Emode": "fast", "colour": "blue"}}),
+        )
+        .unwrap();
+    let a = e.ack(&b, "userMeta", v, final_ack).await;
+    assert_eq!(a["ac"], 200, "{a}");
+    let m = common::eventually(
+        Duration::from_secs(10),
+        "user-meta on the device",
+        || async {
+            let m = e.d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
+            (m.get("app.mode") == Some(&json!("fast")) && m.get("colour").is_some()).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(m.get("colour"), Some(&json!("blue")));
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"userMeta": {"colour": null}}))
+        .unwrap();
+    e.ack(&b, "userMeta", v, |a| a["ac"] == 200).await;
+    common::eventually(Duration::from_secs(10), "colour deleted", || async {
+        let m = e.d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
+        (m.get("colour").is_none() && m.get("app.mode").is_some()).then_some(())
+    })
+    .await;
+    // Reported patches stayed within the twin's rules (the fake answers 400 otherwise).
+    assert!(
+        !b.log_text().contains("refused a reported patch"),
+        "{}",
+        b.log_text()
+    );
+}
