@@ -354,3 +354,113 @@ async fn twin_sync_desired_revisions_and_user_meta() {
         b.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_methods_reach_the_device() {
+    let e = env_with(|_| {}).await;
+    let b = e.bridge("");
+    e.connected(&b).await;
+    let call = |name: &'static str, payload: Value| {
+        let hub = &e.hub;
+        async move { hub.invoke("dev-1", name, payload, Duration::from_secs(30)).await }
+    };
+    let answered = |r: Invoked| match r {
+        Invoked::Answered { status, payload } => (status, payload),
+        other => panic!("no answer: {other:?}"),
+    };
+    let (s, p) = answered(call("ping", Value::Null).await);
+    assert_eq!((s, p["status"].as_str(), p["detail"].as_str()), (200, Some("successful"), Some("pong")));
+    let (s, _) = answered(call("ssh", json!({"enable": true})).await);
+    assert_eq!(s, 200);
+    let (s, p) = answered(call("gc", Value::Null).await);
+    assert_eq!(s, 200, "{p}");
+    assert!(p["detail"].as_str().unwrap().starts_with("reclaimed "), "{p}");
+    let (s, _) = answered(call("resync", json!({})).await);
+    assert_eq!(s, 200);
+    // Nothing to cancel: the engine's reason comes back with 500.
+    let (s, p) = answered(call("cancel", Value::Null).await);
+    assert_eq!(s, 500, "{p}");
+    assert!(p["detail"].is_string(), "{p}");
+    // Refusals name the problem.
+    let (s, p) = answered(call("selfdestruct", Value::Null).await);
+    assert_eq!(s, 404);
+    assert!(p["error"].as_str().unwrap().contains("reboot, poweroff"), "{p}");
+    let (s, p) = answered(call("ssh", json!({"enable": "yes"})).await);
+    assert_eq!(s, 400, "{p}");
+    let (s, p) = answered(call("update", json!({"id": "r/1"})).await);
+    assert_eq!(s, 400);
+    assert!(p["error"].as_str().unwrap().contains("revision.id"), "{p}");
+    // update: 202 at once, the outcome in reported properties.
+    let rev = e.revision("m1", b"by method", json!({}), false).await;
+    let (s, p) = answered(call("update", rev).await);
+    assert_eq!((s, p["id"].as_str()), (202, Some("m1")), "{p}");
+    wait(&b, "m1 installed", Duration::from_secs(60), || {
+        let r = e.reported();
+        let st = r["pantavisor"]["update"]["status"].as_str()?.to_owned();
+        (r["pantavisor"]["update"]["id"] == "m1" && (st == "DONE" || st == "UPDATED")).then_some(())
+    })
+    .await;
+    assert_eq!(e.d.sim.as_ref().unwrap().running(), "locals/m1");
+    // reboot: 202 at once; the device goes down.
+    let (s, p) = answered(call("reboot", Value::Null).await);
+    assert_eq!((s, p["status"].as_str()), (202, Some("accepted")), "{p}");
+    e.d.sim
+        .as_ref()
+        .unwrap()
+        .wait_power(pv_testkit::sim::PowerState::Rebooting)
+        .await;
+    // A device that is not connected: 404 from the hub itself.
+    drop(b);
+    let gone = wait_offline(&e).await;
+    assert_eq!(gone, Invoked::Offline);
+}
+
+async fn wait_offline(e: &Env) -> Invoked {
+    for _ in 0..100 {
+        if !e.hub.connected("dev-1") {
+            return e.hub.invoke("dev-1", "ping", Value::Null, Duration::from_secs(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the device stayed connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversize_desired_properties_are_refused_with_the_reason() {
+    let e = env_with(|_| {}).await;
+    let b = e.bridge("max_state_bytes = 2048\n");
+    e.connected(&b).await;
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": {"id": "bad/id", "stateUrl": "https://x/s", "stateSha256": "ab"}}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 400);
+    assert!(a["ad"].as_str().unwrap().contains("revision.id \"bad/id\""), "{a}");
+    let v = e.hub.update_desired("dev-1", json!({"userMeta": "all of it"})).unwrap();
+    let a = e.ack(&b, "userMeta", v, final_ack).await;
+    assert_eq!(a["ac"], 400);
+    assert!(a["ad"].as_str().unwrap().contains("userMeta must be an object, not a string"), "{a}");
+    // A state bigger than max_state_bytes (fetched for objectUrlTemplate).
+    let big: serde_json::Map<String, Value> = (0..100).map(|i| (format!("k{i}/x.json"), json!({"pad": "y".repeat(40)}))).collect();
+    let rev = e.revision("huge", b"x", Value::Object(big), true).await;
+    let v = e.hub.update_desired("dev-1", json!({"revision": rev})).unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 400);
+    assert!(a["ad"].as_str().unwrap().contains("larger than max_state_bytes (2048)"), "{a}");
+    // A state that does not hash to stateSha256.
+    let mut rev = e.revision("liar", b"z", json!({}), true).await;
+    rev["stateSha256"] = json!("0".repeat(64));
+    let v = e.hub.update_desired("dev-1", json!({"revision": rev})).unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 400);
+    assert!(a["ad"].as_str().unwrap().contains("hashes to"), "{a}");
+    // The hub itself refuses a desired section over 32 KiB.
+    let e2 = e.hub.update_desired("dev-1", json!({"blob": "x".repeat(4000), "b2": {"a": "y".repeat(4096), "b": "y".repeat(4096), "c": "y".repeat(4096), "d": "y".repeat(4096), "e": "y".repeat(4096), "f": "y".repeat(4096), "g": "y".repeat(4096), "h": "y".repeat(4096)}}));
+    assert!(e2.unwrap_err().contains("limit 32768"));
+    // Nothing was installed, the bridge still runs and the next good revision goes.
+    assert_eq!(e.d.sim.as_ref().unwrap().running(), "0");
+    let rev = e.revision("good", b"fine", json!({}), false).await;
+    let v = e.hub.update_desired("dev-1", json!({"revision": rev})).unwrap();
+    assert_eq!(e.ack(&b, "revision", v, final_ack).await["ac"], 200);
+}
