@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pv_testkit::iothub::{DpsSetup, FakeIotHub, Invoked};
+use pv_testkit::iothub::{FakeIotHub, Invoked};
 use pv_testkit::objects::ObjectServer;
 use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
@@ -362,19 +362,28 @@ async fn direct_methods_reach_the_device() {
     e.connected(&b).await;
     let call = |name: &'static str, payload: Value| {
         let hub = &e.hub;
-        async move { hub.invoke("dev-1", name, payload, Duration::from_secs(30)).await }
+        async move {
+            hub.invoke("dev-1", name, payload, Duration::from_secs(30))
+                .await
+        }
     };
     let answered = |r: Invoked| match r {
         Invoked::Answered { status, payload } => (status, payload),
         other => panic!("no answer: {other:?}"),
     };
     let (s, p) = answered(call("ping", Value::Null).await);
-    assert_eq!((s, p["status"].as_str(), p["detail"].as_str()), (200, Some("successful"), Some("pong")));
+    assert_eq!(
+        (s, p["status"].as_str(), p["detail"].as_str()),
+        (200, Some("successful"), Some("pong"))
+    );
     let (s, _) = answered(call("ssh", json!({"enable": true})).await);
     assert_eq!(s, 200);
     let (s, p) = answered(call("gc", Value::Null).await);
     assert_eq!(s, 200, "{p}");
-    assert!(p["detail"].as_str().unwrap().starts_with("reclaimed "), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().starts_with("reclaimed "),
+        "{p}"
+    );
     let (s, _) = answered(call("resync", json!({})).await);
     assert_eq!(s, 200);
     // Nothing to cancel: the engine's reason comes back with 500.
@@ -384,7 +393,10 @@ async fn direct_methods_reach_the_device() {
     // Refusals name the problem.
     let (s, p) = answered(call("selfdestruct", Value::Null).await);
     assert_eq!(s, 404);
-    assert!(p["error"].as_str().unwrap().contains("reboot, poweroff"), "{p}");
+    assert!(
+        p["error"].as_str().unwrap().contains("reboot, poweroff"),
+        "{p}"
+    );
     let (s, p) = answered(call("ssh", json!({"enable": "yes"})).await);
     assert_eq!(s, 400, "{p}");
     let (s, p) = answered(call("update", json!({"id": "r/1"})).await);
@@ -418,7 +430,10 @@ async fn direct_methods_reach_the_device() {
 async fn wait_offline(e: &Env) -> Invoked {
     for _ in 0..100 {
         if !e.hub.connected("dev-1") {
-            return e.hub.invoke("dev-1", "ping", Value::Null, Duration::from_secs(5)).await;
+            return e
+                .hub
+                .invoke("dev-1", "ping", Value::Null, Duration::from_secs(5))
+                .await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -432,26 +447,55 @@ async fn malformed_and_oversize_desired_properties_are_refused_with_the_reason()
     e.connected(&b).await;
     let v = e
         .hub
-        .update_desired("dev-1", json!({"revision": {"id": "bad/id", "stateUrl": "https://x/s", "stateSha256": "ab"}}))
+        .update_desired(
+            "dev-1",
+            json!({"revision": {"id": "bad/id", "stateUrl": "https://x/s", "stateSha256": "ab"}}),
+        )
         .unwrap();
     let a = e.ack(&b, "revision", v, final_ack).await;
     assert_eq!(a["ac"], 400);
-    assert!(a["ad"].as_str().unwrap().contains("revision.id \"bad/id\""), "{a}");
-    let v = e.hub.update_desired("dev-1", json!({"userMeta": "all of it"})).unwrap();
+    assert!(
+        a["ad"].as_str().unwrap().contains("revision.id \"bad/id\""),
+        "{a}"
+    );
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"userMeta": "all of it"}))
+        .unwrap();
     let a = e.ack(&b, "userMeta", v, final_ack).await;
     assert_eq!(a["ac"], 400);
-    assert!(a["ad"].as_str().unwrap().contains("userMeta must be an object, not a string"), "{a}");
+    assert!(
+        a["ad"]
+            .as_str()
+            .unwrap()
+            .contains("userMeta must be an object, not a string"),
+        "{a}"
+    );
     // A state bigger than max_state_bytes (fetched for objectUrlTemplate).
-    let big: serde_json::Map<String, Value> = (0..100).map(|i| (format!("k{i}/x.json"), json!({"pad": "y".repeat(40)}))).collect();
+    let big: serde_json::Map<String, Value> = (0..100)
+        .map(|i| (format!("k{i}/x.json"), json!({"pad": "y".repeat(40)})))
+        .collect();
     let rev = e.revision("huge", b"x", Value::Object(big), true).await;
-    let v = e.hub.update_desired("dev-1", json!({"revision": rev})).unwrap();
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
     let a = e.ack(&b, "revision", v, final_ack).await;
     assert_eq!(a["ac"], 400);
-    assert!(a["ad"].as_str().unwrap().contains("larger than max_state_bytes (2048)"), "{a}");
+    assert!(
+        a["ad"]
+            .as_str()
+            .unwrap()
+            .contains("larger than max_state_bytes (2048)"),
+        "{a}"
+    );
     // A state that does not hash to stateSha256.
     let mut rev = e.revision("liar", b"z", json!({}), true).await;
     rev["stateSha256"] = json!("0".repeat(64));
-    let v = e.hub.update_desired("dev-1", json!({"revision": rev})).unwrap();
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
     let a = e.ack(&b, "revision", v, final_ack).await;
     assert_eq!(a["ac"], 400);
     assert!(a["ad"].as_str().unwrap().contains("hashes to"), "{a}");
@@ -461,6 +505,243 @@ async fn malformed_and_oversize_desired_properties_are_refused_with_the_reason()
     // Nothing was installed, the bridge still runs and the next good revision goes.
     assert_eq!(e.d.sim.as_ref().unwrap().running(), "0");
     let rev = e.revision("good", b"fine", json!({}), false).await;
-    let v = e.hub.update_desired("dev-1", json!({"revision": rev})).unwrap();
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
     assert_eq!(e.ack(&b, "revision", v, final_ack).await["ac"], 200);
+}
+
+/// Waits until the update `id` is final in the reported twin; returns its status.
+async fn final_status(e: &Env, b: &Bridge, id: &str, within: Duration) -> String {
+    wait(b, &format!("{id} final in the twin"), within, || {
+        let r = e.reported();
+        let u = &r["pantavisor"]["update"];
+        let st = u["status"].as_str()?.to_owned();
+        (u["id"] == id
+            && ["DONE", "UPDATED", "ERROR", "WONTGO", "CANCELLED"].contains(&st.as_str()))
+        .then_some(st)
+    })
+    .await
+}
+
+fn synthetic_seq(msg: &str) -> Option<u64> {
+    msg.split("synthetic log line ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Every log entry the hub received, decoded (gzip or not).
+fn hub_logs(e: &Env) -> Vec<Value> {
+    let mut out = Vec::new();
+    for m in e.hub.d2c("dev-1") {
+        assert_eq!(m.property("$.ct"), Some("application/json"));
+        assert_eq!(m.property("type"), Some("pvlog"));
+        let body = match m.property("$.ce") {
+            Some("gzip") => {
+                let mut s = Vec::new();
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&m.body[..]), &mut s)
+                    .unwrap();
+                s
+            }
+            Some("utf-8") => m.body.clone(),
+            other => panic!("content encoding {other:?}"),
+        };
+        assert!(m.body.len() <= 256 * 1024);
+        let v: Vec<Value> = serde_json::from_slice(&body).unwrap();
+        out.extend(v);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_renewed_during_an_update_without_losing_it() {
+    let e = env_with(|c| c.log_rate = 10.0).await;
+    let b = e.bridge("sas_lifetime_secs = 10\nlog_gzip = true\n");
+    e.connected(&b).await;
+    // 160 KiB at 8 KiB/s: the download spans two token renewals.
+    let rev = e
+        .revision("slow", &vec![7u8; 160 * 1024], json!({}), false)
+        .await;
+    let sha = rev["objects"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    // The state is fetched first, then the object: both slow.
+    e.objects.fault(pv_testkit::objects::Fault::Slow(8 * 1024));
+    e.objects.fault(pv_testkit::objects::Fault::Slow(8 * 1024));
+    let _ = sha;
+    let started = Instant::now();
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let st = final_status(&e, &b, "slow", Duration::from_secs(90)).await;
+    assert!(st == "DONE" || st == "UPDATED", "{st}");
+    assert!(
+        started.elapsed() > Duration::from_secs(15),
+        "the download was not slow"
+    );
+    assert_eq!(e.ack(&b, "revision", v, final_ack).await["ac"], 200);
+    assert!(
+        e.hub.connects("dev-1") >= 3,
+        "connects: {}",
+        e.hub.connects("dev-1")
+    );
+    assert!(
+        b.log_text().matches("reconnecting with a new one").count() >= 2,
+        "{}",
+        b.log_text()
+    );
+    // Renewed before the hub had to cut an expired token.
+    let refusals = e.hub.refusals();
+    assert!(
+        !refusals.iter().any(|r| r.contains("SAS token expired")),
+        "{refusals:?}"
+    );
+    // Compressed logs arrived too.
+    wait(&b, "gzip log messages", Duration::from_secs(20), || {
+        (hub_logs(&e)
+            .iter()
+            .filter(|l| synthetic_seq(l["msg"].as_str().unwrap_or("")).is_some())
+            .count()
+            >= 20)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_restart_in_the_middle_of_an_update() {
+    let e = env_with(|_| {}).await;
+    let b = e.bridge("");
+    e.connected(&b).await;
+    let rev = e
+        .revision("mid", &vec![9u8; 64 * 1024], json!({}), false)
+        .await;
+    e.objects.fault(pv_testkit::objects::Fault::Slow(8 * 1024));
+    e.objects.fault(pv_testkit::objects::Fault::Slow(8 * 1024));
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    wait(
+        &b,
+        "DOWNLOADING in the twin",
+        Duration::from_secs(20),
+        || (e.reported()["pantavisor"]["update"]["status"] == "DOWNLOADING").then_some(()),
+    )
+    .await;
+    e.hub.outage(Duration::from_secs(3));
+    wait(&b, "the bridge to notice", Duration::from_secs(10), || {
+        b.log_text()
+            .contains("IoT Hub connection lost")
+            .then_some(())
+    })
+    .await;
+    let st = final_status(&e, &b, "mid", Duration::from_secs(60)).await;
+    assert!(st == "DONE" || st == "UPDATED", "{st}");
+    assert_eq!(e.ack(&b, "revision", v, final_ack).await["ac"], 200);
+    assert!(e.hub.connects("dev-1") >= 2);
+    assert_eq!(e.d.sim.as_ref().unwrap().running(), "locals/mid");
+    // A desired change made while the device was away is picked up by the GET.
+    e.hub.kick("dev-1", "test");
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"userMeta": {"after": "restart"}}))
+        .unwrap();
+    assert_eq!(e.ack(&b, "userMeta", v, final_ack).await["ac"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_arrive_complete_and_in_order_after_an_outage() {
+    let e = env_with(|c| c.log_rate = 40.0).await;
+    let b = e.bridge("");
+    e.connected(&b).await;
+    wait(&b, "first logs", Duration::from_secs(20), || {
+        (!e.hub.d2c("dev-1").is_empty()).then_some(())
+    })
+    .await;
+    e.hub.outage(Duration::from_secs(4));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let logs = wait(&b, "400 synthetic lines", Duration::from_secs(60), || {
+        let l = hub_logs(&e);
+        (l.iter()
+            .filter(|x| synthetic_seq(x["msg"].as_str().unwrap_or("")).is_some())
+            .count()
+            >= 400)
+            .then_some(l)
+    })
+    .await;
+    let mut files: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
+    for x in &logs {
+        if let Some(n) = synthetic_seq(x["msg"].as_str().unwrap()) {
+            files
+                .entry((
+                    x["plat"].as_str().unwrap().to_owned(),
+                    x["src"].as_str().unwrap().to_owned(),
+                ))
+                .or_default()
+                .push(n);
+            assert!(x["tsec"].as_i64().unwrap() > 1_600_000_000, "{x}");
+        }
+    }
+    for (f, ns) in &files {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{f:?} out of order or duplicated: {ns:?}"
+        );
+    }
+    let lo = files.values().map(|v| v[0]).max().unwrap();
+    let hi = files.values().map(|v| *v.last().unwrap()).min().unwrap();
+    let all: std::collections::BTreeSet<u64> = files.values().flatten().copied().collect();
+    let missing: Vec<u64> = (lo..=hi).filter(|n| !all.contains(n)).collect();
+    assert!(
+        hi > lo && missing.is_empty(),
+        "missing {missing:?} in {lo}..={hi}"
+    );
+    let r = e.reported();
+    assert!(
+        r["pantavisor"]["logs"]["messages"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_log_budget_is_kept_and_drops_are_reported() {
+    let e = env_with(|c| c.log_rate = 200.0).await;
+    let b = e.bridge("log_budget_kib_per_day = 8\nlog_batch_bytes = 4096\n");
+    e.connected(&b).await;
+    let r = wait(
+        &b,
+        "dropped records reported",
+        Duration::from_secs(30),
+        || {
+            let r = e.reported();
+            (r["pantavisor"]["logs"]["droppedRecords"].as_u64()? > 0).then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        r["pantavisor"]["logs"]["usedKiBToday"].as_u64().unwrap() <= 8,
+        "{r}"
+    );
+    let total: usize = e
+        .hub
+        .d2c("dev-1")
+        .iter()
+        .map(|m| m.body.len().div_ceil(4096))
+        .sum();
+    assert!(total <= 2, "{total} units sent");
+    assert!(
+        b.log_text().contains("daily log budget spent"),
+        "{}",
+        b.log_text()
+    );
 }

@@ -21,6 +21,8 @@ pub enum Fault {
     CutAfter(usize),
     /// Answer with this status and an empty body.
     Status(u16),
+    /// Send the body at about this many bytes per second (in 4 KiB pieces).
+    Slow(u64),
 }
 
 /// One request as the server saw it.
@@ -236,9 +238,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         Some(Fault::CutAfter(n)) => &body[..n.min(body.len())],
         _ => body,
     };
-    for piece in body.chunks(64 * 1024) {
+    let (piece_len, pause) = match fault {
+        Some(Fault::Slow(rate)) => (
+            4096,
+            Some(std::time::Duration::from_secs_f64(
+                4096.0 / rate.max(1) as f64,
+            )),
+        ),
+        _ => (64 * 1024, None),
+    };
+    for piece in body.chunks(piece_len) {
         if wr.write_all(piece).await.is_err() {
             return;
+        }
+        if let Some(p) = pause {
+            let _ = wr.flush().await;
+            tokio::time::sleep(p).await;
         }
     }
     let _ = wr.flush().await;
