@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pv_testkit::iothub::{FakeIotHub, Invoked};
+use pv_testkit::iothub::{DpsSetup, FakeIotHub, Invoked};
 use pv_testkit::objects::ObjectServer;
 use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
@@ -744,4 +744,210 @@ async fn the_daily_log_budget_is_kept_and_drops_are_reported() {
         "{}",
         b.log_text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_group_enrollment_with_a_derived_key() {
+    let e = env_with(|_| {}).await;
+    let group =
+        "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==";
+    e.hub.set_dps(DpsSetup {
+        id_scope: "0ne00000A0A".into(),
+        group_key: Some(group.into()),
+        ..DpsSetup::default()
+    });
+    // The device holds only its derived key (the factory computed it).
+    let reg = "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6";
+    let key_file = e.d.dir.path().join("device.key");
+    std::fs::write(&key_file, "Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=\n").unwrap();
+    let b = e.bridge_with(
+        &format!(
+            "dps = {{ id_scope = \"0ne00000A0A\", registration_id = \"{reg}\", symmetric_key_file = \"{}\", connect_address = \"{}\" }}\n",
+            key_file.display(),
+            e.hub.mqtt_addr()
+        ),
+        "",
+    );
+    wait(
+        &b,
+        "the assigned device online",
+        Duration::from_secs(30),
+        || (e.hub.reported(reg)["pantavisor"]["bridge"]["version"].is_string()).then_some(()),
+    )
+    .await;
+    assert_eq!(e.hub.registrations(), 1);
+    let cache: Value =
+        serde_json::from_slice(&std::fs::read(b.state.join("adapters/azure/dps.json")).unwrap())
+            .unwrap();
+    assert_eq!(cache["assignedHub"], HOST);
+    assert_eq!(cache["deviceId"], reg);
+    // A reconnect uses the cached assignment: no second registration.
+    e.hub.kick(reg, "test");
+    wait(&b, "a second connection", Duration::from_secs(20), || {
+        (e.hub.connects(reg) >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(e.hub.registrations(), 1);
+    // The hub refuses the identity (deleted and re-created elsewhere): DPS again.
+    e.hub.set_key(reg, "b3RoZXIta2V5LW5vdC10aGUtZGV2aWNlcw==");
+    e.hub.kick(reg, "test");
+    wait(&b, "provisioned again", Duration::from_secs(30), || {
+        (e.hub.registrations() >= 2).then_some(())
+    })
+    .await;
+    wait(&b, "connected again", Duration::from_secs(30), || {
+        e.hub.connected(reg).then_some(())
+    })
+    .await;
+    assert!(
+        b.log_text().contains("refused the credentials"),
+        "{}",
+        b.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_device_connects_with_its_certificate() {
+    let e = env_with(|_| {}).await;
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&e.pki.client_cert)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let thumb: String = text
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .replace(':', "")
+        .to_ascii_lowercase();
+    e.hub.add_x509_device("dev-x", &thumb);
+    let b = e.bridge_with(
+        &format!(
+            "host_name = \"{HOST}\"\ndevice_id = \"dev-x\"\nx509 = {{ cert_file = \"{}\", key_file = \"{}\" }}\n",
+            e.pki.client_cert.display(),
+            e.pki.client_key.display()
+        ),
+        "",
+    );
+    wait(
+        &b,
+        "the X.509 device online",
+        Duration::from_secs(20),
+        || (e.hub.reported("dev-x")["pantavisor"]["bridge"]["version"].is_string()).then_some(()),
+    )
+    .await;
+    // Without the certificate registered, the hub refuses it.
+    e.hub.add_x509_device("dev-x", &"0".repeat(64));
+    e.hub.kick("dev-x", "test");
+    wait(&b, "the refusal", Duration::from_secs(20), || {
+        b.log_text()
+            .contains("refused the credentials")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_backs_off_and_a_fixed_file_recovers() {
+    let e = env_with(|_| {}).await;
+    let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=";
+    std::fs::write(
+        &e.conn_file,
+        format!("HostName={HOST};DeviceId=dev-1;SharedAccessKey={wrong}"),
+    )
+    .unwrap();
+    let b = e.bridge("");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let refused = e
+        .hub
+        .refusals()
+        .iter()
+        .filter(|r| r.contains("signature mismatch"))
+        .count();
+    assert!(
+        (2..=6).contains(&refused),
+        "{refused} attempts in 8 s: {:?}",
+        e.hub.refusals()
+    );
+    let log = b.log_text();
+    assert!(log.contains("refused the credentials"), "{log}");
+    assert!(
+        !log.contains(wrong) && !log.contains(KEY),
+        "a key in the log:\n{log}"
+    );
+    // Credentials are read on every connection: fixing the file is enough.
+    std::fs::write(&e.conn_file, e.hub.add_device("dev-1", KEY)).unwrap();
+    e.connected(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_and_mqtt_run_together_with_azure_owning_updates() {
+    let e = env_with(|c| c.log_rate = 10.0).await;
+    let broker = mosquitto::Broker::start(e.d.dir.path(), "");
+    let mqtt = format!(
+        "[[backend]]\ntype = \"mqtt\"\nname = \"plant\"\ndevice_id = \"dev-1\"\nbroker = \"mqtt://127.0.0.1:{}\"\nupdates = false\n",
+        broker.port
+    );
+    let b = e.bridge_with(
+        &format!(
+            "connection_string_file = \"{}\"\npriority = 10\n",
+            e.conn_file.display()
+        ),
+        &mqtt,
+    );
+    e.connected(&b).await;
+    mosquitto::wait_for("MQTT status online", Duration::from_secs(15), || {
+        mosquitto::retained(broker.port, "pv/dev-1/status").filter(|s| s["online"] == true)
+    })
+    .await;
+    // Both backends' health is in the twin.
+    wait(
+        &b,
+        "both backends in the twin",
+        Duration::from_secs(15),
+        || {
+            (e.reported()["pantavisor"]["bridge"]["backends"]["plant"]["connected"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    let rev = e.revision("az1", b"from azure", json!({}), false).await;
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    assert_eq!(e.ack(&b, "revision", v, final_ack).await["ac"], 200);
+    mosquitto::wait_for(
+        "the new revision in MQTT's status",
+        Duration::from_secs(15),
+        || {
+            mosquitto::retained(broker.port, "pv/dev-1/status")
+                .filter(|s| s["revision"] == "locals/az1")
+        },
+    )
+    .await;
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"userMeta": {"from-azure": "1"}}))
+        .unwrap();
+    mosquitto::publish(
+        broker.port,
+        "pv/dev-1/meta/user/set",
+        &json!({"v": 1, "version": 1, "data": {"from-mqtt": "2"}}).to_string(),
+        true,
+    );
+    e.ack(&b, "userMeta", v, |a| a["ac"] == 200).await;
+    common::eventually(Duration::from_secs(15), "user-meta from both", || async {
+        let m = e.d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
+        (m.get("from-azure") == Some(&json!("1")) && m.get("from-mqtt") == Some(&json!("2")))
+            .then_some(())
+    })
+    .await;
+    // Logs go to both.
+    wait(&b, "logs on the hub", Duration::from_secs(20), || {
+        (!e.hub.d2c("dev-1").is_empty()).then_some(())
+    })
+    .await;
 }
