@@ -332,7 +332,7 @@ async fn twin_sync_desired_revisions_and_user_meta() {
         "user-meta on the device",
         || async {
             let m = e.d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
-            (m.get("app.mode") == Some(&json!("fast")) && m.get("colour").is_some()).then_some(m)
+            (m.get("app.mode") == Some(&json!("fast")) && m.contains_key("colour")).then_some(m)
         },
     )
     .await;
@@ -344,7 +344,7 @@ async fn twin_sync_desired_revisions_and_user_meta() {
     e.ack(&b, "userMeta", v, |a| a["ac"] == 200).await;
     common::eventually(Duration::from_secs(10), "colour deleted", || async {
         let m = e.d.pv.meta(pv_bridge::pvctrl::Meta::User).await.ok()?;
-        (m.get("colour").is_none() && m.get("app.mode").is_some()).then_some(())
+        (!m.contains_key("colour") && m.contains_key("app.mode")).then_some(())
     })
     .await;
     // Reported patches stayed within the twin's rules (the fake answers 400 otherwise).
