@@ -951,3 +951,49 @@ async fn azure_and_mqtt_run_together_with_azure_owning_updates() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_lost_answers_duplicates_and_c2d() {
+    let e = env_with(|_| {}).await;
+    // The first three twin requests are throttled, the next one is lost.
+    e.hub.fail_twin(429, 3);
+    e.hub.drop_twin_responses(1);
+    e.hub.duplicate_desired(true);
+    let b = e.bridge("request_timeout_secs = 2\n");
+    e.connected(&b).await;
+    let log = b.log_text();
+    assert!(log.contains("twin GET refused; asking again"), "{log}");
+    assert!(
+        log.contains("no answer to the twin GET; asking again")
+            || log.contains("no answer to a reported patch"),
+        "{log}"
+    );
+    // Duplicated desired notifications are applied once.
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"userMeta": {"k": "v"}}))
+        .unwrap();
+    assert_eq!(e.ack(&b, "userMeta", v, final_ack).await["ac"], 200);
+    // The second copy arrives right after the first: give it time, then count.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        b.log_text().matches("desired userMeta").count(),
+        1,
+        "{}",
+        b.log_text()
+    );
+    // A cloud-to-device message is completed (PUBACK) and logged.
+    e.hub
+        .send_c2d("dev-1", b"hello device", &[("kind", "note")]);
+    wait(
+        &b,
+        "the C2D message completed",
+        Duration::from_secs(10),
+        || {
+            (e.hub.c2d_pending("dev-1") == 0
+                && b.log_text().contains("cloud-to-device message received"))
+            .then_some(())
+        },
+    )
+    .await;
+}

@@ -105,7 +105,8 @@ impl Shared {
         self.rid.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Sends a twin request and waits up to 30 s for its status.
+    /// Sends a twin request and waits up to `request_timeout_secs` for its status
+    /// (`None`: no answer).
     async fn twin_request(&self, topic: impl FnOnce(u64) -> String, body: Vec<u8>) -> Option<u16> {
         let rid = self.next_rid();
         let (tx, rx) = oneshot::channel();
@@ -120,7 +121,7 @@ impl Shared {
         {
             return None;
         }
-        let r = tokio::time::timeout(Duration::from_secs(30), rx).await;
+        let r = tokio::time::timeout(Duration::from_secs(self.cfg.request_timeout_secs), rx).await;
         if let Ok(mut w) = self.waiting.lock() {
             w.remove(&rid);
         }
@@ -463,8 +464,10 @@ async fn reporter(sh: Arc<Shared>, mut baseline: watch::Receiver<Option<Value>>)
                         continue;
                     }
                     None => {
-                        debug!(backend = %sh.name, "no answer to a reported patch; the connection is gone");
-                        return;
+                        // Lost on the way (the task ends anyway if the connection
+                        // is gone): the same difference goes again.
+                        warn!(backend = %sh.name, "no answer to a reported patch; sending it again");
+                        continue;
                     }
                 }
             }
@@ -657,9 +660,23 @@ impl AzureAdapter {
         };
         tokio::pin!(renew_sleep);
         let mut renewing = false;
+        // When to send the twin GET (again): after a refusal's backoff, or when
+        // the last one went unanswered.
+        let mut get_at: Option<tokio::time::Instant> = None;
+        let request_timeout = Duration::from_secs(self.cfg.request_timeout_secs);
         let end = loop {
+            let get_due = get_at;
             let polled = tokio::select! {
                 p = ev.poll() => p,
+                _ = tokio::time::sleep_until(get_due.unwrap_or_else(tokio::time::Instant::now)), if get_due.is_some() => {
+                    if get_rid != 0 {
+                        warn!(backend = %self.name, "no answer to the twin GET; asking again");
+                    }
+                    get_rid = sh.next_rid();
+                    let _ = client.try_publish(Topics::twin_get(get_rid), QoS::AtMostOnce, false, Vec::<u8>::new());
+                    get_at = Some(tokio::time::Instant::now() + request_timeout);
+                    continue;
+                }
                 _ = &mut renew_sleep, if !renewing => {
                     info!(backend = %self.name, "SAS token at 80 % of its lifetime: reconnecting with a new one");
                     renewing = true;
@@ -716,13 +733,9 @@ impl AzureAdapter {
                     for (t, q) in subs {
                         let _ = client.try_subscribe(t, q);
                     }
-                    get_rid = sh.next_rid();
-                    let _ = client.try_publish(
-                        Topics::twin_get(get_rid),
-                        QoS::AtMostOnce,
-                        false,
-                        Vec::<u8>::new(),
-                    );
+                    // The GET is queued after the subscriptions, on the next turn.
+                    get_rid = 0;
+                    get_at = Some(tokio::time::Instant::now());
                     tasks.clear();
                     tasks.push(AbortOnDrop(tokio::spawn(reporter(
                         sh.clone(),
@@ -742,6 +755,7 @@ impl AzureAdapter {
                         match status {
                             200 => match serde_json::from_slice::<Value>(&p.payload) {
                                 Ok(twin) => {
+                                    get_at = None;
                                     let d =
                                         twin.get("desired").cloned().unwrap_or_else(|| json!({}));
                                     desired.version =
@@ -760,15 +774,8 @@ impl AzureAdapter {
                             },
                             429 | 500..=599 => {
                                 warn!(backend = %self.name, status, retry_in = ?get_backoff, "twin GET refused; asking again");
-                                get_rid = sh.next_rid();
-                                let (c, t, wait) =
-                                    (client.clone(), Topics::twin_get(get_rid), get_backoff);
-                                tokio::spawn(async move {
-                                    tokio::time::sleep(wait).await;
-                                    let _ = c
-                                        .publish(t, QoS::AtMostOnce, false, Vec::<u8>::new())
-                                        .await;
-                                });
+                                get_rid = 0;
+                                get_at = Some(tokio::time::Instant::now() + get_backoff);
                                 get_backoff = (get_backoff * 2).min(Duration::from_secs(60));
                             }
                             other => {

@@ -101,6 +101,10 @@ pub struct AzureConfig {
     /// Largest state JSON fetched for an `objectUrlTemplate` revision.
     #[serde(default = "default_state")]
     pub max_state_bytes: usize,
+    /// How long a twin request (GET, reported patch) may go unanswered before it
+    /// is sent again.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
     /// How long a direct method waits for the engine before answering 202.
     #[serde(default = "default_method_wait")]
     pub method_wait_secs: u64,
@@ -120,6 +124,9 @@ fn default_log_batch() -> usize {
 }
 fn default_state() -> usize {
     4 * 1024 * 1024
+}
+fn default_request_timeout() -> u64 {
+    30
 }
 fn default_method_wait() -> u64 {
     10
@@ -181,6 +188,9 @@ impl AzureConfig {
         }
         if !(1024..=255 * 1024).contains(&self.log_batch_bytes) {
             return Err("log_batch_bytes must be from 1024 to 261120".into());
+        }
+        if self.request_timeout_secs == 0 {
+            return Err("request_timeout_secs must be at least 1".into());
         }
         if self.max_state_bytes < 1024 {
             return Err("max_state_bytes must be at least 1024".into());
