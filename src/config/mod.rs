@@ -595,6 +595,12 @@ dir = "/media/updates"
             parse("[[backend]]\ntype = \"local\"\nname = \"usb\"\ndri = \"/x\"\n").unwrap_err(),
             "config.toml:3: backend \"usb\": unknown field `dri`, expected `dir` or `scan_interval_secs`"
         );
+        #[cfg(feature = "azure")]
+        assert_eq!(
+            parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
+            "config.toml:3: backend \"cloud\": set one of connection_string_file, dps, or x509 with host_name and device_id"
+        );
+        #[cfg(not(feature = "azure"))]
         assert_eq!(
             parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
             format!(
