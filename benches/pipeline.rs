@@ -724,11 +724,59 @@ async fn footprint() {
         hub.url(),
         autotok.display()
     );
+    // Azure: the test kit's fake IoT Hub over TLS with a throw-away CA.
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let run = |args: &str| {
+        let ok = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(&pki)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(ok.success(), "openssl {args}");
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    run(&format!(
+        "req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-CA"
+    ));
+    run(&format!(
+        "req {ec} -keyout srv.key -out srv.csr -subj /CN=bench-hub"
+    ));
+    std::fs::write(
+        pki.join("srv.cnf"),
+        "subjectAltName=DNS:bench-hub.azure-devices.net\n",
+    )
+    .unwrap();
+    run(
+        "x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile srv.cnf",
+    );
+    let iothub = pv_testkit::iothub::FakeIotHub::local(
+        "bench-hub.azure-devices.net",
+        &pki.join("srv.pem"),
+        &pki.join("srv.key"),
+        None,
+    )
+    .await
+    .unwrap();
+    let conn = pki.join("azure.conn");
+    std::fs::write(
+        &conn,
+        iothub.add_device("bench", "YmVuY2gtZGV2aWNlLWtleQ=="),
+    )
+    .unwrap();
+    let azure = format!(
+        "[[backend]]\ntype = \"azure\"\nname = \"azure\"\nconnection_string_file = \"{}\"\nca_file = \"{}\"\nconnect_address = \"{}\"\n",
+        conn.display(),
+        pki.join("ca.pem").display(),
+        iothub.mqtt_addr()
+    );
     let cases = [
         ("local", local.clone(), 8192u64),
         ("mqtt", mqtt.clone(), 8192),
         ("pantahub", pantahub.clone(), 8192),
-        ("all three", format!("{local}{mqtt}{pantahub}"), 12288),
+        ("azure", azure.clone(), 8192),
+        ("all four", format!("{local}{mqtt}{pantahub}{azure}"), 12288),
     ];
     println!(
         "{:<10} {:>16} {:>14} {:>14} {:>10}",
@@ -756,6 +804,8 @@ async fn footprint() {
         .unwrap();
         let log = case.join("bridge.log");
         let devices_before = hub.device_ids().len();
+        let azure_before = iothub.connects("bench");
+        let patches_before = iothub.reported_patches("bench").len();
         let start = Instant::now();
         let mut child = Command::new(&bin)
             .args(["run", "--config"])
@@ -778,11 +828,16 @@ async fn footprint() {
                     .last()
                     .and_then(|id| hub.factory_state(id))
                     .is_some();
+            // Connected, and its first report (the twin keeps the last case's, so
+            // count reported patches).
+            let azure_ok = iothub.connects("bench") > azure_before
+                && iothub.reported_patches("bench").len() > patches_before;
             let connected = match *name {
                 "local" => true,
                 "mqtt" => mqtt_ok,
                 "pantahub" => hub_ok,
-                _ => mqtt_ok && hub_ok,
+                "azure" => azure_ok,
+                _ => mqtt_ok && hub_ok && azure_ok,
             };
             if first.is_some() && connected {
                 break;

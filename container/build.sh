@@ -8,13 +8,13 @@
 #   fragment.json           the state-JSON keys to merge into a device revision
 #   objects/<sha256>        the objects the fragment names
 #   pvr/pv-bridge/          the same files by name, to copy into a `pvr` checkout
-# Environment: FEATURES (default local,mqtt,pantahub,dbus), SOURCE_DATE_EPOCH (default 0).
+# Environment: FEATURES (default local,mqtt,pantahub,azure,dbus), SOURCE_DATE_EPOCH (default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 arch="${1:-x86_64}"
 out="${2:-target/container/$arch}"
-features="${FEATURES:-local,mqtt,pantahub,dbus}"
+features="${FEATURES:-local,mqtt,pantahub,azure,dbus}"
 epoch="${SOURCE_DATE_EPOCH:-0}"
 
 case "$arch" in
