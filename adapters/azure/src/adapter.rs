@@ -575,6 +575,8 @@ enum End {
     Failed(String),
     /// The token is due: connect again at once.
     Renew,
+    /// The bridge is stopping; the goodbye was said.
+    Stopped,
 }
 
 /// Aborts a task when dropped.
@@ -692,7 +694,7 @@ impl AzureAdapter {
                     }).await;
                     info!(backend = %self.name, "disconnected (bridge stopping)");
                     self.keep(&sh);
-                    return Ok(End::Failed("stopping".into()));
+                    return Ok(End::Stopped);
                 }
             };
             let event = match polled {
@@ -857,23 +859,17 @@ impl AzureAdapter {
             };
             let end = match id {
                 Ok(id) => self.connection(&link, &id, &mut desired).await,
-                Err(e @ AdapterError::Connection(_)) | Err(e @ AdapterError::Protocol(_)) => {
-                    Ok(End::Failed(e.to_string()))
-                }
-                Err(e) => {
-                    // Bad settings or files: keep retrying slowly, they may be fixed.
-                    Ok(End::Failed(e.to_string()))
-                }
+                // Unreachable DPS, unreadable or bad files: retried with the
+                // backoff (a fixed file or a network coming back is picked up).
+                Err(e) => Ok(End::Failed(e.to_string())),
             };
             match end? {
                 End::Renew => {
                     backoff = Duration::from_secs(1);
                     continue;
                 }
+                End::Stopped => return Ok(()),
                 End::Failed(reason) => {
-                    if reason == "stopping" {
-                        return Ok(());
-                    }
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_secs(1);
                     }
