@@ -402,6 +402,29 @@ async fn direct_methods_reach_the_device() {
     let (s, p) = answered(call("update", json!({"id": "r/1"})).await);
     assert_eq!(s, 400);
     assert!(p["error"].as_str().unwrap().contains("revision.id"), "{p}");
+    // reboot: 202 at once; the device goes down.
+    let (s, p) = answered(call("reboot", Value::Null).await);
+    assert_eq!((s, p["status"].as_str()), (202, Some("accepted")), "{p}");
+    let sim = e.d.sim.as_ref().unwrap();
+    sim.wait_power(pv_testkit::sim::PowerState::Rebooting).await;
+    sim.wait_power(pv_testkit::sim::PowerState::On).await;
+    // On a device the bridge restarts with it; its outcome is reported then.
+    drop(b);
+    let b = e.bridge("");
+    wait(
+        &b,
+        "the reboot reported successful",
+        Duration::from_secs(30),
+        || {
+            let r = e.reported();
+            r["pantavisor"]["commands"]
+                .as_object()?
+                .values()
+                .any(|c| c["command"] == "reboot" && c["status"] == "successful")
+                .then_some(())
+        },
+    )
+    .await;
     // update: 202 at once, the outcome in reported properties.
     let rev = e.revision("m1", b"by method", json!({}), false).await;
     let (s, p) = answered(call("update", rev).await);
@@ -413,18 +436,50 @@ async fn direct_methods_reach_the_device() {
     })
     .await;
     assert_eq!(e.d.sim.as_ref().unwrap().running(), "locals/m1");
-    // reboot: 202 at once; the device goes down.
-    let (s, p) = answered(call("reboot", Value::Null).await);
-    assert_eq!((s, p["status"].as_str()), (202, Some("accepted")), "{p}");
-    e.d.sim
-        .as_ref()
-        .unwrap()
-        .wait_power(pv_testkit::sim::PowerState::Rebooting)
-        .await;
+    // poweroff: 202, and the device goes off.
+    let (s, p) = answered(call("poweroff", Value::Null).await);
+    assert_eq!(s, 202, "{p}");
+    if tokio::time::timeout(
+        Duration::from_secs(20),
+        sim.wait_power(pv_testkit::sim::PowerState::Off),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "the device did not power off; the bridge's log:\n{}",
+            b.log_text()
+        );
+    }
+    // Every command reached Pantavisor.
+    let pv_log = pantavisor_logs(&e.d.storage().join("logs"));
+    for op in ["ENABLE_SSH", "REBOOT_DEVICE", "POWEROFF_DEVICE"] {
+        assert!(
+            pv_log.contains(&format!("processing command {op}")),
+            "{op} not in:\n{pv_log}"
+        );
+    }
     // A device that is not connected: 404 from the hub itself.
     drop(b);
     let gone = wait_offline(&e).await;
     assert_eq!(gone, Invoked::Offline);
+}
+
+/// Every `pantavisor.log` under the log tree (one per revision and boot).
+fn pantavisor_logs(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_symlink() {
+            continue;
+        }
+        if p.is_dir() {
+            out.push_str(&pantavisor_logs(&p));
+        } else if p.file_name().is_some_and(|n| n == "pantavisor.log") {
+            out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    out
 }
 
 async fn wait_offline(e: &Env) -> Invoked {
@@ -996,4 +1051,49 @@ async fn throttling_lost_answers_duplicates_and_c2d() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dps_individual_enrollment_and_a_key_derived_on_the_device() {
+    for (reg, setting) in [
+        ("indiv-1", "symmetric_key_file"),
+        ("grp-dev-2", "group_key_file"),
+    ] {
+        let e = env_with(|_| {}).await;
+        let group = "Z3JvdXAta2V5LWZvci10aGUtcHYtYnJpZGdlLWZsZWV0";
+        let mut dps = DpsSetup {
+            id_scope: "0ne00000B0B".into(),
+            group_key: Some(group.into()),
+            ..DpsSetup::default()
+        };
+        let key_file = e.d.dir.path().join("dps.key");
+        if setting == "symmetric_key_file" {
+            dps.individual
+                .insert(reg.into(), "aW5kaXZpZHVhbC1lbnJvbGxtZW50LWtleQ==".into());
+            std::fs::write(&key_file, "aW5kaXZpZHVhbC1lbnJvbGxtZW50LWtleQ==").unwrap();
+        } else {
+            std::fs::write(&key_file, group).unwrap();
+        }
+        e.hub.set_dps(dps);
+        let b = e.bridge_with(
+            &format!(
+                "dps = {{ id_scope = \"0ne00000B0B\", registration_id = \"{reg}\", {setting} = \"{}\", connect_address = \"{}\" }}\n",
+                key_file.display(),
+                e.hub.mqtt_addr()
+            ),
+            "",
+        );
+        wait(
+            &b,
+            "the provisioned device online",
+            Duration::from_secs(30),
+            || {
+                e.hub.reported(reg)["pantavisor"]["bridge"]["version"]
+                    .is_string()
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(e.hub.registrations(), 1, "{setting}");
+    }
 }
