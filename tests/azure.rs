@@ -87,19 +87,8 @@ impl Bridge {
 }
 
 /// Waits for `f` to give `Some`; on timeout fails showing the bridge's log.
-async fn wait<T>(b: &Bridge, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; the bridge's log:\n{}",
-            b.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn wait<T>(b: &Bridge, what: &str, within: Duration, f: impl FnMut() -> Option<T>) -> T {
+    common::wait_showing(&b.log, what, within, f).await
 }
 
 /// A device, a fake hub that knows it, an object server and the test PKI.

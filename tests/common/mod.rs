@@ -340,3 +340,26 @@ pub fn test_pki(dir: &Path) -> Pki {
         client_key: dir.join("client.key"),
     }
 }
+
+/// Waits for `f` to give `Some`; on timeout fails showing the log file `log`
+/// (a pv-bridge process's).
+#[allow(dead_code)]
+pub async fn wait_showing<T>(
+    log: &Path,
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; the bridge's log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -146,6 +146,17 @@ pub struct Capabilities {
     pub commands: bool,
 }
 
+impl Capabilities {
+    /// Everything: updates, user-meta, device-meta, logs and commands.
+    pub const ALL: Capabilities = Capabilities {
+        updates: true,
+        user_meta: true,
+        device_meta: true,
+        logs: true,
+        commands: true,
+    };
+}
+
 /// Where the bytes of one object come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -283,6 +294,46 @@ pub enum CommandKind {
     Resync,
     Cancel,
     Ping,
+}
+
+impl CommandKind {
+    /// The command's name in backend protocols (`ssh` for both SSH kinds).
+    pub fn name(&self) -> &'static str {
+        match self {
+            CommandKind::Reboot => "reboot",
+            CommandKind::Poweroff => "poweroff",
+            CommandKind::Gc => "gc",
+            CommandKind::SshOn | CommandKind::SshOff => "ssh",
+            CommandKind::Resync => "resync",
+            CommandKind::Cancel => "cancel",
+            CommandKind::Ping => "ping",
+        }
+    }
+}
+
+/// Adds, for every object `state` names (a top-level value that is a sha256) and
+/// `objects` does not list yet, a URL source from `template` (`{sha256}` replaced).
+pub fn objects_from_template(
+    state: &serde_json::Map<String, serde_json::Value>,
+    template: &str,
+    objects: &mut BTreeMap<String, ObjectRef>,
+) {
+    for v in state.values() {
+        if let serde_json::Value::String(sha) = v {
+            if is_sha256_hex(sha) && !objects.contains_key(sha) {
+                objects.insert(
+                    sha.clone(),
+                    ObjectRef {
+                        sha256: sha.clone(),
+                        size: None,
+                        source: ObjectSource::Url {
+                            url: template.replace("{sha256}", sha),
+                        },
+                    },
+                );
+            }
+        }
+    }
 }
 
 /// Outcome of a command, in the order a backend sees them.

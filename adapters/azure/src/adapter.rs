@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pv_adapter_api::{
     Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, CommandStatus, EngineLink,
-    ObjectRef, ObjectSource, Offer, StateUrl, is_sha256_hex,
+    ObjectRef, ObjectSource, Offer, StateUrl,
 };
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
@@ -197,22 +197,7 @@ async fn build_offer(
     }
     let parsed: serde_json::Map<String, Value> = serde_json::from_slice(&state)
         .map_err(|e| format!("state {shown} is not a JSON object: {e}"))?;
-    for v in parsed.values() {
-        if let Value::String(sha) = v {
-            if is_sha256_hex(sha) && !objects.contains_key(sha) {
-                objects.insert(
-                    sha.clone(),
-                    ObjectRef {
-                        sha256: sha.clone(),
-                        size: None,
-                        source: ObjectSource::Url {
-                            url: template.replace("{sha256}", sha),
-                        },
-                    },
-                );
-            }
-        }
-    }
+    pv_adapter_api::objects_from_template(&parsed, template, &mut objects);
     Ok(Offer {
         id: r.id.clone(),
         state,
@@ -906,13 +891,7 @@ impl Adapter for AzureAdapter {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            updates: true,
-            user_meta: true,
-            device_meta: true,
-            logs: true,
-            commands: true,
-        }
+        Capabilities::ALL
     }
 
     fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {

@@ -261,6 +261,15 @@ async fn register(
         }
         None => serde_json::json!({"registrationId": d.registration_id}),
     };
+    let send = |topic: String, body: String| {
+        let client = client.clone();
+        async move {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, body)
+                .await
+                .map_err(|e| AdapterError::Connection(format!("DPS: {e}")))
+        }
+    };
     let fut = async {
         let mut rid = 0u64;
         loop {
@@ -277,15 +286,7 @@ async fn register(
                 }
                 Event::Incoming(Packet::SubAck(_)) => {
                     rid += 1;
-                    client
-                        .publish(
-                            dps::register(rid),
-                            QoS::AtLeastOnce,
-                            false,
-                            body.to_string(),
-                        )
-                        .await
-                        .map_err(|e| AdapterError::Connection(format!("DPS: {e}")))?;
+                    send(dps::register(rid), body.to_string()).await?;
                 }
                 Event::Incoming(Packet::Publish(p)) => {
                     let Some((status, _, retry)) = dps::parse_response(&p.topic) else {
@@ -324,12 +325,7 @@ async fn register(
                                     let wait = retry.unwrap_or(3).clamp(1, 60);
                                     tokio::time::sleep(Duration::from_secs(wait)).await;
                                     rid += 1;
-                                    client
-                                        .publish(dps::status(rid, &op), QoS::AtLeastOnce, false, "")
-                                        .await
-                                        .map_err(|e| {
-                                            AdapterError::Connection(format!("DPS: {e}"))
-                                        })?;
+                                    send(dps::status(rid, &op), String::new()).await?;
                                 }
                                 other => {
                                     let detail = state
@@ -348,15 +344,7 @@ async fn register(
                             warn!(status, wait, "DPS is busy; asking again");
                             tokio::time::sleep(Duration::from_secs(wait)).await;
                             rid += 1;
-                            client
-                                .publish(
-                                    dps::register(rid),
-                                    QoS::AtLeastOnce,
-                                    false,
-                                    body.to_string(),
-                                )
-                                .await
-                                .map_err(|e| AdapterError::Connection(format!("DPS: {e}")))?;
+                            send(dps::register(rid), body.to_string()).await?;
                         }
                         _ => {
                             let msg = v.get("message").and_then(|s| s.as_str()).unwrap_or("");

@@ -27,19 +27,6 @@ pub enum Action {
     Update(DesiredRevision),
 }
 
-/// A method's name for a command kind.
-pub fn command_name(k: &CommandKind) -> &'static str {
-    match k {
-        CommandKind::Reboot => "reboot",
-        CommandKind::Poweroff => "poweroff",
-        CommandKind::Gc => "gc",
-        CommandKind::SshOn | CommandKind::SshOff => "ssh",
-        CommandKind::Resync => "resync",
-        CommandKind::Cancel => "cancel",
-        CommandKind::Ping => "ping",
-    }
-}
-
 /// True for commands that answer 202 at once (the device goes away).
 pub fn answers_at_once(k: &CommandKind) -> bool {
     matches!(k, CommandKind::Reboot | CommandKind::Poweroff)

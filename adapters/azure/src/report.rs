@@ -146,7 +146,7 @@ pub fn reported(backend: &str, view: &DeviceView, extra: &Extra, meta_keys: &[St
             (
                 twin::escape_key(id),
                 json!({
-                    "command": crate::methods::command_name(&c.kind),
+                    "command": c.kind.name(),
                     "status": c.status,
                     "reason": c.reason.as_deref().map(|r| truncate(r, 400)),
                 }),

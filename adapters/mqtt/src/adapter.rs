@@ -17,8 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use pv_adapter_api::{
-    Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, CommandKind, EngineLink,
-    read_secret,
+    Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, EngineLink, read_secret,
 };
 use serde::Deserialize;
 use tracing::{debug, info, warn};
@@ -136,18 +135,6 @@ impl MqttAdapter {
             name: name.to_owned(),
             cfg,
         }
-    }
-}
-
-fn command_name(k: &CommandKind) -> &'static str {
-    match k {
-        CommandKind::Reboot => "reboot",
-        CommandKind::Poweroff => "poweroff",
-        CommandKind::Gc => "gc",
-        CommandKind::SshOn | CommandKind::SshOff => "ssh",
-        CommandKind::Resync => "resync",
-        CommandKind::Cancel => "cancel",
-        CommandKind::Ping => "ping",
     }
 }
 
@@ -283,7 +270,7 @@ async fn outbound(
             if sent.get(id) != Some(&r.status) {
                 let (t, corr) = replies
                     .route(id)
-                    .unwrap_or_else(|| (topics.cmd_response(command_name(&r.kind), id), None));
+                    .unwrap_or_else(|| (topics.cmd_response(r.kind.name(), id), None));
                 out.push((t, json(&protocol::command_response(r)), false, corr));
                 sent.insert(id.clone(), r.status);
             }
@@ -533,13 +520,7 @@ impl Adapter for MqttAdapter {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            updates: true,
-            user_meta: true,
-            device_meta: true,
-            logs: true,
-            commands: true,
-        }
+        Capabilities::ALL
     }
 
     fn run(self: Box<Self>, link: EngineLink) -> BoxFuture<'static, Result<(), AdapterError>> {

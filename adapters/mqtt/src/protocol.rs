@@ -376,21 +376,8 @@ pub fn parse_revision_set(
     match m.get("object_url_template") {
         None => {}
         Some(Value::String(t)) if http_url(t) && t.contains("{sha256}") => {
-            for v in state.into_iter().flat_map(|s| s.values()) {
-                if let Value::String(sha) = v {
-                    if is_sha256_hex(sha) && !objects.contains_key(sha) {
-                        objects.insert(
-                            sha.clone(),
-                            ObjectRef {
-                                sha256: sha.clone(),
-                                size: None,
-                                source: ObjectSource::Url {
-                                    url: t.replace("{sha256}", sha),
-                                },
-                            },
-                        );
-                    }
-                }
+            if let Some(st) = &state {
+                pv_adapter_api::objects_from_template(st, t, &mut objects);
             }
         }
         Some(_) => {

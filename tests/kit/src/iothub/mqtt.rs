@@ -444,6 +444,26 @@ fn reply(tx: &mpsc::UnboundedSender<Out>, topic: String, body: Vec<u8>) {
     });
 }
 
+/// Applies a queued twin fault (a lost answer, or an error status) to the request
+/// `rid`; true when it did.
+fn injected_fault(st: &mut super::State, tx: &mpsc::UnboundedSender<Out>, rid: &str) -> bool {
+    if st.drop_twin > 0 {
+        st.drop_twin -= 1;
+        return true;
+    }
+    match st.twin_faults.pop_front() {
+        Some(status) => {
+            reply(
+                tx,
+                format!("$iothub/twin/res/{status}/?$rid={rid}"),
+                b"{}".to_vec(),
+            );
+            true
+        }
+        None => false,
+    }
+}
+
 fn publish(
     inner: &Inner,
     id: &str,
@@ -460,16 +480,7 @@ fn publish(
         let q = twin_q(rest);
         let rid = get(&q, "$rid").unwrap_or("").to_owned();
         let mut st = inner.lock();
-        if st.drop_twin > 0 {
-            st.drop_twin -= 1;
-            return Ok(ack);
-        }
-        if let Some(status) = st.twin_faults.pop_front() {
-            reply(
-                tx,
-                format!("$iothub/twin/res/{status}/?$rid={rid}"),
-                b"{}".to_vec(),
-            );
+        if injected_fault(&mut st, tx, &rid) {
             return Ok(ack);
         }
         let body = st.devices.get(id).map(device_twin).unwrap_or(Value::Null);
@@ -484,16 +495,7 @@ fn publish(
         let q = twin_q(rest);
         let rid = get(&q, "$rid").unwrap_or("").to_owned();
         let mut st = inner.lock();
-        if st.drop_twin > 0 {
-            st.drop_twin -= 1;
-            return Ok(ack);
-        }
-        if let Some(status) = st.twin_faults.pop_front() {
-            reply(
-                tx,
-                format!("$iothub/twin/res/{status}/?$rid={rid}"),
-                b"{}".to_vec(),
-            );
+        if injected_fault(&mut st, tx, &rid) {
             return Ok(ack);
         }
         let patch: Result<Map<String, Value>, _> = serde_json::from_slice(&p.payload);
