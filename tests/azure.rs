@@ -1086,3 +1086,44 @@ async fn dps_individual_enrollment_and_a_key_derived_on_the_device() {
         assert_eq!(e.hub.registrations(), 1, "{setting}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sas_tokens_in_urls_stay_out_of_logs_and_acks() {
+    let e = env_with(|_| {}).await;
+    let b = e.bridge("");
+    e.connected(&b).await;
+    // A state URL with a Blob SAS that the store refuses (404).
+    let mut rev = e.revision("sas", b"x", json!({}), false).await;
+    rev["stateUrl"] = json!(
+        e.objects
+            .url("/states/missing.json?sv=2024-01-01&sig=SECRETSIGNATURE")
+    );
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 400, "{a}");
+    let ad = a["ad"].as_str().unwrap();
+    assert!(ad.contains("/states/missing.json?…"), "{a}");
+    assert!(!ad.contains("SECRETSIGNATURE"), "{a}");
+    // The same with objectUrlTemplate (the adapter fetches the state itself).
+    let mut rev = e.revision("sas2", b"y", json!({}), true).await;
+    rev["stateUrl"] = json!(e.objects.url("/states/missing2.json?sig=SECRETSIGNATURE"));
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 400, "{a}");
+    assert!(
+        !a["ad"].as_str().unwrap().contains("SECRETSIGNATURE"),
+        "{a}"
+    );
+    assert!(
+        !b.log_text().contains("SECRETSIGNATURE"),
+        "{}",
+        b.log_text()
+    );
+    assert!(!e.reported().to_string().contains("SECRETSIGNATURE"));
+}

@@ -161,11 +161,14 @@ impl Downloader {
                         let wait = after
                             .unwrap_or_else(|| backoff(attempt))
                             .min(Duration::from_secs(60));
-                        warn!(url = %url, attempt, retry_in = ?wait, reason = %why, "download interrupted");
+                        warn!(url = %pv_http::redact(url), attempt, retry_in = ?wait, reason = %why, "download interrupted");
                         tokio::time::sleep(wait).await;
                     }
                     Err(Failure::Retry(why, _)) => {
-                        return Err(format!("{url}: giving up after {ATTEMPTS} attempts: {why}"));
+                        return Err(format!(
+                            "{}: giving up after {ATTEMPTS} attempts: {why}",
+                            pv_http::redact(url)
+                        ));
                     }
                 }
             }
@@ -178,7 +181,7 @@ impl Downloader {
             if resumed && !fresh_retry {
                 // The kept bytes may not belong to what the server sends now: once,
                 // download the whole object again.
-                warn!(url = %url, object = %sha, "a resumed download does not match its sha256; downloading it whole");
+                warn!(url = %pv_http::redact(url), object = %sha, "a resumed download does not match its sha256; downloading it whole");
                 fresh_retry = true;
                 resumed = false;
                 counter.fetch_sub(have, Ordering::Relaxed);
@@ -186,7 +189,10 @@ impl Downloader {
                 validator = Validator::default();
                 continue;
             }
-            return Err(format!("object {sha}: the bytes from {url} hash to {got}"));
+            return Err(format!(
+                "object {sha}: the bytes from {} hash to {got}",
+                pv_http::redact(url)
+            ));
         }
         tokio::fs::rename(&part, &done)
             .await
@@ -231,7 +237,7 @@ impl Downloader {
             // A certificate the bridge does not trust will not become trusted by
             // retrying: fail now, with the reason.
             if e.is_tls() {
-                Failure::Fatal(format!("{url}: {e}"))
+                Failure::Fatal(format!("{}: {e}", pv_http::redact(url)))
             } else {
                 Failure::Retry(e.to_string(), None)
             }
@@ -265,11 +271,16 @@ impl Downloader {
             }
             408 | 429 | 500..=599 => {
                 return Err(Failure::Retry(
-                    format!("{url} answered {status}"),
+                    format!("{} answered {status}", pv_http::redact(url)),
                     retry_after,
                 ));
             }
-            _ => return Err(Failure::Fatal(format!("{url} answered {status}"))),
+            _ => {
+                return Err(Failure::Fatal(format!(
+                    "{} answered {status}",
+                    pv_http::redact(url)
+                )));
+            }
         };
         if !append {
             counter.fetch_sub(*have, Ordering::Relaxed);
@@ -314,7 +325,8 @@ impl Downloader {
             }
             if size.is_some_and(|s| *have + n > s) {
                 return Err(Failure::Fatal(format!(
-                    "{url} sends more than the {} bytes offered",
+                    "{} sends more than the {} bytes offered",
+                    pv_http::redact(url),
                     size.unwrap_or(0)
                 )));
             }
@@ -334,7 +346,7 @@ impl Downloader {
         f.sync_data()
             .await
             .map_err(|e| Failure::Fatal(e.to_string()))?;
-        debug!(url = %url, bytes = *have, "download complete");
+        debug!(url = %pv_http::redact(url), bytes = *have, "download complete");
         Ok(())
     }
 }

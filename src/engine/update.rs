@@ -306,7 +306,8 @@ async fn upload(
             Src::Url(url) => {
                 let dl = sources.downloader.as_ref().ok_or_else(|| {
                     Refusal::wontgo(format!(
-                        "object {sha}: no HTTP client is available for {url}"
+                        "object {sha}: no HTTP client is available for {}",
+                        pv_http::redact(url)
                     ))
                 })?;
                 let path = if attempt == 1 {
@@ -687,7 +688,7 @@ impl Coordinator {
         let dl = self.downloader.as_ref().ok_or_else(|| {
             Refusal::wontgo(format!(
                 "no HTTP client is available for the state at {}",
-                s.url
+                pv_http::redact(&s.url)
             ))
         })?;
         let budget = super::fetch::Budget {
@@ -701,7 +702,8 @@ impl Coordinator {
                 if e.contains("byte budget") {
                     Refusal::wontgo(format!(
                         "the state at {} is larger than max_state_bytes ({} bytes)",
-                        s.url, self.opts.max_state_bytes
+                        pv_http::redact(&s.url),
+                        self.opts.max_state_bytes
                     ))
                 } else {
                     Refusal::wontgo(format!("state: {e}"))

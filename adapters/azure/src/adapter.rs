@@ -79,11 +79,6 @@ pub fn renew_after(lifetime: Duration) -> Duration {
     at.saturating_sub(Duration::from_millis(jitter_ms(spread)))
 }
 
-/// A URL fit for logs: SAS query strings are credentials.
-fn loggable(url: &str) -> &str {
-    url.split('?').next().unwrap_or(url)
-}
-
 /// What the tasks of one adapter run share.
 struct Shared {
     name: String,
@@ -173,7 +168,8 @@ async fn build_offer(
             fetcher: None,
         });
     };
-    let shown = loggable(&r.state_url);
+    // SAS query strings are credentials: never in logs or acks.
+    let shown = pv_http::redact(&r.state_url);
     let resp = http
         .get(&r.state_url)
         .send()

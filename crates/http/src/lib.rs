@@ -12,4 +12,4 @@ pub mod codec;
 mod url;
 
 pub use client::{Body, Client, ClientBuilder, Error, Response};
-pub use url::Url;
+pub use url::{Url, redact};

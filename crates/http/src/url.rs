@@ -132,6 +132,31 @@ impl fmt::Display for Url {
     }
 }
 
+/// A URL as it may appear in logs and error messages: the query string (signed
+/// URLs carry their credentials there: S3 signatures, Azure SAS tokens) becomes
+/// `?…` and user information is dropped.
+pub fn redact(url: &str) -> std::borrow::Cow<'_, str> {
+    let (base, had_query) = match url.split_once('?') {
+        Some((b, _)) => (b, true),
+        None => (url, false),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match auth.rsplit_once('@') {
+                Some((_, host)) => std::borrow::Cow::Owned(format!("{scheme}://{host}{path}")),
+                None => std::borrow::Cow::Borrowed(base),
+            }
+        }
+        None => std::borrow::Cow::Borrowed(base),
+    };
+    match (base, had_query) {
+        (b, true) => std::borrow::Cow::Owned(format!("{b}?…")),
+        (std::borrow::Cow::Borrowed(_), false) => std::borrow::Cow::Borrowed(url),
+        (b, false) => b,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +199,15 @@ mod tests {
             u.join("//s3.example/k").unwrap().to_string(),
             "https://s3.example/k"
         );
+    }
+
+    #[test]
+    fn redaction_hides_queries_and_credentials() {
+        assert_eq!(
+            redact("https://acct.blob.core.windows.net/c/o?sv=2024&sig=SECRET"),
+            "https://acct.blob.core.windows.net/c/o?…"
+        );
+        assert_eq!(redact("http://u:p@h:1/x"), "http://h:1/x");
+        assert_eq!(redact("https://h/x"), "https://h/x");
     }
 }
