@@ -1127,3 +1127,62 @@ async fn sas_tokens_in_urls_stay_out_of_logs_and_acks() {
     );
     assert!(!e.reported().to_string().contains("SECRETSIGNATURE"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_identity_has_its_own_twin_methods_and_messages() {
+    let e = env_with(|c| c.log_rate = 10.0).await;
+    let conn = e
+        .hub
+        .add_module("dev-1", "pvbridge", "bW9kdWxlLWtleS1mb3ItdGhlLWJyaWRnZQ==");
+    std::fs::write(&e.conn_file, conn).unwrap();
+    let b = e.bridge("");
+    let id = "dev-1/pvbridge";
+    wait(
+        &b,
+        "the module's first report",
+        Duration::from_secs(20),
+        || {
+            e.hub.reported(id)["pantavisor"]["bridge"]["version"]
+                .is_string()
+                .then_some(())
+        },
+    )
+    .await;
+    // The device's own twin is untouched.
+    assert_eq!(e.hub.reported("dev-1"), json!({"$version": 1}));
+    match e
+        .hub
+        .invoke(id, "ping", Value::Null, Duration::from_secs(10))
+        .await
+    {
+        Invoked::Answered { status, .. } => assert_eq!(status, 200),
+        other => panic!("{other:?}"),
+    }
+    let v = e
+        .hub
+        .update_desired(id, json!({"userMeta": {"via": "module"}}))
+        .unwrap();
+    wait(
+        &b,
+        "the module's userMeta ack",
+        Duration::from_secs(20),
+        || {
+            let a = e.hub.reported(id)["userMeta"].clone();
+            (a["av"] == v && a["ac"] == 200).then_some(())
+        },
+    )
+    .await;
+    let m = wait(
+        &b,
+        "logs on the module's topic",
+        Duration::from_secs(20),
+        || e.hub.d2c(id).first().cloned(),
+    )
+    .await;
+    assert!(
+        m.topic
+            .starts_with("devices/dev-1/modules/pvbridge/messages/events/"),
+        "{}",
+        m.topic
+    );
+}

@@ -358,3 +358,100 @@ async fn desired_patches_go_only_to_connected_devices_and_rule_breakers_are_cut(
         k.hub.refusals()
     );
 }
+
+#[tokio::test]
+async fn the_pv_fake_iothub_binary_serves_devices() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path());
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, sport) = (free(), free());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pv-fake-iothub"))
+        .args([
+            "--host-name",
+            HOST,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--service-listen",
+            &format!("127.0.0.1:{sport}"),
+            "--device",
+            &format!("d9={KEY}"),
+        ])
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(
+        first,
+        format!("device d9: HostName={HOST};DeviceId=d9;SharedAccessKey={KEY}")
+    );
+    let service = lines.next().unwrap().unwrap();
+    assert!(
+        service.starts_with(&format!(
+            "service: HostName={HOST};SharedAccessKeyName=iothubowner;"
+        )),
+        "{service}"
+    );
+    // A device connects with a token from its connection string and reads its twin.
+    let mut o = MqttOptions::new("d9", "127.0.0.1", port);
+    o.set_credentials(
+        format!("{HOST}/d9/?api-version=2021-04-12"),
+        token(&format!("{HOST}/devices/d9"), now() + 60),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(cfg),
+    )));
+    let (c, mut ev) = AsyncClient::new(o, 8);
+    let mut got = None;
+    for _ in 0..50 {
+        match until(&mut ev, Duration::from_secs(5), connack).await {
+            Ok(_) => {
+                got = Some(());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(got.is_some(), "no CONNACK from pv-fake-iothub");
+    c.subscribe("$iothub/twin/res/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    c.publish("$iothub/twin/GET/?$rid=1", QoS::AtMostOnce, false, "")
+        .await
+        .unwrap();
+    let e = until(&mut ev, Duration::from_secs(5), |e| {
+        matches!(e, Event::Incoming(Packet::Publish(_)))
+    })
+    .await
+    .unwrap();
+    assert!(
+        format!("{e:?}").contains("$iothub/twin/res/200/?$rid=1"),
+        "{e:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -411,6 +411,22 @@ impl FakeIotHub {
         )
     }
 
+    /// Registers a module identity of a device with its own key (its twin is its
+    /// own; `id` for the other calls is `{device}/{module}`); returns its
+    /// connection string.
+    pub fn add_module(&self, device: &str, module: &str, key: &str) -> String {
+        self.inner
+            .lock()
+            .devices
+            .entry(format!("{device}/{module}"))
+            .or_default()
+            .key = Some(key.to_owned());
+        format!(
+            "HostName={};DeviceId={device};ModuleId={module};SharedAccessKey={key}",
+            self.inner.host
+        )
+    }
+
     /// Registers a device that authenticates with a certificate (by the SHA-256
     /// thumbprint of its DER bytes, hex).
     pub fn add_x509_device(&self, id: &str, thumbprint: &str) {

@@ -185,7 +185,8 @@ fn authenticate(
     if client != c.client_id {
         return refuse(format!("client id {:?} is not {client:?}", c.client_id));
     }
-    let device = client.split('/').next().unwrap_or(client);
+    // A module is its own identity (`{device}/{module}`), with its own key and twin.
+    let device = client;
     let model = get(&q, "model-id").map(str::to_owned);
     let st = inner.lock();
     let Some(d) = st.devices.get(device) else {
@@ -221,7 +222,10 @@ fn authenticate(
         ),
         Some(p) if p == super::SERVICE_POLICY => (
             inner.service_key.clone(),
-            format!("{}/devices/{device}", inner.host),
+            match client.split_once('/') {
+                Some((d, m)) => format!("{}/devices/{d}/modules/{m}", inner.host),
+                None => format!("{}/devices/{client}", inner.host),
+            },
         ),
         Some(p) => return refuse(format!("unknown policy {p:?}")),
     };
@@ -551,11 +555,11 @@ fn publish(
         }
         return Ok(ack);
     }
-    let events = format!("devices/{id}/messages/events/");
-    let module_events = format!("devices/{id}/modules/");
-    if topic.starts_with(&events)
-        || (topic.starts_with(&module_events) && topic.contains("/messages/events/"))
-    {
+    let events = match id.split_once('/') {
+        Some((d, m)) => format!("devices/{d}/modules/{m}/messages/events/"),
+        None => format!("devices/{id}/messages/events/"),
+    };
+    if topic.starts_with(&events) {
         let bag = topic.split_once("/messages/events/").map_or("", |(_, b)| b);
         let mut properties = query(bag);
         if p.retain {

@@ -76,8 +76,13 @@ fn twin_body(inner: &Inner, id: &str) -> Option<Value> {
     let st = inner.lock();
     let d = st.devices.get(id)?;
     let t = device_twin(d);
+    let (device, module) = match id.split_once('/') {
+        Some((d, m)) => (d, Some(m)),
+        None => (id, None),
+    };
     Some(json!({
-        "deviceId": id,
+        "deviceId": device,
+        "moduleId": module,
         "etag": format!("AAAAAAAAAA{}=", d.desired_version),
         "version": d.desired_version + d.reported_version + 1,
         "status": if d.disabled { "disabled" } else { "enabled" },
@@ -95,7 +100,16 @@ async fn handle(inner: &Inner, req: &Request) -> Response {
         return error(400, 400001, "api-version is missing");
     }
     let path = http::percent_decode(&req.path);
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Module twins and methods (`/twins/{d}/modules/{m}[/methods]`) address the
+    // identity `{d}/{m}`.
+    let module_id;
+    if parts.len() >= 4 && parts[0] == "twins" && parts[2] == "modules" {
+        module_id = format!("{}/{}", parts[1], parts[3]);
+        let rest: Vec<&str> = parts[4..].to_vec();
+        parts = vec!["twins", module_id.as_str()];
+        parts.extend(rest);
+    }
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["twins", id]) => match twin_body(inner, id) {
             Some(t) => Response::json(200, t.to_string()),
