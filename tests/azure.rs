@@ -62,22 +62,7 @@ impl Bridge {
         )
         .unwrap();
         let log = dir.join("bridge.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("HTTP_PROXY")
-            .env_remove("ALL_PROXY")
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
+        let child = common::bridge_command(&cfg, &log).spawn().unwrap();
         Bridge { child, log, state }
     }
 

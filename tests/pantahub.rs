@@ -63,33 +63,9 @@ impl Bridge {
         )
         .unwrap();
         let log = dir.join("bridge.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pv-bridge"));
-        for k in [
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
-            cmd.env_remove(k);
-        }
+        let mut cmd = common::bridge_command(&cfg, &log);
         cmd.envs(env.iter().copied());
-        let child = cmd
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
+        let child = cmd.spawn().unwrap();
         Bridge { child, log, state }
     }
 

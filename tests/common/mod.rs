@@ -363,3 +363,33 @@ pub async fn wait_showing<T>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `pv-bridge run --config cfg` with `RUST_LOG=info`, its log appended to `log`, and
+/// no proxy settings inherited from the environment (tests set their own).
+#[allow(dead_code)]
+pub fn bridge_command(cfg: &Path, log: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pv-bridge"));
+    for k in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.args(["run", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        );
+    cmd
+}

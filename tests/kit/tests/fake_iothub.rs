@@ -46,6 +46,22 @@ fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
 }
 
+/// TLS trusting only the kit's CA.
+fn tls_to(ca: &Path) -> Transport {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(cfg)))
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -85,20 +101,7 @@ fn client(k: &Kit, id: &str, password: String) -> (AsyncClient, rumqttc::EventLo
     o.set_credentials(format!("{HOST}/{id}/?api-version=2021-04-12"), password);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(300 * 1024, 300 * 1024);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&k.ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        Arc::new(cfg),
-    )));
+    o.set_transport(tls_to(&k.ca));
     AsyncClient::new(o, 16)
 }
 
@@ -411,20 +414,7 @@ async fn the_pv_fake_iothub_binary_serves_devices() {
         format!("{HOST}/d9/?api-version=2021-04-12"),
         token(&format!("{HOST}/devices/d9"), now() + 60),
     );
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        Arc::new(cfg),
-    )));
+    o.set_transport(tls_to(&ca));
     let (c, mut ev) = AsyncClient::new(o, 8);
     let mut got = None;
     for _ in 0..50 {
