@@ -916,16 +916,8 @@ fn read_error(what: &str, e: std::io::Error) -> Error {
     }
 }
 
-/// Lower-case hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+/// Lower-case hex of a digest (the adapter API's, shared with the adapters).
+pub use pv_adapter_api::hex;
 
 #[cfg(test)]
 mod tests {

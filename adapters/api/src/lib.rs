@@ -267,6 +267,17 @@ pub fn read_secret(setting: &str, path: &std::path::Path) -> Result<String, Adap
     Ok(secret.to_owned())
 }
 
+/// Lower-case hex of bytes (how Pantavisor writes sha256 digests).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// True for exactly 64 lower-case hex digits: how Pantavisor names objects.
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

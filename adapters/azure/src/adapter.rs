@@ -184,7 +184,7 @@ async fn build_offer(
         }
         _ => format!("state {shown}: {e}"),
     })?;
-    let got = pv_http_hex(&sha2::Sha256::digest(&state));
+    let got = pv_adapter_api::hex(&sha2::Sha256::digest(&state));
     if got != r.state_sha256 {
         return Err(format!(
             "state {shown} hashes to {got}, not stateSha256 {}",
@@ -201,10 +201,6 @@ async fn build_offer(
         objects,
         fetcher: None,
     })
-}
-
-fn pv_http_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The desired section as the bridge last saw it.

@@ -252,10 +252,7 @@ pub fn parse_revision_set(
                 None => {}
                 Some(Value::String(want)) if is_sha256_hex(want) => {
                     use sha2::Digest;
-                    let got: String = sha2::Sha256::digest(&bytes)
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
+                    let got = pv_adapter_api::hex(&sha2::Sha256::digest(&bytes));
                     if &got != want {
                         return Err(reject(
                             topic,
