@@ -603,6 +603,7 @@ impl AzureAdapter {
         link: &EngineLink,
         id: &Identity,
         desired: &mut Desired,
+        http: &pv_http::Client,
     ) -> Result<End, AdapterError> {
         let (opts, lifetime) = self.options(id)?;
         let renew = match id.auth {
@@ -622,7 +623,7 @@ impl AzureAdapter {
             rid: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
             pubacks: watch::channel(0).0,
-            http: http_client(&self.cfg)?,
+            http: http.clone(),
         });
         // Acks survive reconnects: carry them over.
         sh.extra
@@ -827,6 +828,9 @@ impl AzureAdapter {
     async fn serve(self: Box<Self>, link: EngineLink) -> Result<(), AdapterError> {
         self.cfg.validate().map_err(AdapterError::Config)?;
         let mut desired = Desired::default();
+        // One HTTP client (system roots read once, connections pooled) for every
+        // connection of this run.
+        let http = http_client(&self.cfg)?;
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
@@ -835,7 +839,7 @@ impl AzureAdapter {
                 _ = link.stopping() => return Ok(()),
             };
             let end = match id {
-                Ok(id) => self.connection(&link, &id, &mut desired).await,
+                Ok(id) => self.connection(&link, &id, &mut desired, &http).await,
                 // Unreachable DPS, unreadable or bad files: retried with the
                 // backoff (a fixed file or a network coming back is picked up).
                 Err(e) => Ok(End::Failed(e.to_string())),
