@@ -1,6 +1,6 @@
-//! Real state JSONs from Pantavisor's own test resources (`shared/fixtures`, kept
-//! beside this repository, or `PV_BRIDGE_FIXTURES`): the state model and pv-sim
-//! must accept what real devices run.
+//! Real state JSONs from Pantavisor's own test resources (kept in
+//! `tests/fixtures/pantavisor-states` with their provenance, or the folder named by
+//! `PV_BRIDGE_FIXTURES`): the state model and pv-sim must accept what real devices run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,14 +17,14 @@ fn fixture(name: &str) -> Vec<u8> {
     let dir = std::env::var_os("PV_BRIDGE_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/pantavisor-states")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pantavisor-states")
         });
     let path = dir.join(name);
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read fixture {}: {e}. These tests need Pantavisor's real states from the \
-             project's shared/fixtures/pantavisor-states (beside this checkout), or set \
-             PV_BRIDGE_FIXTURES to a folder holding initial_state.json and state_bsp_update.json",
+            "cannot read fixture {}: {e}. These tests read Pantavisor's real states from \
+             tests/fixtures/pantavisor-states, or from PV_BRIDGE_FIXTURES when it is set \
+             (a folder holding initial_state.json and state_bsp_update.json)",
             path.display()
         )
     })

@@ -3,8 +3,8 @@
 //! fsync of the directory) so a power cut leaves the old or the new journal, never
 //! a torn one.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use pv_adapter_api::UpdateStatus;
@@ -13,18 +13,7 @@ use serde::{Deserialize, Serialize};
 /// How many finished updates are remembered (for dedupe and re-reporting).
 const KEEP_FINISHED: usize = 64;
 
-/// Writes `data` to `path` durably.
-pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
-}
+pub use pv_adapter_api::durable::write_durable;
 
 /// Reads a small JSON journal; a missing or unreadable one starts empty.
 pub fn load_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {

@@ -10,6 +10,8 @@
 //! through which it sends [`BackendEvent`]s and watches its [`DeviceView`].
 //! See `docs/writing-an-adapter.md`.
 
+pub mod durable;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -399,6 +401,11 @@ pub struct CommandResult {
 /// One log line, as Pantavisor and Pantacor Hub describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
+    /// The record's position in the engine's log spool, given when it is spooled:
+    /// unique per device and increasing. Delivery is at-least-once, and a record sent
+    /// again carries the same `seq`, so consumers can drop the copies.
+    #[serde(default)]
+    pub seq: u64,
     /// Seconds since the Unix epoch.
     pub tsec: i64,
     /// Nanoseconds within the second.

@@ -918,6 +918,7 @@ mod tests {
     #[test]
     fn log_bodies_stay_below_the_message_limit() {
         let rec = |n: usize| pv_adapter_api::LogRecord {
+            seq: 0,
             tsec: 1,
             tnano: 0,
             lvl: "INFO".into(),

@@ -1,5 +1,6 @@
 //! Logs as device-to-cloud messages: JSON arrays of Pantavisor log entries
-//! (`{tsec, tnano, plat, src, lvl, msg, rev}`), `$.ct=application/json`, and
+//! (`{tsec, tnano, plat, src, lvl, msg, rev, seq}`; `seq` is the record's spool
+//! position, the same in every copy of an entry sent again), `$.ct=application/json`, and
 //! `$.ce=utf-8` (or `gzip` when compressed), within a daily allowance counted in
 //! the hub's 4 KiB metering units.
 
@@ -21,7 +22,7 @@ pub fn body(records: &[LogRecord], rev: Option<&str>) -> Vec<u8> {
         .iter()
         .map(|r| {
             json!({"tsec": r.tsec, "tnano": r.tnano, "plat": r.plat, "src": r.src,
-                   "lvl": r.lvl, "msg": r.msg, "rev": rev.unwrap_or("")})
+                   "lvl": r.lvl, "msg": r.msg, "rev": rev.unwrap_or(""), "seq": r.seq})
         })
         .collect();
     serde_json::to_vec(&entries).unwrap_or_default()
@@ -111,6 +112,7 @@ mod tests {
 
     fn rec(msg: &str) -> LogRecord {
         LogRecord {
+            seq: 0,
             tsec: 1_700_000_000,
             tnano: 5,
             lvl: "INFO".into(),

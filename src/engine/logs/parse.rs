@@ -32,6 +32,7 @@ fn cut(msg: &str) -> String {
 /// A line from a container source, timestamped when it was read.
 pub fn raw(plat: &str, src: &str, line: &str, now: (i64, u32)) -> LogRecord {
     LogRecord {
+        seq: 0,
         tsec: now.0,
         tnano: now.1,
         lvl: "INFO".into(),
@@ -54,6 +55,7 @@ pub fn pantavisor(line: &str, now: (i64, u32)) -> LogRecord {
     })();
     match parsed {
         Some((tsec, lvl, module, msg)) => LogRecord {
+            seq: 0,
             tsec: if tsec >= EPOCH_FLOOR { tsec } else { now.0 },
             tnano: if tsec >= EPOCH_FLOOR { 0 } else { now.1 },
             lvl,
@@ -73,6 +75,7 @@ pub fn singlefile(line: &str, now: (i64, u32)) -> LogRecord {
     let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
     let tsec = m.get("tsec").and_then(Value::as_i64).unwrap_or(now.0);
     LogRecord {
+        seq: 0,
         tsec: if tsec >= EPOCH_FLOOR { tsec } else { now.0 },
         tnano: m
             .get("tnano")
@@ -139,6 +142,7 @@ mod tests {
         assert_eq!(
             r,
             LogRecord {
+                seq: 0,
                 tsec: 1_795_000_001,
                 tnano: 7,
                 lvl: "ERROR".into(),

@@ -13,6 +13,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use pv_adapter_api::durable::write_durable;
 use pv_adapter_api::{LogBatch, LogRecord};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -33,13 +34,6 @@ impl Default for SpoolOptions {
             segment_bytes: 1024 * 1024,
         }
     }
-}
-
-#[derive(Serialize, Deserialize)]
-struct Line {
-    seq: u64,
-    #[serde(flatten)]
-    rec: LogRecord,
 }
 
 #[derive(Debug)]
@@ -88,8 +82,13 @@ impl Spool {
             })
             .collect();
         segments.sort_by_key(|s| s.first);
-        let next = match segments.last() {
-            Some(last) => last_seq(&last.path)?.map_or(last.first, |s| s + 1),
+        let next = match segments.last_mut() {
+            Some(last) => {
+                // A power cut can leave half a line at the end: cut it, so the next
+                // record starts on a line of its own.
+                last.bytes = cut_torn_tail(&last.path)?;
+                last_seq(&last.path)?.map_or(last.first, |s| s + 1)
+            }
             None => 0,
         };
         let ledger: Ledger = fs::read(dir.join("ledger.json"))
@@ -136,7 +135,7 @@ impl Spool {
 
     /// Appends records, rotating segments and enforcing the caps.
     pub fn append(&mut self, records: Vec<LogRecord>) -> io::Result<()> {
-        for rec in records {
+        for mut rec in records {
             let needs_new = match self.segments.last() {
                 None => true,
                 Some(s) => s.bytes >= self.opts.segment_bytes || self.writer.is_none(),
@@ -144,11 +143,8 @@ impl Spool {
             if needs_new {
                 self.rotate()?;
             }
-            let mut line = serde_json::to_vec(&Line {
-                seq: self.next,
-                rec,
-            })
-            .map_err(io::Error::other)?;
+            rec.seq = self.next;
+            let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
             line.push(b'\n');
             if let Some(w) = self.writer.as_mut() {
                 w.write_all(&line)?;
@@ -254,12 +250,14 @@ impl Spool {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            for line in BufReader::new(f).lines() {
+            for line in BufReader::new(f).split(b'\n') {
                 let line = line?;
-                let Ok(l) = serde_json::from_str::<Line>(&line) else {
+                // A damaged line (torn by a power cut, bad bytes on flash) is skipped,
+                // never the whole spool.
+                let Ok(rec) = serde_json::from_slice::<LogRecord>(&line) else {
                     continue;
                 };
-                if l.seq < pos {
+                if rec.seq < pos {
                     continue;
                 }
                 if records.len() >= max_records
@@ -268,8 +266,8 @@ impl Spool {
                     break 'segments;
                 }
                 bytes += line.len();
-                last = l.seq + 1;
-                records.push(l.rec);
+                last = rec.seq + 1;
+                records.push(rec);
             }
         }
         Ok(LogBatch {
@@ -290,12 +288,9 @@ impl Spool {
             let d = self.drops.entry(backend.to_owned()).or_default();
             *d = d.saturating_sub(r);
         }
-        let path = self.dir.join("ledger.json");
-        let tmp = self.dir.join("ledger.json.tmp");
         let saved = serde_json::to_vec(&self.ledger)
             .map_err(io::Error::other)
-            .and_then(|b| fs::write(&tmp, b))
-            .and_then(|_| fs::rename(&tmp, &path));
+            .and_then(|b| write_durable(&self.dir.join("ledger.json"), &b));
         if let Err(e) = saved {
             warn!(error = %e, "cannot save the log spool ledger");
         }
@@ -305,12 +300,27 @@ impl Spool {
 /// The position of the last complete record in a segment.
 fn last_seq(path: &Path) -> io::Result<Option<u64>> {
     let mut last = None;
-    for line in BufReader::new(File::open(path)?).lines() {
-        if let Ok(l) = serde_json::from_str::<Line>(&line?) {
-            last = Some(l.seq);
+    for line in BufReader::new(File::open(path)?).split(b'\n') {
+        if let Ok(rec) = serde_json::from_slice::<LogRecord>(&line?) {
+            last = Some(rec.seq);
         }
     }
     Ok(last)
+}
+
+/// Cuts a segment after its last newline (what a power cut in the middle of a
+/// write leaves) and returns its length.
+fn cut_torn_tail(path: &Path) -> io::Result<u64> {
+    let data = fs::read(path)?;
+    let keep = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if keep < data.len() {
+        warn!(path = %path.display(), bytes = data.len() - keep,
+            "the log spool's last record was torn (power cut?): cut");
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(keep as u64)?;
+        f.sync_all()?;
+    }
+    Ok(keep as u64)
 }
 
 #[cfg(test)]
@@ -319,6 +329,7 @@ mod tests {
 
     fn rec(i: usize) -> LogRecord {
         LogRecord {
+            seq: 0,
             tsec: 1_790_000_000 + i as i64,
             tnano: 0,
             lvl: "INFO".into(),
@@ -364,6 +375,34 @@ mod tests {
         assert_eq!((b.first, b.records.len()), (3, 2));
         s.append(vec![rec(5)]).unwrap();
         assert_eq!(s.read("fast", 100, 1 << 20).unwrap().next, 6);
+    }
+
+    #[test]
+    fn a_torn_last_line_and_bad_bytes_cost_only_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Spool::open(dir.path(), SpoolOptions::default(), &backends()).unwrap();
+            s.append((0..4).map(rec).collect()).unwrap();
+            s.flush().unwrap();
+        }
+        // Flash damage inside the second record, and a power cut in the middle of a
+        // fifth one, cut inside a multi-byte character.
+        let seg = dir.path().join("0.jsonl");
+        let mut data = std::fs::read(&seg).unwrap();
+        let second = data.iter().position(|b| *b == b'\n').unwrap() + 10;
+        data[second] = 0xff;
+        data.extend_from_slice("{\"seq\":4,\"tsec\":1,\"msg\":\"caf\u{e9}".as_bytes());
+        data.pop();
+        std::fs::write(&seg, &data).unwrap();
+
+        let mut s = Spool::open(dir.path(), SpoolOptions::default(), &backends()).unwrap();
+        assert_eq!(s.next_position(), 4, "the torn record is not counted");
+        s.append(vec![rec(4)]).unwrap();
+        let b = s.read("fast", 100, 1 << 20).unwrap();
+        let seqs: Vec<u64> = b.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![0, 2, 3, 4], "only the damaged record is lost");
+        assert_eq!(b.records[3].msg, rec(4).msg);
+        assert_eq!(b.next, 5);
     }
 
     #[test]

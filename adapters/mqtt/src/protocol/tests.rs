@@ -248,6 +248,7 @@ fn rejected_event(r: &Rejected, now: SystemTime) -> Value {
 #[test]
 fn log_batches_are_split_per_platform_under_64_kib_with_seq_and_dropped() {
     let rec = |plat: &str, i: usize| LogRecord {
+        seq: 0,
         tsec: 1_795_000_000,
         tnano: 0,
         lvl: "INFO".into(),
