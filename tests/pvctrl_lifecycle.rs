@@ -377,7 +377,7 @@ both_generations!(busy_command_slot_is_retried, |g| async move {
 async fn pantavisor_024_silence_is_retried_as_busy() {
     let d = start_with(Generation::Gen2, |c| {
         c.tick = Duration::from_secs(1);
-        c.silent_command_refusals = true;
+        c.pv_024 = true;
     })
     .await;
     let pv = PvCtrl::with_options(

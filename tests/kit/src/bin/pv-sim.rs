@@ -45,9 +45,14 @@ struct Args {
     /// Keep revision 0 on garbage collection (PV_STORAGE_GC_KEEP_FACTORY=1).
     #[arg(long)]
     gc_keep_factory: bool,
-    /// Imitate Pantavisor 024, which never answers a refused command.
+    /// Imitate Pantavisor 024 (with --generation 2): a refused command gets no
+    /// answer, PUT /steps creates no NEW progress, no POST /storage/gc.
     #[arg(long)]
     pv_024: bool,
+    /// Rotate a log file to <file>.<n>.gz at this size (0: a 200th of --capacity,
+    /// as Pantavisor's defaults do).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    log_rotate_bytes: u64,
     /// Milliseconds between ticks of Pantavisor's main loop.
     #[arg(long, value_name = "MS", default_value_t = 1000, hide = true)]
     tick_ms: u64,
@@ -64,6 +69,9 @@ fn config(a: Args) -> Result<SimConfig, String> {
             "--log-rate must be zero or more, got {}",
             a.log_rate
         ));
+    }
+    if a.pv_024 && a.generation == 1 {
+        return Err("--pv-024 is a gen-2 release; it cannot go with --generation 1".into());
     }
     if a.tick_ms == 0 {
         return Err("--tick-ms must be at least 1".into());
@@ -82,7 +90,8 @@ fn config(a: Args) -> Result<SimConfig, String> {
         log_rate: a.log_rate,
         capacity: a.capacity,
         gc_keep_factory: a.gc_keep_factory,
-        silent_command_refusals: a.pv_024,
+        pv_024: a.pv_024,
+        log_rotate_bytes: a.log_rotate_bytes,
         ..SimConfig::new(a.storage, a.socket)
     })
 }
@@ -98,6 +107,7 @@ async fn main() -> ExitCode {
     };
     let gen_name = match cfg.generation {
         Generation::Gen1 => "gen-1 (Pantavisor 023)",
+        Generation::Gen2 if cfg.pv_024 => "gen-2 (Pantavisor 024)",
         Generation::Gen2 => "gen-2 (Pantavisor 029)",
     };
     let sim = match Sim::start(cfg).await {

@@ -44,7 +44,7 @@ struct RouteDef {
     pattern: &'static str,
     methods: &'static [&'static str],
     mgmt: bool,
-    since_gen2: bool,
+    since_027: bool,
     ep: Ep,
 }
 
@@ -53,7 +53,7 @@ const fn r(pattern: &'static str, methods: &'static [&'static str], ep: Ep) -> R
         pattern,
         methods,
         mgmt: true,
-        since_gen2: false,
+        since_027: false,
         ep,
     }
 }
@@ -63,7 +63,7 @@ const fn new(pattern: &'static str, methods: &'static [&'static str], ep: Ep) ->
         pattern,
         methods,
         mgmt: true,
-        since_gen2: true,
+        since_027: true,
         ep,
     }
 }
@@ -76,7 +76,7 @@ const ROUTES: &[RouteDef] = &[
         pattern: "/signal",
         methods: &["POST"],
         mgmt: false,
-        since_gen2: false,
+        since_027: false,
         ep: Ep::Signal,
     },
     r("/commands", &["POST"], Ep::Commands),
@@ -145,14 +145,21 @@ fn matches(pattern: &str, target: &str) -> Option<String> {
 }
 
 /// Finds the endpoint for a request, or the error Pantavisor answers.
-pub fn route(generation: Generation, method: &str, target: &str) -> Result<Matched, Reply> {
+/// `pv_024`: Pantavisor 024, which lacks the 027+ endpoints (`/containers/{}`,
+/// `/daemons`, `/xconnect-graph`, 029's `/storage/gc`, master's `/wakelocks`).
+pub fn route(
+    generation: Generation,
+    pv_024: bool,
+    method: &str,
+    target: &str,
+) -> Result<Matched, Reply> {
     let unknown = || match generation {
         Generation::Gen1 => Reply::err(400, "Unknown endpoint"),
         Generation::Gen2 => Reply::err(400, format!("unknown endpoint: {target}")),
     };
     let found = ROUTES
         .iter()
-        .filter(|d| generation == Generation::Gen2 || !d.since_gen2)
+        .filter(|d| !d.since_027 || (generation == Generation::Gen2 && !pv_024))
         .find_map(|d| matches(d.pattern, target).map(|arg| (d, arg)));
     let Some((def, arg)) = found else {
         return Err(unknown());
@@ -357,7 +364,10 @@ fn put_step(dev: &mut Device, gen1: bool, name: &str, body: &[u8]) -> Reply {
             },
         )
     };
-    if !gen1 {
+    // 025+ (`ctrl/ctrl_steps_ep.c`) sets NEW before the body arrives, over any
+    // earlier progress; 024 and gen-1 leave an existing trail's progress as it was.
+    let new_progress = !gen1 && !dev.config().pv_024;
+    if new_progress {
         let _ = store.set_progress(&rev, &progress_json("NEW", "Update not yet installed"));
     }
     if body.is_empty() {
@@ -369,7 +379,7 @@ fn put_step(dev: &mut Device, gen1: bool, name: &str, body: &[u8]) -> Reply {
     if super::revision::Rev::parse(body).is_err() {
         return fail("Parser: State JSON has bad format");
     }
-    if !gen1 {
+    if new_progress {
         let _ = store.set_progress(&rev, &progress_json("NEW", "Update ready to be run"));
     }
     dev.log("INFO", "ctrl", &format!("revision {rev} staged"));
@@ -421,7 +431,7 @@ mod tests {
     use super::*;
 
     fn ep(generation: Generation, method: &str, target: &str) -> Result<(Ep, String), String> {
-        route(generation, method, target)
+        route(generation, false, method, target)
             .map(|m| (m.ep, m.arg))
             .map_err(|r| match r {
                 Reply::Error { code, text, .. } => format!("{code} {text}"),

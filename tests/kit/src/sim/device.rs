@@ -103,6 +103,8 @@ pub struct Device {
     last_log: Instant,
     /// How many times each container was started since this boot.
     starts: BTreeMap<String, u64>,
+    /// BLOCK_REBOOT: a reboot is due but a debug shell holds it.
+    held: bool,
 }
 
 /// A progress object, byte for byte as Pantavisor writes it
@@ -168,7 +170,7 @@ impl Device {
     /// Boots the device from its storage, creating the factory revision first if
     /// the storage is new.
     pub fn boot(cfg: SimConfig) -> io::Result<Device> {
-        let store = Store::new(&cfg.storage);
+        let store = Store::new(&cfg.storage).with_log_rotation(cfg.log_rotation());
         store.init()?;
         let mut boot = match store.boot()? {
             Some(b) => b,
@@ -192,6 +194,7 @@ impl Device {
             log_seq: 0,
             last_log: now,
             starts: BTreeMap::new(),
+            held: false,
             cfg,
         };
         // The bootloader: try a pending revision once; after a try that did not
@@ -315,6 +318,10 @@ impl Device {
         &self.store
     }
 
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
     pub fn running(&self) -> &str {
         &self.running
     }
@@ -357,6 +364,60 @@ impl Device {
     /// along, write logs. Returns a power action for the runner to carry out.
     pub fn tick(&mut self, now: Instant) -> io::Result<Option<Power>> {
         self.write_container_logs(now);
+        let action = if self.held {
+            self.block_reboot()
+        } else {
+            self.wait(now)?
+        };
+        if action == Some(Power::Reboot) && self.debug_shell_open() {
+            // `_pv_reboot`: a reboot waits in BLOCK_REBOOT while a debug shell is open.
+            if !self.held {
+                self.log(
+                    "INFO",
+                    "pantavisor",
+                    "holding on reboot because shell is opened",
+                );
+            }
+            self.held = true;
+            return Ok(None);
+        }
+        self.held = false;
+        Ok(action)
+    }
+
+    /// A debug shell session is open: the test creates `<storage>/sim/debug-shell`
+    /// (Pantavisor's `pv_debug_is_shell_open`, with `PV_DEBUG_SHELL=1`).
+    pub fn debug_shell_open(&self) -> bool {
+        self.cfg.storage.join("sim/debug-shell").exists()
+    }
+
+    /// BLOCK_REBOOT (`pantavisor.c: _pv_block_reboot`): DEFER_REBOOT is carried
+    /// out; every other command, already answered 200, is dropped. Nothing else
+    /// moves until the shell closes; then the held reboot happens.
+    fn block_reboot(&mut self) -> Option<Power> {
+        if let Some(cmd) = self.slot.take() {
+            if cmd.op == "DEFER_REBOOT" {
+                self.log(
+                    "DEBUG",
+                    "pantavisor",
+                    &format!(
+                        "defer reboot command received, new timeout '{}'",
+                        cmd.payload
+                    ),
+                );
+            } else {
+                self.log(
+                    "WARN",
+                    "pantavisor",
+                    "cmd received but ignored. Only defer-reboot cmd allowed in this state",
+                );
+            }
+        }
+        Some(Power::Reboot)
+    }
+
+    /// The WAIT state proper.
+    fn wait(&mut self, now: Instant) -> io::Result<Option<Power>> {
         if let Some(cmd) = self.slot.take() {
             if let Some(p) = self.execute(cmd)? {
                 return Ok(Some(p));
@@ -495,6 +556,24 @@ impl Device {
             "ctrl",
             &format!("processing command {} {:?}", cmd.op, cmd.payload),
         );
+        // `_pv_command`: these are ignored, after their 200, when an update is in
+        // progress by the time the command is processed.
+        let ignored = match cmd.op {
+            "REBOOT_DEVICE" => Some("reboot"),
+            "POWEROFF_DEVICE" => Some("poweroff"),
+            "LOCAL_RUN" => Some("install local"),
+            "LOCAL_RUN_COMMIT" => Some("local run commit"),
+            "MAKE_FACTORY" => Some("make factory"),
+            _ => None,
+        };
+        if let Some(what) = ignored.filter(|_| self.update.is_some()) {
+            self.log(
+                "WARN",
+                "pantavisor",
+                &format!("ignoring {what} command because an update is in progress"),
+            );
+            return Ok(None);
+        }
         match cmd.op {
             "REBOOT_DEVICE" => return Ok(Some(Power::Reboot)),
             "POWEROFF_DEVICE" => return Ok(Some(Power::Poweroff)),
@@ -521,6 +600,14 @@ impl Device {
             }
             "ENABLE_SSH" => self.ssh = Some(true),
             "DISABLE_SSH" => self.ssh = Some(false),
+            "DEFER_REBOOT" => self.log(
+                "DEBUG",
+                "pantavisor",
+                &format!(
+                    "defer reboot command received, new timeout '{}'",
+                    cmd.payload
+                ),
+            ),
             other => self.log("WARN", "ctrl", &format!("unknown command {other}")),
         }
         Ok(None)
@@ -551,6 +638,17 @@ impl Device {
             return Ok(None);
         }
         let objects: Vec<(&str, &str)> = new.objects();
+        // Pantavisor does not check objects here (reference §4.1 step 7); the
+        // simulator writes down every run of a revision with a missing or partial
+        // object so tests can assert that a client never asks for one.
+        let bad: Vec<String> = objects
+            .iter()
+            .filter(|(_, sha)| sha256_file(&self.store.object(sha)).as_deref() != Some(*sha))
+            .map(|(path, sha)| format!("{path}={sha}"))
+            .collect();
+        if !bad.is_empty() {
+            self.store.record_bad_run(rev, &bad);
+        }
         self.store.link_revision(rev, &objects, &new.jsons());
         let object_set = objects.iter().map(|(_, s)| s.to_string()).collect();
         let mut boot = self.store.boot()?.unwrap_or_default();
@@ -586,10 +684,12 @@ impl Device {
                     "Transitioning to new revision without rebooting",
                 )?;
                 let now = Instant::now();
+                // A missing or partial object breaks the container that uses it
+                // (its squashfs does not mount).
                 let missing = objects
                     .iter()
                     .filter(|(p, _)| restarted.contains(super::revision::owner(p)))
-                    .any(|(_, sha)| !self.store.object(sha).is_file());
+                    .any(|(path, sha)| bad.iter().any(|b| *b == format!("{path}={sha}")));
                 self.running = rev.to_owned();
                 self.store.set_current(rev)?;
                 let plats = new.platforms();
@@ -758,7 +858,7 @@ impl Device {
     /// `POST /commands` acceptance (`ctrl/ctrl_cmd.c: pv_ctrl_cmd_add`).
     pub fn submit(&mut self, body: &[u8]) -> Reply {
         match self.accept(body) {
-            Reply::Error { .. } if self.cfg.silent_command_refusals => Reply::Silence,
+            Reply::Error { .. } if self.cfg.pv_024 => Reply::Silence,
             other => other,
         }
     }
@@ -826,7 +926,7 @@ impl Device {
                 None,
             );
         }
-        if op == "DEFER_REBOOT" {
+        if op == "DEFER_REBOOT" && !self.debug_shell_open() {
             return refuse(
                 409,
                 "Cannot do this operation when debug shell is not active",
@@ -1197,5 +1297,50 @@ fn initial(goal: &str) -> Runtime {
             "STARTED"
         },
         user_stopped: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `_pv_command` checks again when it processes a command: one that was
+    /// accepted before an update became active is ignored, not carried out.
+    #[test]
+    fn commands_processed_during_an_update_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SimConfig::fast(dir.path().join("s"), dir.path().join("sock"));
+        let mut dev = Device::boot(cfg).unwrap();
+        let mut state: Value =
+            serde_json::from_slice(&dev.store().state_json("0").unwrap()).unwrap();
+        state["app/extra.json"] = json!({"x": 1});
+        dev.store()
+            .put_state_json("locals/a", state.to_string().as_bytes())
+            .unwrap();
+        dev.slot = Some(Cmd {
+            op: "LOCAL_RUN",
+            payload: "locals/a".into(),
+        });
+        assert_eq!(dev.tick(Instant::now()).unwrap(), None, "non-reboot update");
+        assert!(dev.update_active());
+        for op in ["REBOOT_DEVICE", "POWEROFF_DEVICE", "LOCAL_RUN"] {
+            dev.slot = Some(Cmd {
+                op,
+                payload: "locals/a".into(),
+            });
+            assert_eq!(dev.tick(Instant::now()).unwrap(), None, "{op} ignored");
+        }
+        let log =
+            std::fs::read_to_string(dir.path().join("s/logs/locals/a/pantavisor/pantavisor.log"))
+                .unwrap();
+        for what in ["reboot", "poweroff", "install local"] {
+            assert!(
+                log.contains(&format!(
+                    "ignoring {what} command because an update is in progress"
+                )),
+                "{log}"
+            );
+        }
     }
 }

@@ -63,8 +63,14 @@ pub struct SimConfig {
     pub capacity: u64,
     /// Keep revision `0` on GC (`PV_STORAGE_GC_KEEP_FACTORY`).
     pub gc_keep_factory: bool,
-    /// Pantavisor 024's bug: a refused `/commands` request gets no answer at all.
-    pub silent_command_refusals: bool,
+    /// Imitate Pantavisor 024 rather than 029 (gen-2 only): a refused `/commands`
+    /// request gets no answer at all (fixed in 025 by 976a3d13), `PUT /steps`
+    /// creates no NEW progress (025+), and there is no `POST /storage/gc` (029+).
+    pub pv_024: bool,
+    /// A log file that reaches this size is gzipped to `<file>.<n>.gz` and started
+    /// again (`logserver/logserver_rotation.c`); 0 = Pantavisor's default, a
+    /// 200th of the capacity (`PV_LOG_DIR_MAXSIZE` 10 %, hysteresis 4, rotate 5).
+    pub log_rotate_bytes: u64,
     /// The container whose processes use the mgmt socket.
     pub mgmt_caller: String,
     /// The container whose processes use the non-mgmt socket.
@@ -86,9 +92,19 @@ impl SimConfig {
             log_rate: 1.0,
             capacity: 1 << 30,
             gc_keep_factory: false,
-            silent_command_refusals: false,
+            pv_024: false,
+            log_rotate_bytes: 0,
             mgmt_caller: "pv-bridge".into(),
             nonmgmt_caller: "app".into(),
+        }
+    }
+
+    /// The size at which a log file rotates.
+    pub fn log_rotation(&self) -> u64 {
+        if self.log_rotate_bytes > 0 {
+            self.log_rotate_bytes
+        } else {
+            (self.capacity / 200).max(4096)
         }
     }
 
@@ -394,7 +410,7 @@ async fn decide(
             }
         }
     }
-    let m = match api::route(generation, &req.method, &req.target) {
+    let m = match api::route(generation, shared.cfg.pv_024, &req.method, &req.target) {
         Ok(m) => m,
         Err(reply) => {
             drain(rd, req).await?;
@@ -449,8 +465,24 @@ async fn drain(
     Ok(())
 }
 
-/// `PUT /objects/<sha>`: gen-2 streams into the final path and checks free space
-/// per chunk; gen-1 writes `<sha>.tmp`, checks Content-Length up front and renames.
+/// `PUT /objects/<sha>`, as each generation really does it.
+///
+/// gen-2 (`ctrl/ctrl_objects_ep.c: ctrl_object_recv`, `ctrl/ctrl_upload.c`):
+/// - an existing object whose checksum is valid: the body is drained, 200;
+/// - otherwise the body streams straight into the final path (`ctrl_file.c` opens it
+///   `O_CREAT|O_TRUNC`): a client that goes away mid-body leaves the partial file,
+///   listed by `GET /objects` with its partial size;
+/// - free space is checked per buffered chunk (`ctrl_upload_read_cb`); when it runs
+///   out, writing stops and the rest is drained, and the complete callback
+///   (`ctrl_object_upload_complete_cb`) answers **200** without checking the sum
+///   (its `if (!file->ok) goto out` skips to `send_ok`): the partial file stays;
+/// - a complete body with a wrong sum is deleted: 422.
+///
+/// gen-1 (`ctrl.c` of 023, `pv_ctrl_process_put_file`): Content-Length over free
+/// space gets 507 up front; the body goes to `<sha>.tmp`; every `recv` waits at most
+/// 1 s (`pv_ctrl_wait_recv`, `tv_sec = 1`), and a stall or a closed connection gets
+/// 500 "Cannot read from socket" and the file is deleted; then the sum is checked
+/// (422) and the file renamed into place.
 async fn put_object(
     req: &wire::Request,
     rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -490,6 +522,7 @@ async fn put_object(
     let mut file = tokio::fs::File::create(&write_path).await?;
     let mut hasher = Sha256::new();
     let mut written = 0u64;
+    let mut full = false;
     let mut buf = vec![0u8; 64 * 1024];
     let mut src: Box<dyn tokio::io::AsyncRead + Unpin + Send + '_> = if req.chunked() {
         // Rare for uploads; buffer it (the simulator only needs correctness here).
@@ -501,21 +534,61 @@ async fn put_object(
         Box::new((&mut *rd).take(len.unwrap_or(0)))
     };
     loop {
-        let n = src.read(&mut buf).await?;
+        let n = match generation {
+            Generation::Gen2 => src.read(&mut buf).await?,
+            Generation::Gen1 => {
+                match tokio::time::timeout(GEN1_RECV_WAIT, src.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 || len.is_none_or(|l| written >= l) => n,
+                    stalled => {
+                        drop(file);
+                        let _ = tokio::fs::remove_file(&write_path).await;
+                        let why = match stalled {
+                            Err(_) => "request timed out",
+                            _ => "connection closed",
+                        };
+                        shared.dev().log(
+                            "WARN",
+                            "ctrl",
+                            &format!("HTTP PUT content could not be read from ctrl socket ({why})"),
+                        );
+                        return Ok(Reply::err(500, "Cannot read from socket"));
+                    }
+                }
+            }
+        };
         if n == 0 {
             break;
         }
-        written += n as u64;
-        if written > free {
-            drop(file);
-            let _ = tokio::fs::remove_file(&write_path).await;
-            return Ok(Reply::err(507, "Not enough disk space available"));
+        if full {
+            continue;
         }
+        if written + n as u64 > free {
+            // gen-2 only (gen-1 refused up front): stop writing, keep draining.
+            full = true;
+            shared.dev().log(
+                "WARN",
+                "ctrl_upload",
+                &format!(
+                    "at least {n} B needed but only {} B available. Cannot create file",
+                    free.saturating_sub(written)
+                ),
+            );
+            continue;
+        }
+        written += n as u64;
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n]).await?;
     }
     file.flush().await?;
     drop(file);
+    if full {
+        shared.dev().log(
+            "ERROR",
+            "ctrl_upload",
+            "upload error, object cannot be processed",
+        );
+        return Ok(Reply::Ok);
+    }
     if len.is_some_and(|n| n != written) {
         // The client went away mid-body: gen-2 leaves the partial file in place.
         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -534,3 +607,6 @@ async fn put_object(
     );
     Ok(Reply::Ok)
 }
+
+/// How long gen-1 waits for each piece of a request body (`pv_ctrl_wait_recv`).
+pub const GEN1_RECV_WAIT: Duration = Duration::from_secs(1);

@@ -38,6 +38,8 @@ pub struct Boot {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Log files rotate at this size; 0 = never.
+    log_rotate: u64,
 }
 
 /// Writes `data` to `path` atomically (temporary file, then rename).
@@ -85,7 +87,14 @@ impl Store {
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
+            log_rotate: 0,
         }
+    }
+
+    /// Rotates log files at `bytes` (0 = never).
+    pub fn with_log_rotation(mut self, bytes: u64) -> Self {
+        self.log_rotate = bytes;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -342,10 +351,61 @@ impl Store {
         }
         if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(&path) {
             let _ = f.write_all(text.as_bytes());
+            if self.log_rotate > 0 && f.metadata().is_ok_and(|m| m.len() >= self.log_rotate) {
+                drop(f);
+                let _ = rotate_log(&path);
+            }
         }
+    }
+
+    /// Appends to `sim/bad-runs.log`: `rev` was run with these objects missing or
+    /// partial (`path=sha` each).
+    pub fn record_bad_run(&self, rev: &str, objects: &[String]) {
+        let path = self.root.join("sim/bad-runs.log");
+        let _ = fs::create_dir_all(self.root.join("sim"));
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{rev} {}", objects.join(" "));
+        }
+    }
+
+    /// Every run recorded by `record_bad_run`, one line each.
+    pub fn bad_runs(&self) -> Vec<String> {
+        fs::read_to_string(self.root.join("sim/bad-runs.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn remove_logs(&self, rev: &str) {
         let _ = fs::remove_dir_all(self.logs_dir().join(rev));
     }
+}
+
+/// Pantavisor's log rotation (`logserver/logserver_rotation.c:
+/// pv_logserver_rot_log_rot`): the file is gzipped to `<name>.<n>.gz`, `n` one more
+/// than the highest rotation beside it, and the live file is deleted; the next
+/// line starts it again.
+fn rotate_log(path: &Path) -> io::Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let name = name.to_string_lossy().into_owned();
+    let next = fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            f.strip_prefix(&format!("{name}."))?
+                .strip_suffix(".gz")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let data = fs::read(path)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&data)?;
+    write_atomic(&dir.join(format!("{name}.{next}.gz")), &gz.finish()?)?;
+    fs::remove_file(path)
 }
