@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::update::Job;
+use pv_adapter_api::Offer;
 
 /// The update being carried out.
 #[derive(Debug)]
@@ -150,6 +150,12 @@ pub fn cancel(
         }
         _ => Err(format!("no update from backend {backend} to cancel")),
     }
+}
+
+/// One offer to carry out.
+pub struct Job {
+    pub backend: String,
+    pub offer: Offer,
 }
 
 #[cfg(test)]

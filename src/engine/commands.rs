@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::update::Views;
+use super::Views;
 use crate::pvctrl::{Command, PvCtrl};
 
 /// Commands remembered for deduplication.

@@ -16,14 +16,14 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use zbus::object_server::SignalEmitter;
 
-use super::{arbiter, update};
+use super::arbiter;
 
 pub const SERVICE: &str = "org.pantavisor.Bridge1";
 pub const PATH: &str = "/org/pantavisor/Bridge1";
 
 /// What the D-Bus object reads and drives.
 pub struct Bridge1 {
-    views: update::Views,
+    views: super::Views,
     resync: mpsc::Sender<()>,
     slot: arbiter::Shared,
 }
@@ -38,7 +38,7 @@ struct Snapshot {
     health: BTreeMap<String, (bool, String)>,
 }
 
-fn snapshot(views: &update::Views) -> Snapshot {
+fn snapshot(views: &super::Views) -> Snapshot {
     let mut s = Snapshot::default();
     for (name, tx) in views.iter() {
         // Only the fields the API shows; device-meta is not copied.
@@ -187,7 +187,7 @@ impl Bridge1 {
 /// engine stops; retries with backoff while the bus is away.
 pub async fn serve(
     bus: String,
-    views: update::Views,
+    views: super::Views,
     resync: mpsc::Sender<()>,
     slot: arbiter::Shared,
 ) {
@@ -219,7 +219,7 @@ pub async fn serve(
 
 /// Emits signals and property changes whenever a view changes; returns when the
 /// connection is gone.
-async fn watch_and_signal(conn: &zbus::Connection, views: &update::Views) {
+async fn watch_and_signal(conn: &zbus::Connection, views: &super::Views) {
     let iface = match conn.object_server().interface::<_, Bridge1>(PATH).await {
         Ok(i) => i,
         Err(e) => {

@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use super::update::Throttle;
 use crate::pvctrl::hex;
 
 /// Attempts per object before giving up.
@@ -370,5 +369,59 @@ async fn hash_file(path: &Path) -> Option<String> {
             return Some(hex(&h.finalize()));
         }
         h.update(&buf[..n]);
+    }
+}
+
+/// A token bucket shared by every fetch of an update: at most `rate` bytes per
+/// second on average, with bursts of one second's worth.
+pub struct Throttle {
+    rate: f64,
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let rate = bytes_per_sec as f64;
+        Self {
+            rate,
+            state: std::sync::Mutex::new((rate, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes' worth of tokens; returns how long to wait before the next
+    /// read to stay under the rate.
+    pub fn take(&self, n: usize) -> Duration {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(st.1).as_secs_f64() * self.rate;
+        st.0 = (st.0 + refill).min(self.rate) - n as f64;
+        st.1 = now;
+        if st.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-st.0 / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_keeps_the_average_rate() {
+        let t = Throttle::new(1000);
+        // One second of burst is free, then every 500 bytes cost half a second.
+        assert_eq!(t.take(1000), Duration::ZERO);
+        assert_eq!(t.take(500), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(t.take(500), Duration::from_millis(500));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(
+            t.take(1000),
+            Duration::ZERO,
+            "idle time refills up to one second's worth"
+        );
+        assert_eq!(t.take(1), Duration::from_millis(1));
     }
 }

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use pv_adapter_api::AppliedUserMeta;
 
-use super::update::Views;
+use super::Views;
 use crate::pvctrl::{Meta, PvCtrl};
 
 /// Settings of the metadata sync.

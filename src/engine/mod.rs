@@ -26,6 +26,9 @@ use crate::config::Config;
 use crate::pvctrl::PvCtrl;
 pub use update::UpdateOptions;
 
+/// The views of every adapter, by backend name.
+pub type Views = Arc<BTreeMap<String, watch::Sender<DeviceView>>>;
+
 /// Builds a fresh adapter instance; the supervisor calls it again to restart one.
 pub type AdapterFactory = Arc<dyn Fn() -> Box<dyn Adapter> + Send + Sync>;
 
@@ -228,7 +231,7 @@ pub async fn run_with(
         views.insert(name.clone(), tx);
         receivers.push((name, factory, rx));
     }
-    let views: update::Views = Arc::new(views);
+    let views: Views = Arc::new(views);
     let policies: meta::Policies = cfg
         .backends
         .iter()
@@ -387,7 +390,7 @@ pub async fn run_with(
                     continue;
                 }
                 let priority = policies.get(&backend).map_or(0, |p| p.priority);
-                offer_update(&slot, &views, update::Job { backend, offer }, priority);
+                offer_update(&slot, &views, arbiter::Job { backend, offer }, priority);
             }
             BackendEvent::Cancel { id } => {
                 let reason = format!("cancelled by backend {backend}");
@@ -462,7 +465,7 @@ pub async fn run_with(
 
 /// Reports a final status for an offer that never reached the coordinator.
 pub(crate) fn report_final(
-    views: &update::Views,
+    views: &Views,
     backend: &str,
     id: &str,
     status: UpdateStatus,
@@ -475,7 +478,7 @@ pub(crate) fn report_final(
 }
 
 /// Applies the arbitration rules to a new offer.
-fn offer_update(slot: &arbiter::Shared, views: &update::Views, job: update::Job, priority: i64) {
+fn offer_update(slot: &arbiter::Shared, views: &Views, job: arbiter::Job, priority: i64) {
     let (backend, id) = (job.backend.clone(), job.offer.id.clone());
     let mut s = slot.lock();
     match arbiter::decide(&s, &backend, &id, priority) {
@@ -510,7 +513,7 @@ fn offer_update(slot: &arbiter::Shared, views: &update::Views, job: update::Job,
     }
 }
 
-fn set_health(views: &update::Views, backend: &str, connected: bool, error: Option<String>) {
+fn set_health(views: &Views, backend: &str, connected: bool, error: Option<String>) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

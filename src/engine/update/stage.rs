@@ -1,0 +1,180 @@
+//! Everything up to an accepted LOCAL_RUN: the state (inline or by URL), the
+//! preflight, the objects, the step, and the point of no return.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use pv_adapter_api::{Offer, UpdateStatus};
+use tracing::info;
+
+use super::plan::plan;
+use super::transfer::Sources;
+use super::{Coordinator, Refusal, progress};
+use crate::engine::journal::{Current, Phase};
+use crate::pvctrl::{Command, Meta};
+use crate::state::{Revision, State};
+
+impl Coordinator {
+    /// Downloads a state given by URL: at most `max_state_bytes`, hashed to the
+    /// sha256 the offer names.
+    pub(super) async fn fetch_state(
+        &self,
+        s: &pv_adapter_api::StateUrl,
+    ) -> Result<Vec<u8>, Refusal> {
+        let dl = self.downloader.as_ref().ok_or_else(|| {
+            Refusal::wontgo(format!(
+                "no HTTP client is available for the state at {}",
+                pv_http::redact(&s.url)
+            ))
+        })?;
+        let budget = crate::engine::fetch::Budget {
+            limit: self.opts.max_state_bytes as u64,
+            used: AtomicU64::new(0),
+        };
+        let path = dl
+            .fetch(&s.url, &s.sha256, None, &AtomicU64::new(0), None, &budget)
+            .await
+            .map_err(|e| {
+                if e.contains("byte budget") {
+                    Refusal::wontgo(format!(
+                        "the state at {} is larger than max_state_bytes ({} bytes)",
+                        pv_http::redact(&s.url),
+                        self.opts.max_state_bytes
+                    ))
+                } else {
+                    Refusal::wontgo(format!("state: {e}"))
+                }
+            })?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| Refusal::wontgo(format!("state: cannot read the download: {e}")))?;
+        let _ = tokio::fs::remove_file(&path).await;
+        Ok(bytes)
+    }
+
+    /// Everything up to an accepted LOCAL_RUN.
+    pub(super) async fn stage_and_run(
+        &mut self,
+        backend: &str,
+        offer: &Offer,
+        rev: &str,
+    ) -> Result<(), Refusal> {
+        let id = &offer.id;
+        self.report(
+            backend,
+            progress(id, rev, UpdateStatus::Queued, "Validating the state"),
+        );
+        let fetched;
+        let state_bytes: &[u8] = match &offer.state_url {
+            Some(s) => {
+                fetched = self.fetch_state(s).await?;
+                &fetched
+            }
+            None => &offer.state,
+        };
+        let state = State::parse_for_staging(state_bytes, self.opts.max_state_bytes)
+            .map_err(|e| Refusal::wontgo(e.to_string()))?;
+        let revision: Revision = rev
+            .parse()
+            .map_err(|e: crate::state::RevisionError| Refusal::wontgo(e.to_string()))?;
+        let have: BTreeMap<String, u64> = self
+            .device_objects(backend, id, rev)
+            .await
+            .map_err(|e| Refusal::wontgo(format!("cannot list the device's objects: {e}")))?;
+        let todo = plan(&state, offer, &have)?;
+        let bytes_total: u64 = todo.iter().filter_map(|f| f.size).sum();
+        if let Some(free) = self.free_space().await {
+            if bytes_total > free {
+                return Err(Refusal::wontgo(format!(
+                    "Space required {bytes_total} B, available {free} B"
+                )));
+            }
+        }
+        self.journal
+            .set_current(Current {
+                backend: backend.to_owned(),
+                id: id.clone(),
+                rev: rev.to_owned(),
+                phase: Phase::Accepted,
+            })
+            .map_err(Self::journal_err)?;
+        if !todo.is_empty() {
+            let sources = Sources {
+                fetcher: offer.fetcher.clone(),
+                downloader: self.downloader.clone(),
+                budget: Arc::new(crate::engine::fetch::Budget {
+                    limit: self.opts.max_update_bytes,
+                    used: AtomicU64::new(0),
+                }),
+            };
+            self.fetch_all(backend, id, rev, sources, todo, bytes_total)
+                .await?;
+        }
+        self.pv
+            .put_step(&revision, state_bytes)
+            .await
+            .map_err(|e| Refusal::wontgo(format!("Pantavisor refused the state: {e}")))?;
+        self.set_phase(backend, id, rev, Phase::Staged)?;
+        // The point of no return: after this, only Pantavisor decides.
+        {
+            let mut s = self.slot.lock();
+            if let Some(a) = s.active.as_mut() {
+                if let Some(why) = &a.cancelled {
+                    return Err(Refusal {
+                        status: UpdateStatus::Cancelled,
+                        msg: why.clone(),
+                    });
+                }
+                a.committed = true;
+            }
+        }
+        match self.pv.command(Command::LocalRun(revision)).await {
+            Ok(_) => {}
+            Err(e) if e.is_update_ongoing() => {
+                return Err(Refusal::wontgo(
+                    "busy: the device is running another update",
+                ));
+            }
+            Err(e) => return Err(Refusal::wontgo(format!("LOCAL_RUN refused: {e}"))),
+        }
+        self.set_phase(backend, id, rev, Phase::Running)?;
+        Ok(())
+    }
+
+    /// The device's objects (sha → size). While pv-ctrl is unreachable (the device
+    /// is booting or rebooting) the update stays QUEUED and this waits.
+    pub(super) async fn device_objects(
+        &self,
+        backend: &str,
+        id: &str,
+        rev: &str,
+    ) -> Result<BTreeMap<String, u64>, crate::pvctrl::Error> {
+        let mut wait = Duration::from_millis(250);
+        let mut told = false;
+        loop {
+            match self.pv.objects().await {
+                Ok(list) => return Ok(list.into_iter().map(|o| (o.sha256, o.size)).collect()),
+                Err(e) if e.is_unreachable() => {
+                    if !told {
+                        info!(rev = %rev, error = %e, "waiting for pv-ctrl before staging");
+                        self.report(
+                            backend,
+                            progress(id, rev, UpdateStatus::Queued, "Waiting for pv-ctrl"),
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub(super) async fn free_space(&self) -> Option<u64> {
+        let dm = self.pv.meta(Meta::Device).await.ok()?;
+        dm.get("storage")?.get("real_free")?.as_u64()
+    }
+}
