@@ -1,7 +1,7 @@
 //! Everything up to an accepted LOCAL_RUN: the state (inline or by URL), the
 //! preflight, the objects, the step, and the point of no return.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use pv_adapter_api::{Offer, UpdateStatus};
 use tracing::info;
 
-use super::plan::plan;
+use super::plan::{Check, Fetch, plan};
 use super::transfer::Sources;
 use super::{Coordinator, Refusal, progress};
 use crate::engine::journal::{Current, Phase};
@@ -83,7 +83,14 @@ impl Coordinator {
             .device_objects(backend, id, rev)
             .await
             .map_err(|e| Refusal::wontgo(format!("cannot list the device's objects: {e}")))?;
-        let todo = plan(&state, offer, &have)?;
+        let running = self.running_objects().await;
+        let plan = plan(&state, offer, &have, &running)?;
+        let mut todo = plan.fetch;
+        for c in plan.check {
+            if let Some(f) = self.check_listed(c).await? {
+                todo.push(f);
+            }
+        }
         let bytes_total: u64 = todo.iter().filter_map(|f| f.size).sum();
         if let Some(free) = self.free_space().await {
             if bytes_total > free {
@@ -171,6 +178,33 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The objects of the running revision: Pantavisor checked them when it booted
+    /// or started it, so they are whole. Empty when the state cannot be read (then
+    /// nothing is trusted by this rule).
+    async fn running_objects(&self) -> BTreeSet<String> {
+        match self.pv.step("current").await.map(|b| State::parse(&b)) {
+            Ok(Ok(s)) => s.objects().map(|(_, sha)| sha.to_owned()).collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// Hashes a listed object of unknown size on the device (`GET /objects/<sha>`).
+    /// Whole: nothing to do. Partial (a broken upload's leftover): its fallback
+    /// fetch, or a refusal when the offer gives no source.
+    async fn check_listed(&self, c: Check) -> Result<Option<Fetch>, Refusal> {
+        match self.pv.get_object(&c.sha, &mut tokio::io::sink()).await {
+            Ok(_) => return Ok(None),
+            Err(e) => info!(object = %c.sha, listed = c.listed, error = %e,
+                "an object on the device is not whole (a broken upload?); it is sent again"),
+        }
+        c.fallback.map(Some).ok_or_else(|| {
+            Refusal::wontgo(format!(
+                "object {} ({}) is on the device but not whole ({} bytes) and the offer gives no source for it",
+                c.sha, c.path, c.listed
+            ))
+        })
     }
 
     pub(super) async fn free_space(&self) -> Option<u64> {
