@@ -13,8 +13,11 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::{Backend, engine, eventually, local, sha256_hex};
-use pv_adapter_api::{BackendEvent, ObjectRef, ObjectSource, Offer, Progress, UpdateStatus};
-use pv_testkit::objects::ObjectServer;
+use pv_adapter_api::{
+    BackendEvent, CommandKind, CommandResult, CommandStatus, ObjectRef, ObjectSource, Offer,
+    Progress, UpdateStatus,
+};
+use pv_testkit::objects::{Fault, ObjectServer};
 use pv_testkit::sim::{Generation, Store};
 use serde_json::{Value, json};
 
@@ -138,6 +141,82 @@ async fn a_whole_object_on_the_device_is_checked_not_downloaded() {
     let p = final_of(&b[0], "w1").await;
     assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
     assert!(srv.seen().is_empty(), "{:?}", srv.seen());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+async fn command_result(b: &Backend, id: &str) -> CommandResult {
+    let view = b.view().await;
+    eventually(
+        Duration::from_secs(15),
+        &format!("command {id}"),
+        || async {
+            view.borrow()
+                .commands
+                .get(id)
+                .filter(|r| r.status != CommandStatus::Accepted)
+                .cloned()
+        },
+    )
+    .await
+}
+
+/// C2: GC, reboot and power-off while an update is staging would delete its
+/// freshly uploaded objects and trail or cut its uploads short: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_reboot_and_poweroff_are_refused_while_an_update_stages() {
+    let d = common::start(Generation::Gen2).await;
+    let srv = ObjectServer::start().await.unwrap();
+    let data = blob(400 * 1024, 3);
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    // About 2 s of download.
+    srv.fault(Fault::Slow(200 * 1024));
+    b[0].send(BackendEvent::Offer(
+        offer(&d, &srv, "s1", "/root", &data, Some(data.len() as u64)).await,
+    ))
+    .await;
+    let view = b[0].view().await;
+    eventually(Duration::from_secs(10), "DOWNLOADING", || async {
+        view.borrow()
+            .update
+            .as_ref()
+            .is_some_and(|p| p.status == UpdateStatus::Downloading)
+            .then_some(())
+    })
+    .await;
+    for (id, kind) in [
+        ("c-gc", CommandKind::Gc),
+        ("c-reboot", CommandKind::Reboot),
+        ("c-off", CommandKind::Poweroff),
+    ] {
+        b[0].send(BackendEvent::Command {
+            id: id.into(),
+            kind,
+            expires_at: None,
+        })
+        .await;
+        let r = command_result(&b[0], id).await;
+        assert_eq!(r.status, CommandStatus::Rejected, "{r:?}");
+        let why = r.reason.unwrap();
+        assert!(
+            why.starts_with("refused while update s1 from backend cloud is being staged"),
+            "{why}"
+        );
+    }
+    let p = final_of(&b[0], "s1").await;
+    assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
+    assert_eq!(bad_runs(&d), Vec::<String>::new());
+    // Once it ended, GC runs.
+    b[0].send(BackendEvent::Command {
+        id: "c-gc2".into(),
+        kind: CommandKind::Gc,
+        expires_at: None,
+    })
+    .await;
+    assert_eq!(
+        command_result(&b[0], "c-gc2").await.status,
+        CommandStatus::Successful
+    );
     stop.send(()).unwrap();
     task.await.unwrap();
 }

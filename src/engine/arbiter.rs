@@ -152,6 +152,29 @@ pub fn cancel(
     }
 }
 
+/// The update the bridge is carrying out or about to, described for a refusal;
+/// `None` when the slot is free.
+pub fn in_progress(shared: &Shared) -> Option<String> {
+    let s = shared.lock();
+    if let Some(a) = s.active.as_ref().filter(|a| a.cancelled.is_none()) {
+        let stage = if a.committed {
+            "being installed by Pantavisor"
+        } else {
+            "being staged"
+        };
+        return Some(format!(
+            "update {} from backend {} is {stage}",
+            a.id, a.backend
+        ));
+    }
+    s.next.as_ref().map(|n| {
+        format!(
+            "update {} from backend {} is about to be staged",
+            n.job.offer.id, n.job.backend
+        )
+    })
+}
+
 /// One offer to carry out.
 pub struct Job {
     pub backend: String,

@@ -191,6 +191,24 @@ impl Commands {
             );
             return;
         }
+        // Staged objects and the staged trail are not yet Pantavisor's: GC deletes
+        // them (link count 1) and a reboot cuts uploads short. Refused, not
+        // deferred: the sender decides whether to cancel the update or wait.
+        if matches!(
+            kind,
+            CommandKind::Reboot | CommandKind::Poweroff | CommandKind::Gc
+        ) {
+            if let Some(update) = super::arbiter::in_progress(&self.slot) {
+                let why = format!(
+                    "refused while {update}: a {} now would destroy or cut short its work; \
+                     cancel the update or send the command again after its final status",
+                    kind.name()
+                );
+                warn!(backend = %backend, id = %id, reason = %why, "command refused");
+                self.record(&backend, result(CommandStatus::Rejected, Some(why)));
+                return;
+            }
+        }
         self.record(&backend, result(CommandStatus::Accepted, None));
         info!(backend = %backend, id = %id, kind = ?kind, "command accepted");
         let outcome: Result<Option<String>, String> = match &kind {
