@@ -86,6 +86,9 @@ pub struct Updates {
     pub max_state_bytes: usize,
     /// How often Pantavisor's progress is read during an update, in milliseconds.
     pub poll_interval_ms: u64,
+    /// Seconds a sent LOCAL_RUN may go without its revision starting before the
+    /// bridge sends it again (once), and then gives up.
+    pub lost_command_secs: u64,
     /// Bytes one update may download from URLs; 0 = no limit.
     pub max_update_bytes: u64,
     /// Extra trust anchors (PEM) for https object downloads.
@@ -103,6 +106,7 @@ impl Default for Updates {
             bandwidth_limit: o.bandwidth_limit,
             max_state_bytes: o.max_state_bytes,
             poll_interval_ms: o.poll_interval.as_millis() as u64,
+            lost_command_secs: o.lost_command_after.as_secs(),
             max_update_bytes: o.max_update_bytes,
             ca_file: None,
             proxy: None,
@@ -118,6 +122,7 @@ impl Updates {
             bandwidth_limit: self.bandwidth_limit,
             max_state_bytes: self.max_state_bytes,
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            lost_command_after: std::time::Duration::from_secs(self.lost_command_secs),
             max_update_bytes: self.max_update_bytes,
             cache_dir: None,
             ca_file: self.ca_file.clone(),
@@ -359,6 +364,12 @@ impl Config {
                 ),
             ));
         }
+        if u.lost_command_secs == 0 {
+            return Err(err(
+                section("lost_command_secs"),
+                "updates.lost_command_secs must be at least 1, got 0".to_owned(),
+            ));
+        }
         if u.max_state_bytes < 1024 {
             return Err(err(
                 section("max_state_bytes"),
@@ -536,6 +547,11 @@ dir = "/media/updates"
         let c = parse("[updates]\nconcurrency = 2\nbandwidth_limit = 1048576\n").unwrap();
         let o = c.updates.options();
         assert_eq!((o.fetch_concurrency, o.bandwidth_limit), (2, 1 << 20));
+        assert_eq!(o.lost_command_after, std::time::Duration::from_secs(30));
+        assert_eq!(
+            parse("[updates]\nlost_command_secs = 0\n").unwrap_err(),
+            "config.toml:2: updates.lost_command_secs must be at least 1, got 0"
+        );
         assert_eq!(
             parse("[updates]\nconcurrency = 0\n").unwrap_err(),
             "config.toml:2: updates.concurrency must be 1 to 64, got 0"

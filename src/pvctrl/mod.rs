@@ -519,6 +519,23 @@ impl PvCtrl {
     /// [`Options::command_retry_budget`]. Other refusals — e.g. an update is
     /// ongoing ([`Error::is_update_ongoing`]) — are returned at once.
     pub async fn command(&self, cmd: Command) -> Result<CommandOutcome, Error> {
+        self.command_retrying(cmd, true).await
+    }
+
+    /// [`PvCtrl::command`] for commands that must not be carried out twice, such
+    /// as LOCAL_RUN: retried only while the slot is definitely busy. A lost answer
+    /// (timeout, broken connection) is returned, since Pantavisor may have taken
+    /// the command; the caller finds out from the device (e.g. the revision's
+    /// progress) instead of sending it again blindly.
+    pub async fn command_once(&self, cmd: Command) -> Result<CommandOutcome, Error> {
+        self.command_retrying(cmd, false).await
+    }
+
+    async fn command_retrying(
+        &self,
+        cmd: Command,
+        retry_lost_answers: bool,
+    ) -> Result<CommandOutcome, Error> {
         let body = cmd.to_body()?;
         let what = format!("POST /commands {}", cmd.op_and_payload().0);
         let started = Instant::now();
@@ -539,7 +556,9 @@ impl PvCtrl {
                 Ok(r) => status_error(&what, &r.head, &r.body),
                 Err(e) => e,
             };
-            let Some(wait) = command_retry_wait(&err, &self.opts) else {
+            let Some(wait) = command_retry_wait(&err, &self.opts)
+                .filter(|_| retry_lost_answers || err.is_busy_slot())
+            else {
                 return Err(err);
             };
             if started.elapsed() + wait > self.opts.command_retry_budget {

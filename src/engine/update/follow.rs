@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use pv_adapter_api::UpdateStatus;
 use tracing::{error, info, warn};
 
-use super::{Coordinator, map_status, progress};
+use super::{Coordinator, Refusal, map_status, progress};
 use crate::engine::arbiter::Active;
 use crate::engine::journal::{Current, Phase};
 use crate::pvctrl::{Command, PvStatus};
@@ -45,10 +46,14 @@ impl Coordinator {
                     cancelled: None,
                     cancel: Arc::new(tokio::sync::Notify::new()),
                 });
-                if cur.phase == Phase::Staged {
-                    self.resume_run(&cur).await;
-                }
-                let (status, msg, logs) = self.follow(&cur.backend, &cur.id, &cur.rev).await;
+                let resumed = match cur.phase {
+                    Phase::Staged => self.resume_run(&cur).await,
+                    _ => Ok(()),
+                };
+                let (status, msg, logs) = match resumed {
+                    Ok(()) => self.follow(&cur.backend, &cur.id, &cur.rev).await,
+                    Err(r) => (r.status, r.msg, None),
+                };
                 self.finish(&cur.backend, &cur.id, &cur.rev, status, &msg, logs);
                 self.slot.lock().active = None;
             }
@@ -56,27 +61,61 @@ impl Coordinator {
     }
 
     /// After a restart in `Staged`: send LOCAL_RUN unless Pantavisor already took it.
-    pub(super) async fn resume_run(&mut self, cur: &Current) {
-        let started = match self.pv.progress(&cur.rev).await {
-            Ok(p) => p.status != PvStatus::New,
-            Err(_) => false,
-        };
-        if started {
-            return;
+    pub(super) async fn resume_run(&mut self, cur: &Current) -> Result<(), Refusal> {
+        if self.started(&cur.rev).await {
+            return Ok(());
         }
-        let Ok(rev) = cur.rev.parse::<Revision>() else {
-            return;
-        };
-        match self.pv.command(Command::LocalRun(rev)).await {
-            Ok(_) => {}
-            // Our own run got there first and is now active.
-            Err(e) if e.is_update_ongoing() => {}
+        let rev = cur
+            .rev
+            .parse::<Revision>()
+            .map_err(|e| Refusal::wontgo(e.to_string()))?;
+        self.send_local_run(&rev).await
+    }
+
+    /// Pantavisor has started `rev` (its progress is past NEW).
+    async fn started(&self, rev: &str) -> bool {
+        matches!(self.pv.progress(rev).await, Ok(p) if p.status != PvStatus::New)
+    }
+
+    /// Sends LOCAL_RUN. `Ok` when Pantavisor took it, or may have: an answer lost
+    /// to a timeout or a broken connection leaves it uncertain, and `follow` sends
+    /// it again only if the revision does not start (a blind retry could run a
+    /// revision twice, even one that already failed and rolled back). `Err` only
+    /// for a definite refusal.
+    pub(super) async fn send_local_run(&self, rev: &Revision) -> Result<(), Refusal> {
+        match self.pv.command_once(Command::LocalRun(rev.clone())).await {
+            Ok(_) => Ok(()),
+            // "update ongoing" may be our own earlier attempt, whose 200 was lost
+            // (a retry after a timeout): the revision's progress tells.
+            Err(e) if e.is_update_ongoing() => {
+                if self.started(&rev.to_string()).await {
+                    info!(rev = %rev, "LOCAL_RUN had reached Pantavisor; its answer was lost");
+                    Ok(())
+                } else {
+                    Err(Refusal::wontgo(
+                        "busy: the device is running another update",
+                    ))
+                }
+            }
+            Err(e @ crate::pvctrl::Error::Status { .. }) => {
+                Err(Refusal::wontgo(format!("LOCAL_RUN refused: {e}")))
+            }
             Err(e) => {
-                warn!(error = %e, rev = %cur.rev, "LOCAL_RUN after restart failed; following progress anyway")
+                warn!(rev = %rev, error = %e,
+                    "LOCAL_RUN may not have reached Pantavisor; following the revision, and sending it again if it does not start");
+                Ok(())
             }
         }
     }
 
+    /// Mirrors Pantavisor's progress until it is final, across reboots.
+    ///
+    /// A LOCAL_RUN answered 200 can still be lost: the command slot lives in RAM
+    /// (a power cut empties it) and BLOCK_REBOOT drops commands. When the revision
+    /// has not started (progress NEW, or none before 025) for `lost_command_after`
+    /// while pv-ctrl answers, LOCAL_RUN is sent once more; when it still has not
+    /// started after as long again, the update ends ERROR, saying the device lost
+    /// the command (nothing was installed).
     pub(super) async fn follow(
         &mut self,
         backend: &str,
@@ -84,7 +123,10 @@ impl Coordinator {
         rev: &str,
     ) -> (UpdateStatus, String, Option<String>) {
         let mut offline = false;
+        let mut idle_since: Option<Instant> = None;
+        let mut resent = false;
         loop {
+            let mut idle = false;
             match self.pv.progress(rev).await {
                 Ok(p) => {
                     if offline {
@@ -105,6 +147,7 @@ impl Coordinator {
                         // goals; the bridge's own READY is one of them.
                         let _ = self.pv.signal_ready().await;
                     }
+                    idle = p.status == PvStatus::New;
                     self.report(backend, out);
                 }
                 Err(e) if e.is_unreachable() => {
@@ -113,8 +156,36 @@ impl Coordinator {
                         offline = true;
                     }
                 }
-                Err(e) if e.is_not_found() => {}
+                Err(e) if e.is_not_found() => idle = true,
                 Err(e) => warn!(rev = %rev, error = %e, "reading progress failed"),
+            }
+            if !idle {
+                idle_since = None;
+            } else if idle_since.get_or_insert_with(Instant::now).elapsed()
+                >= self.opts.lost_command_after
+            {
+                let waited = self.opts.lost_command_after.as_secs();
+                if resent {
+                    let msg = format!(
+                        "the device lost the LOCAL_RUN command: {rev} had not started {waited} s \
+                         after it was sent a second time (a power cut, or a reboot held by a \
+                         debug shell, drops a queued command); nothing was installed"
+                    );
+                    error!(backend = %backend, id = %id, "{msg}");
+                    return (UpdateStatus::Error, msg, None);
+                }
+                warn!(rev = %rev, waited, "the revision has not started: LOCAL_RUN was lost; sending it again");
+                let sent = match rev.parse::<Revision>() {
+                    Ok(r) => self.send_local_run(&r).await,
+                    Err(e) => Err(Refusal::wontgo(e.to_string())),
+                };
+                match sent {
+                    Ok(()) => resent = true,
+                    Err(r) => {
+                        warn!(rev = %rev, reason = %r.msg, "LOCAL_RUN not taken again; waiting");
+                    }
+                }
+                idle_since = Some(Instant::now());
             }
             tokio::time::sleep(self.opts.poll_interval).await;
         }

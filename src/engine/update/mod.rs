@@ -38,6 +38,11 @@ pub struct UpdateOptions {
     pub bandwidth_limit: u64,
     /// How often Pantavisor's progress is read while an update runs.
     pub poll_interval: Duration,
+    /// How long a sent LOCAL_RUN may go without its revision starting (progress
+    /// NEW, or none on ≤ 024) while pv-ctrl answers, before it is sent again once;
+    /// as long again after that, and the update ends: the device lost the command
+    /// (a power cut, or BLOCK_REBOOT, drops a queued command after its 200).
+    pub lost_command_after: Duration,
     /// Largest state JSON accepted.
     pub max_state_bytes: usize,
     /// Bytes one update may download from URLs; 0 = no limit.
@@ -61,6 +66,7 @@ impl Default for UpdateOptions {
             fetch_concurrency: 4,
             bandwidth_limit: 0,
             poll_interval: Duration::from_millis(500),
+            lost_command_after: Duration::from_secs(30),
             max_state_bytes: crate::state::DEFAULT_MAX_STATE_BYTES,
             max_update_bytes: 0,
             cache_dir: None,
@@ -217,12 +223,13 @@ impl Coordinator {
         }
     }
 
+    /// Before LOCAL_RUN nothing was installed: a journal that cannot be written
+    /// ends the update WONTGO (Pantavisor's ERROR means "failed and rolled back").
     fn journal_err(e: std::io::Error) -> Refusal {
         error!(error = %e, "cannot write the update journal");
-        Refusal {
-            status: UpdateStatus::Error,
-            msg: format!("cannot write the update journal: {e}"),
-        }
+        Refusal::wontgo(format!(
+            "the bridge cannot write its update journal ({e}); nothing was installed"
+        ))
     }
 
     /// Recovers after a restart, then runs offers until the channel closes.

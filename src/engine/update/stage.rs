@@ -7,13 +7,13 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use pv_adapter_api::{Offer, UpdateStatus};
-use tracing::info;
+use tracing::{error, info};
 
 use super::plan::{Check, Fetch, plan};
 use super::transfer::Sources;
 use super::{Coordinator, Refusal, progress};
 use crate::engine::journal::{Current, Phase};
-use crate::pvctrl::{Command, Meta};
+use crate::pvctrl::Meta;
 use crate::state::{Revision, State};
 
 impl Coordinator {
@@ -137,16 +137,14 @@ impl Coordinator {
                 a.committed = true;
             }
         }
-        match self.pv.command(Command::LocalRun(revision)).await {
-            Ok(_) => {}
-            Err(e) if e.is_update_ongoing() => {
-                return Err(Refusal::wontgo(
-                    "busy: the device is running another update",
-                ));
-            }
-            Err(e) => return Err(Refusal::wontgo(format!("LOCAL_RUN refused: {e}"))),
+        self.send_local_run(&revision).await?;
+        // LOCAL_RUN is Pantavisor's now: a journal that cannot be written must not
+        // turn into a status of the update. The journal still says Staged, so a
+        // restart asks Pantavisor before sending LOCAL_RUN again.
+        if let Err(e) = self.set_phase(backend, id, rev, Phase::Running) {
+            error!(backend = %backend, id = %id, reason = %e.msg,
+                "the update journal could not record LOCAL_RUN; following the update anyway");
         }
-        self.set_phase(backend, id, rev, Phase::Running)?;
         Ok(())
     }
 

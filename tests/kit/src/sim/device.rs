@@ -331,6 +331,11 @@ impl Device {
         self.starts.get(container).copied().unwrap_or(0)
     }
 
+    /// The op waiting in the command slot.
+    pub fn pending_command(&self) -> Option<&str> {
+        self.slot.as_ref().map(|c| c.op)
+    }
+
     pub fn update_active(&self) -> bool {
         self.update.is_some()
     }

@@ -131,6 +131,19 @@ pub enum PowerState {
 struct Shared {
     cfg: SimConfig,
     dev: Mutex<Device>,
+    /// Ticks are skipped: the command slot is not consumed, nothing moves.
+    paused: std::sync::atomic::AtomicBool,
+    /// How the answers to the next accepted commands are lost.
+    lost_answers: Mutex<std::collections::VecDeque<LostAnswer>>,
+}
+
+/// How the answer to an accepted command is lost (the command itself is queued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostAnswer {
+    /// No answer; the connection stays open until the client gives up.
+    Silence,
+    /// The connection closes without an answer.
+    HangUp,
 }
 
 impl Shared {
@@ -155,6 +168,8 @@ impl Sim {
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             dev: Mutex::new(dev),
+            paused: Default::default(),
+            lost_answers: Default::default(),
         });
         let (power, power_rx) = watch::channel(PowerState::On);
         let mut tasks = Vec::new();
@@ -205,6 +220,32 @@ impl Sim {
     /// non-reboot transition adds one, a reboot starts again from one.
     pub fn container_starts(&self, container: &str) -> u64 {
         self.shared.dev().starts(container)
+    }
+
+    /// The op of the command waiting in the slot (accepted with 200, not yet
+    /// carried out), if any.
+    pub fn pending_command(&self) -> Option<String> {
+        self.shared.dev().pending_command().map(str::to_owned)
+    }
+
+    /// Stops (or resumes) Pantavisor's main loop: requests are still served, but
+    /// the command slot is not consumed and updates do not move. With
+    /// [`Sim::crash`] this cuts the power at a chosen moment, e.g. between a
+    /// command's 200 and its processing.
+    pub fn pause(&self, paused: bool) {
+        self.shared
+            .paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next command accepted with 200 is queued, but its answer is lost this
+    /// way (a client timeout or a broken connection after Pantavisor took it).
+    pub fn lose_next_command_answer(&self, how: LostAnswer) {
+        self.shared
+            .lost_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(how);
     }
 
     /// Waits until the device reaches `state`.
@@ -300,6 +341,9 @@ async fn run_device(shared: Arc<Shared>, power: watch::Sender<PowerState>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
+        if shared.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
         let action = shared.dev().tick(Instant::now());
         match action {
             Ok(None) => {}
@@ -442,14 +486,27 @@ async fn decide(
     if generation == Generation::Gen2 && body.is_empty() && api::silent_when_empty(m.ep) {
         return Ok(Reply::Silence);
     }
-    Ok(api::handle(
+    let reply = api::handle(
         &mut shared.dev(),
         generation,
         caller,
         &m,
         &req.method,
         &body,
-    ))
+    );
+    if m.ep == api::Ep::Commands && matches!(reply, Reply::Ok) {
+        let lost = shared
+            .lost_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        match lost {
+            Some(LostAnswer::Silence) => return Ok(Reply::Silence),
+            Some(LostAnswer::HangUp) => return Ok(Reply::Drop),
+            None => {}
+        }
+    }
+    Ok(reply)
 }
 
 /// Reads and discards a request body so a keep-alive connection stays usable.
