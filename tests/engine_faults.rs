@@ -358,3 +358,53 @@ async fn a_local_run_whose_answer_was_lost_is_followed_not_refused() {
         task.await.unwrap();
     }
 }
+
+/// M2: `PUT /steps` overwrites any trail. Ids are unique per backend only, and the
+/// journal's dedupe can be lost, so the device's own trails decide: another
+/// backend's revision is never overwritten, and an offer that already ran is
+/// reported, not run again, even after the journal is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trail_on_the_device_is_never_overwritten() {
+    let d = common::start(Generation::Gen2).await;
+    let backends = format!("{}{}", local("a", ""), local("b", ""));
+    let (b, stop, task) = engine(&d, &backends, &["a", "b"]);
+    b[0].send(BackendEvent::Offer(inline_offer(&d, "same").await))
+        .await;
+    assert_eq!(final_of(&b[0], "same").await.status, UpdateStatus::Updated);
+    let running = d.pv.step("locals/same").await.unwrap();
+    // Backend b uses the same id for another state.
+    let mut other = inline_offer(&d, "same").await;
+    other.state = {
+        let mut v: Value = serde_json::from_slice(&other.state).unwrap();
+        v["app/extra.json"] = json!({"offer": "from b"});
+        serde_json::to_vec(&v).unwrap()
+    };
+    b[1].send(BackendEvent::Offer(other)).await;
+    let p = final_of(&b[1], "same").await;
+    assert_eq!(p.status, UpdateStatus::Wontgo, "{p:?}");
+    assert!(
+        p.status_msg.starts_with(
+            "revision locals/same already exists on the device, staged by backend a, and it ran (UPDATED)"
+        ),
+        "{}",
+        p.status_msg
+    );
+    assert_eq!(d.pv.step("locals/same").await.unwrap(), running, "untouched");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    // The journal is lost; backend a offers the same update again.
+    std::fs::remove_dir_all(d.dir.path().join("state/journal")).unwrap();
+    let (b, stop, task) = engine(&d, &backends, &["a", "b"]);
+    b[0].send(BackendEvent::Offer(inline_offer(&d, "same").await))
+        .await;
+    let p = final_of(&b[0], "same").await;
+    assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = all_pantavisor_logs(&d)
+        .matches("processing command LOCAL_RUN \"locals/same\"")
+        .count();
+    assert_eq!(runs, 1, "not run again");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}

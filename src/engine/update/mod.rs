@@ -16,6 +16,7 @@
 mod follow;
 mod plan;
 mod stage;
+mod trail;
 mod transfer;
 
 use std::sync::Arc;
@@ -295,8 +296,13 @@ impl Coordinator {
         };
         let cancelled = matches!(&staged, Err(r) if r.status == UpdateStatus::Cancelled);
         match staged {
-            Ok(()) => {
+            Ok(trail::Trail::Free) => {
                 let (status, msg, logs) = self.follow(&backend, &id, &rev).await;
+                self.finish(&backend, &id, &rev, status, &msg, logs);
+            }
+            Ok(trail::Trail::Finished { status, msg, logs }) => {
+                info!(backend = %backend, id = %id, status = %status,
+                    "this offer already ran on the device; its status is reported, it is not run again");
                 self.finish(&backend, &id, &rev, status, &msg, logs);
             }
             Err(r) => {

@@ -7,9 +7,10 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use pv_adapter_api::{Offer, UpdateStatus};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::plan::{Check, Fetch, plan};
+use super::trail::{Trail, label};
 use super::transfer::Sources;
 use super::{Coordinator, Refusal, progress};
 use crate::engine::journal::{Current, Phase};
@@ -54,13 +55,14 @@ impl Coordinator {
         Ok(bytes)
     }
 
-    /// Everything up to an accepted LOCAL_RUN.
+    /// Everything up to an accepted LOCAL_RUN: `Trail::Free` then. `Finished` when
+    /// the device shows this offer already ran (the journal forgot it).
     pub(super) async fn stage_and_run(
         &mut self,
         backend: &str,
         offer: &Offer,
         rev: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Trail, Refusal> {
         let id = &offer.id;
         self.report(
             backend,
@@ -83,6 +85,9 @@ impl Coordinator {
             .device_objects(backend, id, rev)
             .await
             .map_err(|e| Refusal::wontgo(format!("cannot list the device's objects: {e}")))?;
+        if let done @ Trail::Finished { .. } = self.check_trail(backend, id, rev).await? {
+            return Ok(done);
+        }
         let running = self.running_objects().await;
         let plan = plan(&state, offer, &have, &running)?;
         let mut todo = plan.fetch;
@@ -123,6 +128,10 @@ impl Coordinator {
             .put_step(&revision, state_bytes)
             .await
             .map_err(|e| Refusal::wontgo(format!("Pantavisor refused the state: {e}")))?;
+        // The trail's owner, on the device itself (see `trail`).
+        if let Err(e) = self.pv.put_commitmsg(rev, &label(backend, id)).await {
+            warn!(rev = %rev, error = %e, "cannot label the staged revision with its owner");
+        }
         self.set_phase(backend, id, rev, Phase::Staged)?;
         // The point of no return: after this, only Pantavisor decides.
         {
@@ -145,7 +154,7 @@ impl Coordinator {
             error!(backend = %backend, id = %id, reason = %e.msg,
                 "the update journal could not record LOCAL_RUN; following the update anyway");
         }
-        Ok(())
+        Ok(Trail::Free)
     }
 
     /// The device's objects (sha → size). While pv-ctrl is unreachable (the device
