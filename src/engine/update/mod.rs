@@ -340,6 +340,17 @@ impl Coordinator {
             error!(error = %e, "cannot journal a final status");
         }
         info!(backend = %backend, id = %id, status = %status, msg = %msg, "update finished");
+        // Free the slot before anyone hears of the end: a backend that acts on the
+        // final status at once (a GC, the next offer) must find it free.
+        {
+            let mut s = self.slot.lock();
+            if s.active
+                .as_ref()
+                .is_some_and(|a| a.backend == backend && a.id == id)
+            {
+                s.active = None;
+            }
+        }
         let mut p = progress(id, rev, status, msg);
         p.logs = logs;
         self.report(backend, p);
