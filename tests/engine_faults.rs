@@ -389,7 +389,11 @@ async fn a_trail_on_the_device_is_never_overwritten() {
         "{}",
         p.status_msg
     );
-    assert_eq!(d.pv.step("locals/same").await.unwrap(), running, "untouched");
+    assert_eq!(
+        d.pv.step("locals/same").await.unwrap(),
+        running,
+        "untouched"
+    );
     stop.send(()).unwrap();
     task.await.unwrap();
 
@@ -405,6 +409,180 @@ async fn a_trail_on_the_device_is_never_overwritten() {
         .matches("processing command LOCAL_RUN \"locals/same\"")
         .count();
     assert_eq!(runs, 1, "not run again");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+/// An adapter source that stalls once, half way, for `stall` (a broker chunk that
+/// is slow to come).
+struct StallingFetcher {
+    data: Vec<u8>,
+    stall: Duration,
+}
+
+impl pv_adapter_api::ObjectFetcher for StallingFetcher {
+    fn open(
+        &self,
+        _key: &str,
+    ) -> pv_adapter_api::BoxFuture<
+        '_,
+        Result<(pv_adapter_api::ObjectReader, u64), pv_adapter_api::AdapterError>,
+    > {
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let data = self.data.clone();
+        let stall = self.stall;
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let half = data.len() / 2;
+            let _ = tx.write_all(&data[..half]).await;
+            tokio::time::sleep(stall).await;
+            let _ = tx.write_all(&data[half..]).await;
+        });
+        let len = self.data.len() as u64;
+        Box::pin(async move { Ok((Box::new(rx) as pv_adapter_api::ObjectReader, len)) })
+    }
+}
+
+/// M4: gen-1 pv-ctrl gives up on a body that stalls for 1 s (500 "Cannot read from
+/// socket"). An adapter stream that stalls longer is staged in the cache first,
+/// then uploaded at disk speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_adapter_stream_is_staged_before_a_gen1_upload() {
+    let d = common::start(Generation::Gen1).await;
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    let data = blob(256 * 1024, 4);
+    let sha = sha256_hex(&data);
+    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    state["app/root.squashfs"] = json!(sha);
+    let o = Offer {
+        id: "slow1".into(),
+        state: serde_json::to_vec(&state).unwrap(),
+        state_url: None,
+        objects: BTreeMap::from([(
+            sha.clone(),
+            ObjectRef {
+                sha256: sha.clone(),
+                size: Some(data.len() as u64),
+                source: ObjectSource::Adapter { key: "k".into() },
+            },
+        )]),
+        fetcher: Some(std::sync::Arc::new(StallingFetcher {
+            data: data.clone(),
+            stall: Duration::from_millis(1500),
+        })),
+    };
+    b[0].send(BackendEvent::Offer(o)).await;
+    let p = final_of(&b[0], "slow1").await;
+    assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
+    assert_eq!(bad_runs(&d), Vec::<String>::new());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+/// M3: a URL object is downloaded into the bridge's cache, on the same storage as
+/// Pantavisor's objects in the usual layout. Its cached copy is deleted as soon as
+/// the device has it, and the preflight counts the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_copies_go_once_on_the_device_and_are_counted_in_the_preflight() {
+    let d = common::start(Generation::Gen2).await;
+    let srv = ObjectServer::start().await.unwrap();
+    let small = blob(64 * 1024, 5);
+    let big = blob(600 * 1024, 6);
+    let (b, stop, task) = engine(
+        &d,
+        &format!("[updates]\nconcurrency = 1\n{}", local("cloud", "")),
+        &["cloud"],
+    );
+    let mut o = offer(&d, &srv, "m3", "/big", &big, Some(big.len() as u64)).await;
+    {
+        let mut state: Value = serde_json::from_slice(&o.state).unwrap();
+        state["app/small.bin"] = json!(sha256_hex(&small));
+        o.state = serde_json::to_vec(&state).unwrap();
+        srv.put("/small", small.clone());
+        o.objects.insert(
+            sha256_hex(&small),
+            ObjectRef {
+                sha256: sha256_hex(&small),
+                size: Some(small.len() as u64),
+                source: ObjectSource::Url {
+                    url: srv.url("/small"),
+                },
+            },
+        );
+    }
+    // Smallest first: the big one downloads slowly while the small one is done.
+    srv.fault(Fault::Slow(1 << 30));
+    srv.fault(Fault::Slow(200 * 1024));
+    b[0].send(BackendEvent::Offer(o)).await;
+    let cache = d.dir.path().join("state/cache");
+    let view = b[0].view().await;
+    eventually(
+        Duration::from_secs(20),
+        "the small object uploaded",
+        || async {
+            view.borrow()
+                .update
+                .as_ref()
+                .is_some_and(|p| p.objects_done == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !cache.join(sha256_hex(&small)).exists(),
+        "the device has it: the cached copy is gone"
+    );
+    let p = final_of(&b[0], "m3").await;
+    assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+
+    // Room for the object, not for it and its cached copy at once: refused up front.
+    let d = common::start_with(Generation::Gen2, |c| c.capacity = 16 * 1024 * 1024).await;
+    let storage: Value =
+        d.pv.meta(pv_bridge::pvctrl::Meta::Device).await.unwrap()["storage"].clone();
+    let free = storage["real_free"].as_u64().unwrap();
+    let huge = blob((free * 2 / 3) as usize, 7);
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    b[0].send(BackendEvent::Offer(
+        offer(&d, &srv, "m3b", "/huge", &huge, Some(huge.len() as u64)).await,
+    ))
+    .await;
+    let p = final_of(&b[0], "m3b").await;
+    assert_eq!(p.status, UpdateStatus::Wontgo, "{p:?}");
+    assert!(
+        p.status_msg
+            .starts_with(&format!("Space required {} B, available ", 2 * huge.len())),
+        "{}",
+        p.status_msg
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+/// M3: an object of unknown size cannot fill the device: its download is bounded
+/// by the free space the device reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_of_unknown_size_is_bounded_by_the_free_space() {
+    let d = common::start_with(Generation::Gen2, |c| c.capacity = 16 * 1024 * 1024).await;
+    let srv = ObjectServer::start().await.unwrap();
+    let storage: Value =
+        d.pv.meta(pv_bridge::pvctrl::Meta::Device).await.unwrap()["storage"].clone();
+    let free = storage["real_free"].as_u64().unwrap();
+    let endless = blob((free + 1024 * 1024) as usize, 8);
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    b[0].send(BackendEvent::Offer(
+        offer(&d, &srv, "u1", "/endless", &endless, None).await,
+    ))
+    .await;
+    let p = final_of(&b[0], "u1").await;
+    assert_eq!(p.status, UpdateStatus::Wontgo, "{p:?}");
+    assert!(
+        p.status_msg
+            .contains(&format!("byte budget of {free} bytes")),
+        "{}",
+        p.status_msg
+    );
     stop.send(()).unwrap();
     task.await.unwrap();
 }

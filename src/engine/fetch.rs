@@ -84,6 +84,55 @@ impl Downloader {
         self.cache.join(sha)
     }
 
+    /// Copies `src` into the cache as object `sha`, checking its sha256 over the
+    /// bytes; returns the cached file. For sources too slow to stream into a
+    /// device that gives up on a stalled body.
+    pub async fn stage<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        mut src: R,
+        sha: &str,
+    ) -> Result<PathBuf, String> {
+        tokio::fs::create_dir_all(&self.cache).await.map_err(|e| {
+            format!(
+                "cannot create the object cache {}: {e}",
+                self.cache.display()
+            )
+        })?;
+        let done = self.cached(sha);
+        let part = self.cache.join(format!("{sha}.stage"));
+        let mut f = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = src
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("object {sha}: cannot read its source: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            f.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+        }
+        f.flush()
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+        drop(f);
+        let got = hex(&hasher.finalize());
+        if got != sha {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(format!("object {sha}: its bytes hash to {got}"));
+        }
+        tokio::fs::rename(&part, &done)
+            .await
+            .map_err(|e| format!("cannot keep object {sha}: {e}"))?;
+        Ok(done)
+    }
+
     /// Empties the cache (after an update ended).
     pub async fn clear(&self) {
         if let Ok(mut rd) = tokio::fs::read_dir(&self.cache).await {

@@ -9,12 +9,12 @@ use std::time::Duration;
 use pv_adapter_api::{Offer, UpdateStatus};
 use tracing::{error, info, warn};
 
-use super::plan::{Check, Fetch, plan};
+use super::plan::{Check, Fetch, Src, plan};
 use super::trail::{Trail, label};
 use super::transfer::Sources;
 use super::{Coordinator, Refusal, progress};
 use crate::engine::journal::{Current, Phase};
-use crate::pvctrl::Meta;
+use crate::pvctrl::{Generation, Meta};
 use crate::state::{Revision, State};
 
 impl Coordinator {
@@ -96,14 +96,9 @@ impl Coordinator {
                 todo.push(f);
             }
         }
-        let bytes_total: u64 = todo.iter().filter_map(|f| f.size).sum();
-        if let Some(free) = self.free_space().await {
-            if bytes_total > free {
-                return Err(Refusal::wontgo(format!(
-                    "Space required {bytes_total} B, available {free} B"
-                )));
-            }
-        }
+        let gen1 = matches!(self.pv.probe().await, Ok(i) if i.generation == Generation::Gen1);
+        let free = self.free_space().await;
+        let bytes_total = self.preflight(&todo, gen1, free)?;
         self.journal
             .set_current(Current {
                 backend: backend.to_owned(),
@@ -113,13 +108,20 @@ impl Coordinator {
             })
             .map_err(Self::journal_err)?;
         if !todo.is_empty() {
+            // Downloads of unknown size are bounded by what the device can store.
+            let limit = match (self.opts.max_update_bytes, free) {
+                (0, Some(free)) => free,
+                (max, Some(free)) => max.min(free),
+                (max, None) => max,
+            };
             let sources = Sources {
                 fetcher: offer.fetcher.clone(),
                 downloader: self.downloader.clone(),
                 budget: Arc::new(crate::engine::fetch::Budget {
-                    limit: self.opts.max_update_bytes,
+                    limit,
                     used: AtomicU64::new(0),
                 }),
+                stage_streams: gen1,
             };
             self.fetch_all(backend, id, rev, sources, todo, bytes_total)
                 .await?;
@@ -185,6 +187,47 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Checks the objects fit on the device and returns their total size (the
+    /// sizes the offer gives). A copy of a URL object (and, on gen-1, of an
+    /// adapter's stream) sits in the bridge's cache while it is uploaded, on the
+    /// same storage in the usual layout: the largest `fetch_concurrency` of those
+    /// are counted twice.
+    fn preflight(&self, todo: &[Fetch], gen1: bool, free: Option<u64>) -> Result<u64, Refusal> {
+        let total = todo
+            .iter()
+            .filter_map(|f| f.size)
+            .try_fold(0u64, u64::checked_add)
+            .ok_or_else(|| {
+                Refusal::wontgo("the offer's object sizes add up to more than 2^64 bytes")
+            })?;
+        let Some(free) = free else {
+            return Ok(total);
+        };
+        let mut cached: Vec<u64> = todo
+            .iter()
+            .filter(|f| matches!(f.source, Src::Url(_)) || gen1)
+            .filter_map(|f| f.size)
+            .collect();
+        cached.sort_unstable_by(|a, b| b.cmp(a));
+        let at_once: u64 = cached
+            .iter()
+            .take(self.opts.fetch_concurrency.max(1))
+            .fold(0u64, |a, b| a.saturating_add(*b));
+        let required = total.saturating_add(at_once);
+        if required > free {
+            info!(
+                objects = total,
+                cached_at_once = at_once,
+                free,
+                "not enough space for the update"
+            );
+            return Err(Refusal::wontgo(format!(
+                "Space required {required} B, available {free} B"
+            )));
+        }
+        Ok(total)
     }
 
     /// The objects of the running revision: Pantavisor checked them when it booted
