@@ -34,15 +34,26 @@ impl Default for LogOptions {
     }
 }
 
-/// The spool as adapters see it.
+/// The spool as adapters see it. Every touch of the spool's files (reads,
+/// appends, fsyncs) runs on tokio's blocking pool, never on the reactor thread that
+/// moves update bytes: on slow flash an fsync can take longer than gen-1 pv-ctrl
+/// waits for the next piece of an upload (1 s).
 pub struct Feed {
-    spool: Mutex<spool::Spool>,
+    spool: Arc<Mutex<spool::Spool>>,
+    /// Acknowledgements not yet applied to the spool: `ack` is called on the
+    /// reactor and must not wait for a lock held across file I/O. Held only to
+    /// push or take.
+    acks: Mutex<Vec<(String, u64)>>,
     fresh: Notify,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Feed {
-    fn spool(&self) -> std::sync::MutexGuard<'_, spool::Spool> {
-        self.spool.lock().unwrap_or_else(|p| p.into_inner())
+    fn take_acks(&self) -> Vec<(String, u64)> {
+        std::mem::take(&mut *lock(&self.acks))
     }
 }
 
@@ -54,7 +65,17 @@ impl LogFeed for Feed {
                 let fresh = self.fresh.notified();
                 tokio::pin!(fresh);
                 fresh.as_mut().enable();
-                match self.spool().read(&backend, max_records, max_bytes) {
+                let (spool, acks, b) = (self.spool.clone(), self.take_acks(), backend.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut s = lock(&spool);
+                    for (backend, next) in acks {
+                        s.ack(&backend, next);
+                    }
+                    s.read(&b, max_records, max_bytes)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match read {
                     Ok(b) if !b.records.is_empty() || b.dropped > 0 => return b,
                     Ok(_) => {}
                     Err(e) => warn!(backend = %backend, error = %e, "cannot read the log spool"),
@@ -65,7 +86,7 @@ impl LogFeed for Feed {
     }
 
     fn ack(&self, backend: &str, next: u64) {
-        self.spool().ack(backend, next);
+        lock(&self.acks).push((backend.to_owned(), next));
     }
 }
 
@@ -78,41 +99,38 @@ pub fn start(
 ) -> std::io::Result<(Arc<Feed>, impl std::future::Future<Output = ()> + use<>)> {
     let spool = spool::Spool::open(&state_dir.join("spool"), opts.spool.clone(), backends)?;
     let feed = Arc::new(Feed {
-        spool: Mutex::new(spool),
+        spool: Arc::new(Mutex::new(spool)),
+        acks: Mutex::new(Vec::new()),
         fresh: Notify::new(),
     });
     let cursors: PathBuf = state_dir.join("logs/cursors.json");
-    let mut tailer = tail::Tailer::new(logs_root, &cursors, opts.rate);
+    let tailer = tail::Tailer::new(logs_root, &cursors, opts.rate);
     let f = feed.clone();
     let task = async move {
         let mut tick = tokio::time::interval(opts.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
+        let mut tailer = Some(tailer);
         loop {
             tick.tick().await;
-            let poll = tailer.poll();
-            if poll.records.is_empty() && poll.dropped == 0 {
-                continue;
-            }
-            if poll.dropped > 0 {
-                info!(
-                    dropped = poll.dropped,
-                    "log lines over the rate limit were dropped"
-                );
-            }
-            let stored = {
-                let mut s = f.spool();
-                s.note_dropped(poll.dropped);
-                s.append(poll.records).and_then(|_| s.flush())
-            };
-            match stored {
-                // Cursors move only once the records are durable: at-least-once.
-                Ok(()) => {
-                    if let Err(e) = tailer.save() {
-                        warn!(error = %e, "cannot save log cursors");
-                    }
-                    warned = false;
+            let Some(mut t) = tailer.take() else { return };
+            let feed = f.clone();
+            let turn = tokio::task::spawn_blocking(move || {
+                let out = tail_once(&mut t, &feed);
+                (t, out)
+            })
+            .await;
+            let (t, out) = match turn {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "the log tailer stopped");
+                    return;
                 }
+            };
+            tailer = Some(t);
+            match out {
+                Ok(0) => continue,
+                Ok(_) => warned = false,
                 Err(e) if !warned => {
                     warn!(error = %e, "cannot write the log spool");
                     warned = true;
@@ -123,4 +141,91 @@ pub fn start(
         }
     };
     Ok((feed, task))
+}
+
+/// One turn of the tailer, on the blocking pool: new lines into the spool (made
+/// durable), then the cursors, and the acknowledgements gathered since the last
+/// turn. Returns how many records and drops were spooled.
+fn tail_once(tailer: &mut tail::Tailer, feed: &Feed) -> std::io::Result<u64> {
+    let poll = tailer.poll();
+    let mut s = lock(&feed.spool);
+    for (backend, next) in feed.take_acks() {
+        s.ack(&backend, next);
+    }
+    if let Err(e) = s.save_ledger() {
+        warn!(error = %e, "cannot save the log spool ledger");
+    }
+    let n = poll.records.len() as u64 + poll.dropped;
+    if n == 0 {
+        return Ok(0);
+    }
+    if poll.dropped > 0 {
+        info!(
+            dropped = poll.dropped,
+            "log lines over the rate limit were dropped"
+        );
+    }
+    s.note_dropped(poll.dropped);
+    s.append(poll.records)?;
+    s.flush()?;
+    drop(s);
+    // Cursors move only once the records are durable: at-least-once.
+    if let Err(e) = tailer.save() {
+        warn!(error = %e, "cannot save log cursors");
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Instant;
+
+    /// While the spool is busy with file work on another thread (an fsync on slow
+    /// flash, simulated by holding its lock), the reactor thread keeps running:
+    /// `ack` returns at once and `next` waits off the reactor.
+    #[tokio::test(flavor = "current_thread")]
+    async fn spool_work_never_blocks_the_reactor() {
+        let dir = tempfile::tempdir().unwrap();
+        let backends = vec!["b".to_owned()];
+        let spool = spool::Spool::open(dir.path(), Default::default(), &backends).unwrap();
+        let feed = Arc::new(Feed {
+            spool: Arc::new(Mutex::new(spool)),
+            acks: Mutex::new(Vec::new()),
+            fresh: Notify::new(),
+        });
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let busy = {
+            let spool = feed.spool.clone();
+            std::thread::spawn(move || {
+                let _g = lock(&spool);
+                held_tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(1500));
+            })
+        };
+        held_rx.recv().unwrap();
+        // A task that must keep ticking, like an upload feeding pv-ctrl.
+        let ticker = tokio::spawn(async {
+            let mut worst = Duration::ZERO;
+            let mut last = Instant::now();
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                worst = worst.max(last.elapsed());
+                last = Instant::now();
+            }
+            worst
+        });
+        let t = Instant::now();
+        feed.ack("b", 0);
+        assert!(t.elapsed() < Duration::from_millis(100), "ack waited");
+        let next = tokio::time::timeout(Duration::from_millis(1000), feed.next("b", 10, 1 << 20));
+        assert!(next.await.is_err(), "nothing to read yet");
+        let worst = ticker.await.unwrap();
+        assert!(
+            worst < Duration::from_millis(500),
+            "the reactor stalled for {worst:?}"
+        );
+        busy.join().unwrap();
+    }
 }

@@ -55,6 +55,8 @@ pub struct Spool {
     segments: Vec<Segment>,
     next: u64,
     ledger: Ledger,
+    /// Acknowledgements not yet written to `ledger.json`.
+    ledger_dirty: bool,
     writer: Option<File>,
     /// backend → records lost (caps, rate limits) not yet acknowledged as reported
     drops: BTreeMap<String, u64>,
@@ -101,6 +103,7 @@ impl Spool {
             segments,
             next,
             ledger,
+            ledger_dirty: false,
             writer: None,
             drops: backends.iter().map(|b| (b.clone(), 0)).collect(),
             reported: BTreeMap::new(),
@@ -215,6 +218,7 @@ impl Spool {
                     let missed = until - (*ack).max(gone.first);
                     *self.drops.entry(backend.clone()).or_default() += missed;
                     *ack = until;
+                    self.ledger_dirty = true;
                 }
             }
         }
@@ -278,22 +282,30 @@ impl Spool {
         })
     }
 
-    /// Records `backend` delivered everything before `next`.
+    /// Records `backend` delivered everything before `next` (in memory; see
+    /// [`Spool::save_ledger`]).
     pub fn ack(&mut self, backend: &str, next: u64) {
         let ack = self.ledger.acks.entry(backend.to_owned()).or_insert(0);
         if next > *ack {
             *ack = next.min(self.next);
+            self.ledger_dirty = true;
         }
         if let Some(r) = self.reported.remove(backend) {
             let d = self.drops.entry(backend.to_owned()).or_default();
             *d = d.saturating_sub(r);
         }
-        let saved = serde_json::to_vec(&self.ledger)
-            .map_err(io::Error::other)
-            .and_then(|b| write_durable(&self.dir.join("ledger.json"), &b));
-        if let Err(e) = saved {
-            warn!(error = %e, "cannot save the log spool ledger");
+    }
+
+    /// Writes the acknowledgements durably, if they changed. A power cut before
+    /// this costs records sent twice, never records lost.
+    pub fn save_ledger(&mut self) -> io::Result<()> {
+        if !self.ledger_dirty {
+            return Ok(());
         }
+        let b = serde_json::to_vec(&self.ledger).map_err(io::Error::other)?;
+        write_durable(&self.dir.join("ledger.json"), &b)?;
+        self.ledger_dirty = false;
+        Ok(())
     }
 }
 
@@ -368,6 +380,7 @@ mod tests {
             s.append((0..5).map(rec).collect()).unwrap();
             s.flush().unwrap();
             s.ack("fast", 3);
+            s.save_ledger().unwrap();
         }
         let mut s = Spool::open(dir.path(), SpoolOptions::default(), &backends()).unwrap();
         assert_eq!(s.next_position(), 5);

@@ -124,15 +124,8 @@ impl Tailer {
 
     /// Saves the cursors. Call once what `poll` returned is safely spooled.
     pub fn save(&self) -> io::Result<()> {
-        if let Some(d) = self.cursor_path.parent() {
-            fs::create_dir_all(d)?;
-        }
-        let tmp = self.cursor_path.with_extension("tmp");
-        fs::write(
-            &tmp,
-            serde_json::to_vec(&self.cursors).map_err(io::Error::other)?,
-        )?;
-        fs::rename(&tmp, &self.cursor_path)
+        let data = serde_json::to_vec(&self.cursors).map_err(io::Error::other)?;
+        pv_adapter_api::durable::write_durable(&self.cursor_path, &data)
     }
 
     fn allow(&mut self, plat: &str, src: &str) -> bool {
