@@ -586,3 +586,37 @@ async fn a_download_of_unknown_size_is_bounded_by_the_free_space() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+/// Readiness costs pv-ctrl nothing while idle (no polling): the socket is watched
+/// with `stat`; a new socket (Pantavisor restarted) is signalled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_does_not_poll_pv_ctrl_and_follows_a_restart() {
+    let mut d = common::start(Generation::Gen2).await;
+    let (_b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    let signals = |d: &common::Device| {
+        d.sim
+            .as_ref()
+            .unwrap()
+            .requests()
+            .get("POST /signal")
+            .copied()
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(10), "READY signalled", || async {
+        (signals(&d) >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = d.sim.as_ref().unwrap().requests();
+    assert_eq!(r.get("GET /buildinfo"), None, "{r:?}");
+    assert_eq!(signals(&d), 1, "{r:?}");
+    d.crash_and_restart().await;
+    eventually(
+        Duration::from_secs(10),
+        "READY signalled after the restart",
+        || async { (signals(&d) >= 1).then_some(()) },
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}

@@ -79,6 +79,22 @@ impl Downloader {
         })
     }
 
+    /// Checks `sha` can name a file in the cache (64 lower-case hex digits: never a
+    /// path) and makes the cache directory.
+    async fn prepare(&self, sha: &str) -> Result<(), String> {
+        if !pv_adapter_api::is_sha256_hex(sha) {
+            return Err(format!(
+                "{sha:?} is not a sha256 (64 lower-case hex digits)"
+            ));
+        }
+        tokio::fs::create_dir_all(&self.cache).await.map_err(|e| {
+            format!(
+                "cannot create the object cache {}: {e}",
+                self.cache.display()
+            )
+        })
+    }
+
     /// The cache file of a verified object.
     pub fn cached(&self, sha: &str) -> PathBuf {
         self.cache.join(sha)
@@ -92,12 +108,7 @@ impl Downloader {
         mut src: R,
         sha: &str,
     ) -> Result<PathBuf, String> {
-        tokio::fs::create_dir_all(&self.cache).await.map_err(|e| {
-            format!(
-                "cannot create the object cache {}: {e}",
-                self.cache.display()
-            )
-        })?;
+        self.prepare(sha).await?;
         let done = self.cached(sha);
         let part = self.cache.join(format!("{sha}.stage"));
         let mut f = tokio::fs::File::create(&part)
@@ -152,12 +163,7 @@ impl Downloader {
         throttle: Option<&Arc<Throttle>>,
         budget: &Budget,
     ) -> Result<PathBuf, String> {
-        tokio::fs::create_dir_all(&self.cache).await.map_err(|e| {
-            format!(
-                "cannot create the object cache {}: {e}",
-                self.cache.display()
-            )
-        })?;
+        self.prepare(sha).await?;
         let done = self.cached(sha);
         if hash_file(&done).await.as_deref() == Some(sha) {
             counter.fetch_add(size.unwrap_or(0), Ordering::Relaxed);
@@ -455,7 +461,34 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn a_name_that_is_not_a_sha256_never_becomes_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let dl = Downloader::new(&dir.path().join("cache"), &[], None).unwrap();
+        for bad in ["../../escape", "/etc/passwd", &"A".repeat(64), ""] {
+            let e = dl.stage(&b"x"[..], bad).await.unwrap_err();
+            assert!(e.contains("is not a sha256"), "{e}");
+            let e = dl
+                .fetch(
+                    "http://127.0.0.1:9/x",
+                    bad,
+                    None,
+                    &AtomicU64::new(0),
+                    None,
+                    &Budget {
+                        limit: 0,
+                        used: AtomicU64::new(0),
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert!(e.contains("is not a sha256"), "{e}");
+        }
+        assert!(!dir.path().join("escape").exists());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_throttle_keeps_the_average_rate() {

@@ -166,37 +166,48 @@ async fn supervise(name: String, factory: AdapterFactory, link: EngineLink) {
 }
 
 /// Keeps the container's status goal met: signals READY once the backend that owns
-/// updates is connected (`ready` set), and again whenever pv-ctrl comes back after
-/// being unreachable: the device rebooted, and Pantavisor waits for the signal
-/// before it commits an update. Signalling is idempotent.
+/// updates is connected (`ready` set), and again whenever pv-ctrl's socket
+/// is made anew (Pantavisor restarted: a reboot the bridge survived, as under a
+/// simulator). The socket is watched with `stat`, not requests: an idle bridge
+/// sends pv-ctrl nothing for this. A 500 (this container's goal is not READY) is
+/// not final either: the next revision may give it that goal.
 async fn keep_ready(pv: PvCtrl, ready: Arc<AtomicBool>, mut connected: watch::Receiver<bool>) {
+    use std::os::unix::fs::MetadataExt;
+    // Inode numbers can be reused at once; with the change time they cannot.
+    let socket = || {
+        std::fs::metadata(pv.socket())
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+    };
     if connected.wait_for(|c| *c).await.is_err() {
         return;
     }
     ready.store(true, Ordering::Relaxed);
-    let mut need = true;
+    // The socket the last signal (or its refusal) went to.
+    let mut signalled = None;
     let mut wait = Duration::from_millis(200);
     loop {
-        if need {
+        let now = socket();
+        if now.is_some() && signalled != Some(now) {
             match pv.signal_ready().await {
                 Ok(()) => {
                     info!("signalled READY to Pantavisor");
-                    need = false;
+                    signalled = Some(now);
                     wait = Duration::from_millis(200);
                 }
                 Err(e) if e.status() == Some(500) => {
                     info!(reason = %e, "Pantavisor does not expect a ready signal from this container");
-                    return;
+                    signalled = Some(now);
                 }
                 Err(e) => {
                     debug!(error = %e, retry_in = ?wait, "cannot signal ready yet");
+                    tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
+                    continue;
                 }
             }
-        } else if pv.buildinfo().await.is_err() {
-            need = true;
         }
-        tokio::time::sleep(if need { wait } else { Duration::from_secs(1) }).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

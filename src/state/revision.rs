@@ -25,10 +25,13 @@ pub enum RevisionError {
     Empty,
     #[error("local revision name {0:?} is empty after \"locals/\"")]
     EmptyLocal(String),
-    #[error(
-        "local revision name {name:?} is {len} characters long; at most {LOCAL_NAME_MAX} allowed"
-    )]
+    #[error("local revision name {name:?} is {len} bytes long; at most {LOCAL_NAME_MAX} allowed")]
     TooLong { name: String, len: usize },
+    #[error(
+        "local revision name {name:?} contains {ch:?}, which does not survive a request line \
+         (space, '?', '#' and '%' are refused)"
+    )]
+    BadChar { name: String, ch: char },
     #[error("local revision name {0:?} contains a '/' after \"locals/\"")]
     ExtraSlash(String),
     #[error("local revision name {0:?} must not be \".\" or \"..\"")]
@@ -56,7 +59,8 @@ fn validate_local_name(name: &str) -> Result<(), RevisionError> {
     if name.is_empty() {
         return Err(RevisionError::EmptyLocal(full()));
     }
-    let len = name.chars().count();
+    // `SIZE_LOCAL_REV` bounds a C buffer: bytes, not characters.
+    let len = name.len();
     if len > LOCAL_NAME_MAX {
         return Err(RevisionError::TooLong { name: full(), len });
     }
@@ -68,6 +72,11 @@ fn validate_local_name(name: &str) -> Result<(), RevisionError> {
     }
     if name.chars().any(char::is_control) {
         return Err(RevisionError::ControlChar(full()));
+    }
+    // pv-ctrl takes the name from the raw, undecoded request URI: a space ends
+    // it, '?' and '#' start a query or fragment, '%' is not decoded.
+    if let Some(ch) = name.chars().find(|c| matches!(c, ' ' | '?' | '#' | '%')) {
+        return Err(RevisionError::BadChar { name: full(), ch });
     }
     Ok(())
 }
@@ -117,16 +126,24 @@ mod tests {
     }
 
     #[test]
-    fn accepts_exactly_64_characters_and_refuses_65() {
+    fn accepts_exactly_64_bytes_and_refuses_65() {
         let sha = "a".repeat(64);
         assert!(format!("locals/{sha}").parse::<Revision>().is_ok());
         let err = format!("locals/{sha}b").parse::<Revision>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!(
-                "local revision name \"locals/{sha}b\" is 65 characters long; at most 64 allowed"
-            )
+            format!("local revision name \"locals/{sha}b\" is 65 bytes long; at most 64 allowed")
         );
+        // Pantavisor's limit is a C buffer: 32 × "é" is 64 bytes, 33 × is 66.
+        assert!(
+            format!("locals/{}", "é".repeat(32))
+                .parse::<Revision>()
+                .is_ok()
+        );
+        assert!(matches!(
+            format!("locals/{}", "é".repeat(33)).parse::<Revision>(),
+            Err(RevisionError::TooLong { len: 66, .. })
+        ));
     }
 
     #[test]
@@ -141,6 +158,34 @@ mod tests {
                 RevisionError::ControlChar("locals/a\nb".into()),
             ),
             ("current", RevisionError::NotARevision("current".into())),
+            (
+                "locals/a b",
+                RevisionError::BadChar {
+                    name: "locals/a b".into(),
+                    ch: ' ',
+                },
+            ),
+            (
+                "locals/a?x=1",
+                RevisionError::BadChar {
+                    name: "locals/a?x=1".into(),
+                    ch: '?',
+                },
+            ),
+            (
+                "locals/a#b",
+                RevisionError::BadChar {
+                    name: "locals/a#b".into(),
+                    ch: '#',
+                },
+            ),
+            (
+                "locals/50%",
+                RevisionError::BadChar {
+                    name: "locals/50%".into(),
+                    ch: '%',
+                },
+            ),
             ("-1", RevisionError::NotARevision("-1".into())),
             (
                 "99999999999999999999999",

@@ -24,6 +24,12 @@ impl Coordinator {
         &self,
         s: &pv_adapter_api::StateUrl,
     ) -> Result<Vec<u8>, Refusal> {
+        if !pv_adapter_api::is_sha256_hex(&s.sha256) {
+            return Err(Refusal::wontgo(format!(
+                "the state's sha256 {:?} is not 64 lower-case hex digits",
+                s.sha256.chars().take(80).collect::<String>()
+            )));
+        }
         let dl = self.downloader.as_ref().ok_or_else(|| {
             Refusal::wontgo(format!(
                 "no HTTP client is available for the state at {}",

@@ -135,6 +135,8 @@ struct Shared {
     paused: std::sync::atomic::AtomicBool,
     /// How the answers to the next accepted commands are lost.
     lost_answers: Mutex<std::collections::VecDeque<LostAnswer>>,
+    /// Requests served, by "METHOD target".
+    requests: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// How the answer to an accepted command is lost (the command itself is queued).
@@ -170,6 +172,7 @@ impl Sim {
             dev: Mutex::new(dev),
             paused: Default::default(),
             lost_answers: Default::default(),
+            requests: Default::default(),
         });
         let (power, power_rx) = watch::channel(PowerState::On);
         let mut tasks = Vec::new();
@@ -246,6 +249,16 @@ impl Sim {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back(how);
+    }
+
+    /// How many requests were served, by "METHOD target" (what a client costs the
+    /// device).
+    pub fn requests(&self) -> std::collections::BTreeMap<String, u64> {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits until the device reaches `state`.
@@ -454,6 +467,12 @@ async fn decide(
             }
         }
     }
+    *shared
+        .requests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(format!("{} {}", req.method, req.target))
+        .or_default() += 1;
     let m = match api::route(generation, shared.cfg.pv_024, &req.method, &req.target) {
         Ok(m) => m,
         Err(reply) => {
