@@ -166,3 +166,60 @@ async fn a_backend_with_logs_off_gets_no_feed() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+/// Pantavisor rotates a full log file to `<name>.<n>.gz` and starts it again; the
+/// lines written after the last poll and before the rotation are read back from
+/// the `.gz`: none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_rotated_away_between_polls_are_not_lost() {
+    let d = common::start_with(Generation::Gen2, |c| {
+        c.log_rate = 400.0;
+        c.log_rotate_bytes = 2048;
+    })
+    .await;
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    let link = b[0].link().await;
+    // Files rotated before the bridge first read them are history to it: count
+    // from the newest line of the first batch on.
+    let first = batch(&link).await;
+    let lo = synthetic(&first).into_iter().max().unwrap_or(0) + 1;
+    link.ack_logs(first.next);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        let got = batch(&link).await;
+        seen.extend(synthetic(&got));
+        link.ack_logs(got.next);
+    }
+    let rotations = walk(&d.storage().join("logs/0"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "gz"))
+        .count();
+    assert!(rotations >= 10, "the files rotated ({rotations} .gz)");
+    // Every line is there, but for the last second's (maybe still unread in live
+    // files).
+    let hi = *seen.last().unwrap();
+    let missing: Vec<u64> = (lo..hi.saturating_sub(400))
+        .filter(|n| !seen.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lines lost: {missing:?}",
+        missing.len()
+    );
+    assert!(hi > lo + 800, "{lo}..{hi}");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}

@@ -2,11 +2,16 @@
 //!
 //! Each poll follows `current` to the running revision's directory and reads the new
 //! complete lines of every source: `pantavisor/pantavisor.log`, container sources
-//! such as `<platform>/lxc/console.log`, or the singlefile `pv.log`. Rotation:
-//! a file replaced (new inode) or truncated (shorter than the cursor) is read from
-//! its start; `.gz` files are rotated-away history and skipped. Cursors (inode and
-//! offset per file) are kept in the bridge's own storage, since the log mount is
-//! read-only. A token bucket per source turns floods away, counted.
+//! such as `<platform>/lxc/console.log`, or the singlefile `pv.log`.
+//!
+//! Rotation: Pantavisor's logserver gzips a full file to `<name>.<n>.gz` and deletes
+//! it (`logserver_rotation.c`). The lines written after the last poll and before the
+//! rotation are read back from the rotations newer than the cursor's last one (the
+//! first from the cursor's offset, when it starts like the cursor's file); older
+//! `.gz` files are history and skipped. A file replaced or truncated otherwise is
+//! read from its start. Cursors (inode, offset, head fingerprint, last rotation per
+//! file) are kept in the bridge's own storage, since the log mount is read-only. A
+//! token bucket per source turns floods away, counted.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -36,9 +41,45 @@ struct Cursor {
     /// Modification time (ns) when last read; the head is re-checked when it moves.
     #[serde(default)]
     mtime: i64,
+    /// The highest `<name>.<n>.gz` rotation already read (or history when the
+    /// cursor was made): later ones hold lines not yet read.
+    #[serde(default)]
+    rotated: u64,
 }
 
 const HEAD: u64 = 256;
+/// Most bytes read back from one rotated `.gz`.
+const MAX_ROTATED: u64 = 16 * 1024 * 1024;
+
+/// The rotations of `path` (`<name>.<n>.gz` beside it), oldest first.
+fn rotations(path: &Path) -> Vec<(u64, PathBuf)> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            let n = f.strip_prefix(&prefix)?.strip_suffix(".gz")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The first `limit` bytes of a gzip file, decompressed.
+fn gunzip(path: &Path, limit: u64) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(File::open(path).ok()?)
+        .take(limit)
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
+}
 
 fn fingerprint(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -68,6 +109,8 @@ struct Bucket {
 }
 
 pub struct Tailer {
+    /// When this tailer started: rotations older than that are history.
+    started: std::time::SystemTime,
     root: PathBuf,
     cursor_path: PathBuf,
     cursors: BTreeMap<String, Cursor>,
@@ -114,6 +157,7 @@ impl Tailer {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         Tailer {
+            started: std::time::SystemTime::now(),
             root: root.to_owned(),
             cursor_path: cursor_path.to_owned(),
             cursors,
@@ -158,6 +202,16 @@ impl Tailer {
         let rev_dir = self.root.join(&rev);
         let mut list = Vec::new();
         files(&rev_dir, 0, &mut list);
+        // A file rotated away and not started again still has lines to recover.
+        let prefix = format!("{}/", rev.display());
+        for key in self.cursors.keys() {
+            if let Some(rel) = key.strip_prefix(&prefix) {
+                let p = rev_dir.join(rel);
+                if !list.contains(&p) {
+                    list.push(p);
+                }
+            }
+        }
         list.sort();
         let singlefile = rev_dir.join("pv.log");
         for path in list {
@@ -170,13 +224,14 @@ impl Tailer {
                 Some((p, s)) => (p.to_owned(), s.to_owned()),
                 None => ("pantavisor".to_owned(), rel_s.clone()),
             };
-            let lines = match self.read_new(&path, &key) {
+            let mut lines = self.recover_rotated(&path, &key);
+            lines.extend(match self.read_new(&path, &key) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::debug!(path = %path.display(), error = %e, "cannot read log file");
-                    continue;
+                    Vec::new()
                 }
-            };
+            });
             let stamp = now();
             for line in lines {
                 if line.is_empty() {
@@ -199,15 +254,126 @@ impl Tailer {
         out
     }
 
+    /// The lines of `path` rotated away before they were read, when its file is gone
+    /// or replaced: every `<name>.<n>.gz` newer than the cursor's last rotation, the
+    /// first from the cursor's offset when it starts like the file the cursor was
+    /// in. Leaves a cursor that reads the new file, if any, from its start.
+    fn recover_rotated(&mut self, path: &Path, key: &str) -> Vec<String> {
+        // A file met for the first time: what it rotated since this tailer started
+        // is not history yet.
+        let cur = match self.cursors.get(key).copied() {
+            Some(c) => c,
+            None => Cursor {
+                ino: 0,
+                offset: 0,
+                head: 0,
+                mtime: 0,
+                rotated: self.history(path),
+            },
+        };
+        let newer = || -> Vec<(u64, PathBuf)> {
+            rotations(path)
+                .into_iter()
+                .filter(|(n, _)| *n > cur.rotated)
+                .collect()
+        };
+        // Still the file the cursor is in? A new file can get the old one's inode
+        // at once: shorter than the cursor, or starting differently, it is another.
+        // (Between the logserver's gzip and its delete, the old file is still
+        // there: it is read on, and the `.gz` only once the file is gone.)
+        let same = match fs::metadata(path) {
+            Ok(md) if md.ino() == cur.ino && md.len() >= cur.offset => {
+                let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+                if mtime == cur.mtime {
+                    true
+                } else if cur.offset == 0 {
+                    // Nothing to compare: only a rotation since says it was replaced.
+                    newer().is_empty()
+                } else {
+                    File::open(path)
+                        .and_then(|mut f| head_of(&mut f, cur.offset))
+                        .is_ok_and(|h| h == cur.head)
+                }
+            }
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        };
+        if same {
+            return Vec::new();
+        }
+        let newer = newer();
+        if newer.is_empty() {
+            // Replaced or truncated without a rotation: `read_new` starts over.
+            return Vec::new();
+        }
+        let rotated = newer.last().map_or(cur.rotated, |(n, _)| *n);
+        // The new file, if any, is read from its start by `read_new`.
+        self.cursors.insert(
+            key.to_owned(),
+            Cursor {
+                ino: 0,
+                offset: 0,
+                head: 0,
+                mtime: 0,
+                rotated,
+            },
+        );
+        let mut text = Vec::new();
+        for (i, (_, p)) in newer.iter().enumerate() {
+            let Some(data) = gunzip(p, MAX_ROTATED) else {
+                continue;
+            };
+            let start = cur.offset.min(HEAD) as usize;
+            let continues = i == 0
+                && cur.offset > 0
+                && data.len() >= start
+                && fingerprint(&data[..start]) == cur.head;
+            let from = if continues { cur.offset as usize } else { 0 };
+            if let Some(rest) = data.get(from..) {
+                text.extend_from_slice(rest);
+                if !text.is_empty() && !text.ends_with(b"\n") {
+                    text.push(b'\n');
+                }
+            }
+        }
+        if !text.is_empty() {
+            tracing::debug!(path = %path.display(), bytes = text.len(), "read back lines rotated away");
+        }
+        String::from_utf8_lossy(&text)
+            .split('\n')
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .collect()
+    }
+
+    /// The newest rotation of `path` made before this tailer started: what is
+    /// history to it (read when the file is first met).
+    fn history(&self, path: &Path) -> u64 {
+        rotations(path)
+            .into_iter()
+            .filter(|(_, p)| {
+                fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < self.started)
+            })
+            .map(|(n, _)| n)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The complete new lines of one file, advancing its cursor.
     fn read_new(&mut self, path: &Path, key: &str) -> io::Result<Vec<String>> {
         let md = fs::metadata(path)?;
         let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        let rotated = match self.cursors.get(key) {
+            Some(c) => c.rotated,
+            None => self.history(path),
+        };
         let fresh = Cursor {
             ino: md.ino(),
             offset: 0,
             head: 0,
             mtime,
+            rotated,
         };
         let mut cur = *self.cursors.entry(key.to_owned()).or_insert(fresh);
         if cur.ino != md.ino() || md.len() < cur.offset {
@@ -318,6 +484,61 @@ mod tests {
         fs::write(&f, "").unwrap();
         append(&f, "d\n");
         assert_eq!(msgs(&t.poll()), ["app/var/log/syslog: d"]);
+    }
+
+    /// What Pantavisor's logserver does at its size limit: gzip to the next
+    /// `<name>.<n>.gz`, delete the file.
+    fn rotate(f: &Path, n: u32) {
+        let data = fs::read(f).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &data).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy();
+        fs::write(
+            f.with_file_name(format!("{name}.{n}.gz")),
+            gz.finish().unwrap(),
+        )
+        .unwrap();
+        fs::remove_file(f).unwrap();
+    }
+
+    #[test]
+    fn lines_written_just_before_a_rotation_are_read_back_from_the_gz() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE);
+        let f = logs.join("0/app/lxc/console.log");
+        append(&f, "a\nb\n");
+        assert_eq!(t.poll().records.len(), 2);
+        // Between two polls: more lines, a rotation, a new file.
+        append(&f, "c\nd\n");
+        rotate(&f, 1);
+        append(&f, "e\n");
+        assert_eq!(
+            msgs(&t.poll()),
+            [
+                "app/lxc/console.log: c",
+                "app/lxc/console.log: d",
+                "app/lxc/console.log: e"
+            ]
+        );
+        // Two rotations between polls, and no new file yet.
+        append(&f, "f\n");
+        rotate(&f, 2);
+        append(&f, "g\nh");
+        rotate(&f, 3);
+        assert_eq!(
+            msgs(&t.poll()),
+            [
+                "app/lxc/console.log: f",
+                "app/lxc/console.log: g",
+                "app/lxc/console.log: h"
+            ]
+        );
+        assert!(t.poll().records.is_empty(), "nothing read twice");
+        append(&f, "i\n");
+        assert_eq!(msgs(&t.poll()), ["app/lxc/console.log: i"]);
+        // Old rotations are history: a fresh tailer does not read them.
+        let mut fresh = Tailer::new(&logs, &dir.path().join("other.json"), FREE);
+        assert_eq!(msgs(&fresh.poll()), ["app/lxc/console.log: i"]);
     }
 
     #[test]
