@@ -223,3 +223,40 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A revision that fails in its try boot wrote logs there; the device rolls back
+/// at once, maybe before the bridge read them. They are read after the rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logs_of_a_failed_try_revision_are_read_after_the_rollback() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 0.0).await;
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    let link = b[0].link().await;
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
+    // A root-level file: a reboot transition; then the try boot fails.
+    state["extra.json"] = serde_json::json!({"try": true});
+    state["_sim/behaviour.json"] = serde_json::json!({"outcome": "error"});
+    b[0].send(pv_adapter_api::BackendEvent::Offer(pv_adapter_api::Offer {
+        id: "fails".into(),
+        state: serde_json::to_vec(&state).unwrap(),
+        state_url: None,
+        objects: Default::default(),
+        fetcher: None,
+    }))
+    .await;
+    let want = "revision locals/fails: ERROR A container could not be started";
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want:?} never forwarded"
+        );
+        let got = batch(&link).await;
+        link.ack_logs(got.next);
+        if got.records.iter().any(|r| r.msg == want) {
+            break;
+        }
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}

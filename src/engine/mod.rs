@@ -260,6 +260,7 @@ pub async fn run_with(
         })
         .collect();
     let slot = arbiter::Shared::default();
+    let log_requests = logs::LogRequests::default();
     let (desired_tx, desired_rx) = mpsc::channel(16);
     let meta_opts = meta::MetaOptions {
         device_meta_interval: Duration::from_millis(cfg.metadata.device_meta_interval_ms),
@@ -325,7 +326,8 @@ pub async fn run_with(
         opts,
         ready,
         slot.clone(),
-    );
+    )
+    .with_log_requests(log_requests.clone());
     let coordinator = tokio::spawn(coordinator.run());
     let log_backends: Vec<String> = receivers
         .iter()
@@ -339,6 +341,7 @@ pub async fn run_with(
             &cfg.bridge.state_dir,
             &log_backends,
             cfg.logs.options(),
+            log_requests,
         ) {
             Ok((feed, task)) => {
                 logs_task = Some(tokio::spawn(task));

@@ -13,6 +13,11 @@ use pv_adapter_api::{BoxFuture, LogBatch, LogFeed};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+/// Revisions whose logs the tailer reads once more besides the running one: the
+/// update coordinator adds one that failed, whose try boot wrote logs the bridge
+/// may never have read before the rollback.
+pub type LogRequests = Arc<Mutex<std::collections::BTreeSet<String>>>;
+
 /// Settings of the log pipeline.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -96,6 +101,7 @@ pub fn start(
     state_dir: &Path,
     backends: &[String],
     opts: LogOptions,
+    requests: LogRequests,
 ) -> std::io::Result<(Arc<Feed>, impl std::future::Future<Output = ()> + use<>)> {
     let spool = spool::Spool::open(&state_dir.join("spool"), opts.spool.clone(), backends)?;
     let feed = Arc::new(Feed {
@@ -104,7 +110,7 @@ pub fn start(
         fresh: Notify::new(),
     });
     let cursors: PathBuf = state_dir.join("logs/cursors.json");
-    let tailer = tail::Tailer::new(logs_root, &cursors, opts.rate);
+    let tailer = tail::Tailer::new(logs_root, &cursors, opts.rate).with_requests(requests);
     let f = feed.clone();
     let task = async move {
         let mut tick = tokio::time::interval(opts.poll_interval);

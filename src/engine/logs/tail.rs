@@ -13,11 +13,12 @@
 //! file) are kept in the bridge's own storage, since the log mount is read-only. A
 //! token bucket per source turns floods away, counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pv_adapter_api::LogRecord;
@@ -50,6 +51,20 @@ struct Cursor {
 const HEAD: u64 = 256;
 /// Most bytes read back from one rotated `.gz`.
 const MAX_ROTATED: u64 = 16 * 1024 * 1024;
+
+/// The revision a cursor key belongs to: `locals/<name>` or a number.
+fn revision_of(key: &str) -> Option<&str> {
+    let end = if key.starts_with("locals/") {
+        key.match_indices('/').nth(1)?.0
+    } else {
+        key.find('/')?
+    };
+    Some(&key[..end])
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The rotations of `path` (`<name>.<n>.gz` beside it), oldest first.
 fn rotations(path: &Path) -> Vec<(u64, PathBuf)> {
@@ -109,6 +124,8 @@ struct Bucket {
 }
 
 pub struct Tailer {
+    /// Revisions whose logs to read once more, besides the running one.
+    requested: Arc<Mutex<BTreeSet<String>>>,
     /// When this tailer started: rotations older than that are history.
     started: std::time::SystemTime,
     root: PathBuf,
@@ -157,6 +174,7 @@ impl Tailer {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         Tailer {
+            requested: Arc::default(),
             started: std::time::SystemTime::now(),
             root: root.to_owned(),
             cursor_path: cursor_path.to_owned(),
@@ -193,17 +211,56 @@ impl Tailer {
         }
     }
 
-    /// Reads what is new in the running revision's logs.
+    /// Reads what is new in the running revision's logs, then the last lines of
+    /// the revisions left behind (the cursors of one that stopped running: an
+    /// update switched away or rolled back) and of those asked for with
+    /// [`Tailer::with_requests`] (a revision that failed: its try boot's logs). A
+    /// revision left behind is forgotten once a poll finds nothing more in it.
     pub fn poll(&mut self) -> Poll {
         let mut out = Poll::default();
-        let Ok(rev) = fs::read_link(self.root.join("current")) else {
-            return out;
-        };
-        let rev_dir = self.root.join(&rev);
+        let current = fs::read_link(self.root.join("current"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        let mut behind: BTreeSet<String> = self
+            .cursors
+            .keys()
+            .filter_map(|k| revision_of(k))
+            .map(str::to_owned)
+            .collect();
+        behind.extend(lock(&self.requested).iter().cloned());
+        if let Some(c) = &current {
+            behind.remove(c);
+            self.poll_revision(c, &mut out);
+        }
+        for rev in behind {
+            let before = out.records.len() as u64 + out.dropped;
+            self.poll_revision(&rev, &mut out);
+            if out.records.len() as u64 + out.dropped == before {
+                let prefix = format!("{rev}/");
+                self.cursors.retain(|k, _| !k.starts_with(&prefix));
+                lock(&self.requested).remove(&rev);
+            }
+        }
+        out
+    }
+
+    /// Shares the set of revisions whose logs to read once more (the update
+    /// coordinator adds a revision that failed).
+    pub fn with_requests(mut self, requested: super::LogRequests) -> Self {
+        self.requested = requested;
+        self
+    }
+
+    /// Reads what is new in one revision's log directory.
+    fn poll_revision(&mut self, rev: &str, out: &mut Poll) {
+        if rev.is_empty() || rev.split('/').any(|seg| seg.is_empty() || seg == "..") {
+            return;
+        }
+        let rev_dir = self.root.join(rev);
         let mut list = Vec::new();
         files(&rev_dir, 0, &mut list);
         // A file rotated away and not started again still has lines to recover.
-        let prefix = format!("{}/", rev.display());
+        let prefix = format!("{rev}/");
         for key in self.cursors.keys() {
             if let Some(rel) = key.strip_prefix(&prefix) {
                 let p = rev_dir.join(rel);
@@ -219,7 +276,7 @@ impl Tailer {
                 continue;
             };
             let rel_s = rel.to_string_lossy().into_owned();
-            let key = format!("{}/{rel_s}", rev.display());
+            let key = format!("{rev}/{rel_s}");
             let (plat, src) = match rel_s.split_once('/') {
                 Some((p, s)) => (p.to_owned(), s.to_owned()),
                 None => ("pantavisor".to_owned(), rel_s.clone()),
@@ -251,7 +308,6 @@ impl Tailer {
                 }
             }
         }
-        out
     }
 
     /// The lines of `path` rotated away before they were read, when its file is gone
@@ -539,6 +595,53 @@ mod tests {
         // Old rotations are history: a fresh tailer does not read them.
         let mut fresh = Tailer::new(&logs, &dir.path().join("other.json"), FREE);
         assert_eq!(msgs(&fresh.poll()), ["app/lxc/console.log: i"]);
+    }
+
+    #[test]
+    fn a_revision_left_behind_is_read_to_its_end_then_forgotten() {
+        let (dir, logs) = tree();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE);
+        let a = logs.join("0/app/lxc/console.log");
+        append(&a, "a1\n");
+        assert_eq!(msgs(&t.poll()), ["app/lxc/console.log: a1"]);
+        // The last line before a switch (a rollback reboot), then the switch.
+        append(&a, "a2\n");
+        append(&logs.join("locals/x/app/lxc/console.log"), "x1\n");
+        fs::remove_file(logs.join("current")).unwrap();
+        std::os::unix::fs::symlink("locals/x", logs.join("current")).unwrap();
+        let mut got = msgs(&t.poll());
+        got.sort();
+        assert_eq!(got, ["app/lxc/console.log: a2", "app/lxc/console.log: x1"]);
+        assert!(t.poll().records.is_empty());
+        assert!(
+            t.cursors.keys().all(|k| k.starts_with("locals/x/")),
+            "{:?}",
+            t.cursors.keys()
+        );
+    }
+
+    #[test]
+    fn a_failed_revision_asked_for_is_read_once() {
+        let (dir, logs) = tree();
+        let requests = super::super::LogRequests::default();
+        let mut t = Tailer::new(&logs, &dir.path().join("cursors.json"), FREE)
+            .with_requests(requests.clone());
+        append(
+            &logs.join("locals/bad/pantavisor/pantavisor.log"),
+            "[pantavisor] 3 ERROR\t -- [updater]: boom\n",
+        );
+        assert!(t.poll().records.is_empty(), "not the running revision");
+        requests.lock().unwrap().insert("locals/bad".into());
+        let p = t.poll();
+        assert_eq!(p.records.len(), 1);
+        assert_eq!(
+            (p.records[0].lvl.as_str(), p.records[0].msg.as_str()),
+            ("ERROR", "boom")
+        );
+        assert!(t.poll().records.is_empty());
+        assert!(requests.lock().unwrap().is_empty(), "done with it");
+        assert_eq!(revision_of("locals/bad/app/x.log"), Some("locals/bad"));
+        assert_eq!(revision_of("12/app/x.log"), Some("12"));
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct Coordinator {
     slot: crate::engine::arbiter::Shared,
     /// Downloads URL objects; `None` if no HTTP client could be made.
     downloader: Option<Arc<crate::engine::fetch::Downloader>>,
+    /// Where a failed revision is named for the log tailer to read its logs.
+    log_requests: Option<crate::engine::logs::LogRequests>,
 }
 
 /// A progress report with the coarse percentage of its status.
@@ -186,7 +188,15 @@ impl Coordinator {
             ready,
             slot,
             downloader,
+            log_requests: None,
         }
+    }
+
+    /// Names each revision that fails to the log tailer, which then reads the logs
+    /// its try boot wrote (the bridge may not have run long enough to send them).
+    pub fn with_log_requests(mut self, requests: crate::engine::logs::LogRequests) -> Self {
+        self.log_requests = Some(requests);
+        self
     }
 
     /// Publishes progress to a backend's view. The download totals of an update
@@ -349,6 +359,13 @@ impl Coordinator {
                 .is_some_and(|a| a.backend == backend && a.id == id)
             {
                 s.active = None;
+            }
+        }
+        if status == UpdateStatus::Error {
+            if let Some(r) = &self.log_requests {
+                r.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rev.to_owned());
             }
         }
         let mut p = progress(id, rev, status, msg);
