@@ -141,6 +141,40 @@ async fn a_reboot_is_accepted_first_and_successful_after_the_restart() {
     task.await.unwrap();
 }
 
+/// A reboot answered 200 that never happened (a debug shell holds it in
+/// BLOCK_REBOOT) is not reported successful because the bridge restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_that_did_not_happen_is_not_reported_successful() {
+    let d = common::start(Generation::Gen2).await;
+    std::fs::create_dir_all(d.storage().join("sim")).unwrap();
+    std::fs::write(d.storage().join("sim/debug-shell"), b"").unwrap();
+    // Up for more than a second before the command, as any real device.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    command(&b[0], "rb-held", CommandKind::Reboot, None).await;
+    result(&b[0], "rb-held", CommandStatus::Accepted).await;
+    eventually(Duration::from_secs(5), "the reboot held", || async {
+        pantavisor_log(&d)
+            .contains("holding on reboot because shell is opened")
+            .then_some(())
+    })
+    .await;
+    // Only the bridge restarts.
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+    let r = result(&b[0], "rb-held", CommandStatus::Failed).await;
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .starts_with("the device did not restart (up since "),
+        "{r:?}"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reboot_during_an_update_fails_with_the_reason() {
     let d = common::start_with(Generation::Gen2, |c| {

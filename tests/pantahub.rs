@@ -263,9 +263,14 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
         (root.len() + kernel.len()) as u64,
         "{dl}"
     );
-    // The reboot keeps INPROGRESS long enough to be seen; TESTING may pass
-    // between two views of the device (Pantavisor's own client can skip it too).
-    assert!(statuses.contains(&"INPROGRESS"), "{statuses:?}");
+    // The hub sees Pantavisor's statuses as the bridge polls them: a status can
+    // pass between two polls (here the bridge survives the simulated reboot and
+    // signals READY at once, so INPROGRESS "Trying new revision" can be short), but
+    // the installation is seen before the final status.
+    assert!(
+        statuses.contains(&"INPROGRESS") || statuses.contains(&"TESTING"),
+        "{statuses:?}"
+    );
     assert!(
         history
             .iter()

@@ -35,6 +35,10 @@ pub struct Request {
 struct Entry {
     backend: String,
     result: CommandResult,
+    /// When a reboot or power-off was accepted (ms since the epoch): after a
+    /// restart, the device's uptime tells whether it booted since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accepted_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -43,10 +47,39 @@ struct Doc {
 }
 
 fn now() -> u64 {
+    now_ms() / 1000
+}
+
+fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// When the device booted (ms since the epoch), from one device-meta refresh:
+/// `time` (gettimeofday) minus `sysinfo.uptime` (whole seconds), both written by
+/// the same refresh (`metadata.c`), so a stale device-meta (none is written in
+/// BLOCK_REBOOT) still gives the right boot. At most a second late; a device is up
+/// for more than a second before it takes a command, so a boot after the command
+/// is never mistaken. Without `time`, `read_ms` (when device-meta was read) stands
+/// in, which a stale device-meta can fool.
+fn boot_ms(meta: &BTreeMap<String, serde_json::Value>, read_ms: u64) -> Option<u64> {
+    let field = |key: &str| -> Option<serde_json::Value> {
+        match meta.get(key)? {
+            // Values that are objects come embedded; a string may hold JSON.
+            serde_json::Value::String(s) => serde_json::from_str(s).ok(),
+            v => Some(v.clone()),
+        }
+    };
+    let uptime = field("sysinfo")?.get("uptime")?.as_u64()?;
+    let at = field("time")
+        .and_then(|t| {
+            let tv = t.get("timeval")?;
+            Some(tv.get("tv_sec")?.as_u64()? * 1000 + tv.get("tv_usec")?.as_u64()? / 1000)
+        })
+        .unwrap_or(read_ms);
+    Some(at.saturating_sub(uptime.saturating_mul(1000)))
 }
 
 /// The command executor.
@@ -81,7 +114,7 @@ impl Commands {
 
     /// Finishes what a restart interrupted, then serves requests.
     pub async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
-        self.recover();
+        self.recover().await;
         while let Some(r) = requests.recv().await {
             self.handle(r).await;
         }
@@ -101,12 +134,17 @@ impl Commands {
 
     /// Journals (durably) and reports a command's new state.
     fn record(&mut self, backend: &str, result: CommandResult) {
+        self.record_at(backend, result, None);
+    }
+
+    fn record_at(&mut self, backend: &str, result: CommandResult, accepted_ms: Option<u64>) {
         self.doc
             .entries
             .retain(|e| !(e.backend == backend && e.result.id == result.id));
         self.doc.entries.push(Entry {
             backend: backend.to_owned(),
             result: result.clone(),
+            accepted_ms,
         });
         let excess = self.doc.entries.len().saturating_sub(KEEP);
         self.doc.entries.drain(..excess);
@@ -136,10 +174,10 @@ impl Commands {
         }
     }
 
-    /// After a restart: a reboot or power-off that was accepted has happened (the
-    /// bridge went down with the device); anything else that was accepted was
-    /// interrupted.
-    fn recover(&mut self) {
+    /// After a restart: a reboot or power-off that was accepted is successful if the
+    /// device booted since (its uptime says so), and failed if only the bridge
+    /// restarted; anything else that was accepted was interrupted.
+    async fn recover(&mut self) {
         let pending: Vec<Entry> = self
             .doc
             .entries
@@ -147,22 +185,63 @@ impl Commands {
             .filter(|e| e.result.status == CommandStatus::Accepted)
             .cloned()
             .collect();
+        let mut boot = None;
         for e in pending {
             let mut r = e.result.clone();
             if matches!(r.kind, CommandKind::Reboot | CommandKind::Poweroff) {
-                r.status = CommandStatus::Successful;
-                r.reason = Some("the device restarted".into());
+                if boot.is_none() {
+                    boot = Some(self.device_boot().await);
+                }
+                let (status, reason) = match (e.accepted_ms, boot.flatten()) {
+                    (Some(at), Some(booted)) if booted > at => {
+                        (CommandStatus::Successful, "the device restarted".to_owned())
+                    }
+                    (Some(at), Some(booted)) => (
+                        CommandStatus::Failed,
+                        format!(
+                            "the device did not restart (up since {} s before the \
+                             command): only the bridge restarted",
+                            at.saturating_sub(booted) / 1000
+                        ),
+                    ),
+                    _ => (
+                        CommandStatus::Failed,
+                        "the bridge restarted, but whether the device did cannot be told \
+                         (no uptime in device-meta sysinfo)"
+                            .to_owned(),
+                    ),
+                };
+                r.status = status;
+                r.reason = Some(reason);
             } else {
                 r.status = CommandStatus::Failed;
                 r.reason = Some("interrupted by a restart of the bridge".into());
             }
-            info!(backend = %e.backend, id = %r.id, status = ?r.status, "command outcome after restart");
+            info!(backend = %e.backend, id = %r.id, status = ?r.status, reason = ?r.reason, "command outcome after restart");
             self.record(&e.backend, r);
         }
         let latest: Vec<Entry> = self.doc.entries.clone();
         for e in latest {
             self.report(&e.backend, e.result);
         }
+    }
+
+    /// When the device booted (see [`boot_ms`]). pv-ctrl may still be coming up:
+    /// a few tries.
+    async fn device_boot(&self) -> Option<u64> {
+        for attempt in 0..10u32 {
+            match self.pv.meta(crate::pvctrl::Meta::Device).await {
+                Ok(m) => return boot_ms(&m, now_ms()),
+                Err(e) if e.is_unreachable() && attempt < 9 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read device-meta to tell whether the device restarted");
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     async fn handle(&mut self, req: Request) {
@@ -209,7 +288,8 @@ impl Commands {
                 return;
             }
         }
-        self.record(&backend, result(CommandStatus::Accepted, None));
+        let at = matches!(kind, CommandKind::Reboot | CommandKind::Poweroff).then(now_ms);
+        self.record_at(&backend, result(CommandStatus::Accepted, None), at);
         info!(backend = %backend, id = %id, kind = ?kind, "command accepted");
         let outcome: Result<Option<String>, String> = match &kind {
             CommandKind::Ping => Ok(Some("pong".into())),
@@ -287,3 +367,35 @@ impl Commands {
 
 /// Results by id, for tests and adapters that want a plain map.
 pub type Results = BTreeMap<String, CommandResult>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_is_told_from_one_refresh_of_device_meta() {
+        let meta = |time: &str, uptime: u64| -> BTreeMap<String, serde_json::Value> {
+            BTreeMap::from([
+                ("time".to_owned(), serde_json::from_str(time).unwrap()),
+                (
+                    "sysinfo".to_owned(),
+                    serde_json::json!({"uptime": uptime, "procs": 3}),
+                ),
+            ])
+        };
+        let m = meta(r#"{"timeval":{"tv_sec":1000000,"tv_usec":250000}}"#, 30);
+        // However late it is read, the same refresh gives the same boot.
+        assert_eq!(boot_ms(&m, 1_000_000_000), Some(999_970_250));
+        assert_eq!(boot_ms(&m, 2_000_000_000), Some(999_970_250));
+        // Without `time`, the read time stands in.
+        let m = BTreeMap::from([("sysinfo".to_owned(), serde_json::json!({"uptime": 5}))]);
+        assert_eq!(boot_ms(&m, 10_000), Some(5_000));
+        assert_eq!(boot_ms(&BTreeMap::new(), 10_000), None);
+        // A string holding JSON, as some versions store it.
+        let m = BTreeMap::from([(
+            "sysinfo".to_owned(),
+            serde_json::Value::String(r#"{"uptime": 7}"#.into()),
+        )]);
+        assert_eq!(boot_ms(&m, 10_000), Some(3_000));
+    }
+}

@@ -155,13 +155,6 @@ pub fn sha256_file(path: &std::path::Path) -> Option<String> {
     Some(hex(&h.finalize()))
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -843,10 +836,14 @@ impl Device {
             ("pantahub.claimed", "0".into()),
             ("pantahub.online", "0".into()),
             ("interfaces", json!({"lo": ["127.0.0.1"]}).to_string()),
-            (
-                "time",
-                json!({"timeval": {"tv_sec": now_secs(), "tv_usec": 0}}).to_string(),
-            ),
+            ("time", {
+                // gettimeofday(2), as `metadata.c: pv_devmeta_time` writes it.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                json!({"timeval": {"tv_sec": t.as_secs(), "tv_usec": t.subsec_micros()}})
+                    .to_string()
+            }),
         ];
         for (k, v) in entries {
             let _ = self.store.set_meta(MetaKind::Device, k, v.as_bytes());
