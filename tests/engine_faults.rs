@@ -620,3 +620,49 @@ async fn readiness_does_not_poll_pv_ctrl_and_follows_a_restart() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+/// UPDATED is no rollback point: Pantavisor tries the revision again at the next
+/// boot, where it is committed (DONE) or fails and rolls back (ERROR), and its own
+/// hub client reports that new status. The bridge does the same after it restarts
+/// with the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_updated_revision_is_settled_after_the_next_boot() {
+    for (id, behaviour, want) in [
+        ("settles", None, UpdateStatus::Done),
+        (
+            "fails-later",
+            Some(json!({"outcome": "error-after-reboot"})),
+            UpdateStatus::Error,
+        ),
+    ] {
+        let mut d = common::start(Generation::Gen2).await;
+        let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+        let mut o = inline_offer(&d, id).await;
+        if let Some(beh) = behaviour {
+            let mut v: Value = serde_json::from_slice(&o.state).unwrap();
+            v["_sim/behaviour.json"] = beh;
+            o.state = serde_json::to_vec(&v).unwrap();
+        }
+        b[0].send(BackendEvent::Offer(o)).await;
+        assert_eq!(final_of(&b[0], id).await.status, UpdateStatus::Updated);
+        // The device loses power with the bridge; both come back.
+        stop.send(()).unwrap();
+        task.await.unwrap();
+        d.crash_and_restart().await;
+        let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
+        let view = b[0].view().await;
+        let p = eventually(Duration::from_secs(30), &format!("{id} {want}"), || async {
+            view.borrow()
+                .update
+                .clone()
+                .filter(|p| p.id == id && p.status == want)
+        })
+        .await;
+        if want == UpdateStatus::Error {
+            assert_eq!(p.status_msg, "A container could not be started");
+            assert!(p.logs.is_some(), "Pantavisor's failure lines come along");
+        }
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+}

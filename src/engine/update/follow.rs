@@ -15,17 +15,23 @@ use crate::pvctrl::{Command, PvStatus};
 use crate::state::Revision;
 
 impl Coordinator {
-    /// Re-reports the last final status of every backend and finishes the update
-    /// that was in flight when the bridge stopped.
+    /// Re-reports the last final status of every backend, finishes the update that
+    /// was in flight when the bridge stopped, and settles an UPDATED revision the
+    /// reboot tried again.
     pub(super) async fn recover(&mut self) {
         for f in self.journal.latest_per_backend() {
             let mut p = progress(&f.id, &f.rev, f.status, &f.status_msg);
             p.logs = f.logs.clone();
             self.report(&f.backend, p);
         }
-        let Some(cur) = self.journal.current().cloned() else {
-            return;
-        };
+        if let Some(cur) = self.journal.current().cloned() {
+            self.resume(cur).await;
+        }
+        self.settle_updated().await;
+    }
+
+    /// Finishes the update that was in flight when the bridge stopped.
+    async fn resume(&mut self, cur: Current) {
         match cur.phase {
             Phase::Accepted => {
                 // Nothing ran. The adapter offers it again; objects already uploaded
@@ -57,6 +63,51 @@ impl Coordinator {
                 self.finish(&cur.backend, &cur.id, &cur.rev, status, &msg, logs);
                 self.slot.lock().active = None;
             }
+        }
+    }
+
+    /// UPDATED is final for now, not for good: the revision is no rollback point,
+    /// and Pantavisor tries it again at the next boot, where it becomes DONE or
+    /// fails (ERROR) and the device rolls back; Pantavisor's own hub client then
+    /// reports the new status of the same revision. After a restart, the latest
+    /// UPDATED update of each backend is looked at again: a new final status is
+    /// journaled and reported; one being tried right now is followed to its end.
+    async fn settle_updated(&mut self) {
+        let updated: Vec<_> = self
+            .journal
+            .latest_per_backend()
+            .into_iter()
+            .filter(|f| f.status == UpdateStatus::Updated)
+            .cloned()
+            .collect();
+        for f in updated {
+            let Ok(p) = self.pv.progress(&f.rev).await else {
+                continue;
+            };
+            let (status, msg, logs) = match p.status {
+                PvStatus::Updated => continue,
+                s if s.is_final() => (map_status(&s), p.status_msg, p.logs),
+                PvStatus::New => continue,
+                _ => {
+                    info!(backend = %f.backend, id = %f.id, rev = %f.rev,
+                        "the UPDATED revision is being tried again after a reboot; following it");
+                    self.slot.lock().active = Some(Active {
+                        backend: f.backend.clone(),
+                        id: f.id.clone(),
+                        priority: i64::MAX,
+                        committed: true,
+                        cancelled: None,
+                        cancel: Arc::new(tokio::sync::Notify::new()),
+                    });
+                    self.follow(&f.backend, &f.id, &f.rev).await
+                }
+            };
+            if status == UpdateStatus::Updated {
+                continue;
+            }
+            info!(backend = %f.backend, id = %f.id, status = %status,
+                "the UPDATED revision has a new final status after a reboot");
+            self.finish(&f.backend, &f.id, &f.rev, status, &msg, logs);
         }
     }
 

@@ -276,7 +276,7 @@ impl Device {
                     msg: "Object validation went wrong".into(),
                 }
             } else {
-                dev.phase_for(&dev.rev.outcome(), now)
+                dev.phase_for(&dev.rev.outcome(), now, true)
             };
             dev.update = Some(Update {
                 rev: t,
@@ -290,9 +290,15 @@ impl Device {
         Ok(dev)
     }
 
-    fn phase_for(&self, outcome: &Outcome, now: Instant) -> Phase {
+    /// The first phase of a revision that starts running: `at_boot` when it is
+    /// tried in a boot, else in a non-reboot transition.
+    fn phase_for(&self, outcome: &Outcome, now: Instant, at_boot: bool) -> Phase {
         match outcome {
             Outcome::Error(_) => Phase::Fail {
+                at: now + self.cfg.tick,
+                msg: "A container could not be started".into(),
+            },
+            Outcome::ErrorAfterReboot if at_boot => Phase::Fail {
                 at: now + self.cfg.tick,
                 msg: "A container could not be started".into(),
             },
@@ -704,7 +710,7 @@ impl Device {
                         msg: "A container could not be started".into(),
                     }
                 } else {
-                    self.phase_for(&new.outcome(), now)
+                    self.phase_for(&new.outcome(), now, false)
                 };
                 self.rev = new;
                 self.update = Some(Update {

@@ -31,6 +31,9 @@ pub enum Outcome {
     Wontgo(String),
     /// Goals never reached: ERROR "Status goal not reached" after the goals timeout.
     GoalTimeout,
+    /// Runs well without a reboot (UPDATED), but a container fails when the
+    /// revision is tried again at the next boot: ERROR and rollback then.
+    ErrorAfterReboot,
 }
 
 /// A parsed revision.
@@ -130,6 +133,7 @@ impl Rev {
             ),
             Some("wontgo") => Outcome::Wontgo(msg.unwrap_or("Update aborted").to_owned()),
             Some("goal-timeout") => Outcome::GoalTimeout,
+            Some("error-after-reboot") => Outcome::ErrorAfterReboot,
             _ => Outcome::Normal,
         }
     }
