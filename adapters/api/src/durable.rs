@@ -17,13 +17,32 @@ fn temporary(path: &Path) -> PathBuf {
 
 /// Writes `data` to `path` durably (creating its directory).
 pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    write(path, data, None)
+}
+
+/// [`write_durable`] for secrets: the file is readable by its owner only (0600)
+/// from the moment it exists.
+pub fn write_durable_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    write(path, data, Some(0o600))
+}
+
+fn write(path: &Path, data: &[u8], mode: Option<u32>) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     fs::create_dir_all(dir)?;
     let tmp = temporary(path);
-    let mut f = File::create(&tmp)?;
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if let Some(mode) = mode {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);
@@ -48,6 +67,17 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_is_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("creds");
+        write_durable_private(&p, b"secret").unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

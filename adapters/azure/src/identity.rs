@@ -189,12 +189,10 @@ pub async fn resolve(cfg: &AzureConfig, work: &Path) -> Result<Identity, Adapter
             Some(a) => a,
             None => {
                 let a = register(cfg, d, &auth).await?;
-                if let Err(e) = std::fs::create_dir_all(work).and_then(|_| {
-                    std::fs::write(
-                        dps_cache(work),
-                        serde_json::to_vec_pretty(&a).unwrap_or_default(),
-                    )
-                }) {
+                if let Err(e) = pv_adapter_api::durable::write_durable(
+                    &dps_cache(work),
+                    &serde_json::to_vec_pretty(&a).unwrap_or_default(),
+                ) {
                     warn!(error = %e, "cannot cache the DPS assignment; it will be asked again");
                 }
                 a

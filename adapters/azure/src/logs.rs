@@ -95,7 +95,7 @@ impl Budget {
         self.used += units(len);
         if let Some(p) = &self.path {
             if let Ok(b) = serde_json::to_vec(self) {
-                let _ = std::fs::write(p, b);
+                let _ = pv_adapter_api::durable::write_durable(p, &b);
             }
         }
     }

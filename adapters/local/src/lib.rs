@@ -165,17 +165,16 @@ async fn read_status(path: &Path) -> Option<StatusFile> {
 }
 
 async fn write_status(path: &Path, s: &StatusFile) {
-    let tmp = path.with_extension("json.tmp");
     let data = match serde_json::to_vec_pretty(s) {
         Ok(d) => d,
         Err(_) => return,
     };
-    if let Err(e) = async {
-        tokio::fs::write(&tmp, &data).await?;
-        tokio::fs::rename(&tmp, path).await
-    }
-    .await
-    {
+    let target = path.to_owned();
+    let written =
+        tokio::task::spawn_blocking(move || pv_adapter_api::durable::write_durable(&target, &data))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    if let Err(e) = written {
         warn!(path = %path.display(), error = %e, "cannot write status file");
     }
 }

@@ -3,7 +3,6 @@
 //! client and pv-bridge with the same identity.
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 
 /// A device's identity on the hub. `Debug` never shows the secret.
@@ -74,29 +73,15 @@ impl Creds {
         Creds::parse(&text).map_err(|e| format!("credentials {}: {e}", path.display()))
     }
 
-    /// Writes the credentials with mode 0600, atomically (temp file and rename).
+    /// Writes the credentials with mode 0600, durably (temp file, fsync, rename,
+    /// fsync of the directory).
     pub fn save(&self, path: &Path) -> Result<(), String> {
-        let fail = |e: std::io::Error| format!("cannot write credentials {}: {e}", path.display());
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(fail)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(fail)?;
-        write!(
-            f,
+        let text = format!(
             "PH_CREDS_ID={}\nPH_CREDS_PRN={}\nPH_CREDS_SECRET={}\n",
             self.id, self.prn, self.secret
-        )
-        .map_err(fail)?;
-        f.sync_all().map_err(fail)?;
-        std::fs::rename(&tmp, path).map_err(fail)
+        );
+        pv_adapter_api::durable::write_durable_private(path, text.as_bytes())
+            .map_err(|e| format!("cannot write credentials {}: {e}", path.display()))
     }
 }
 

@@ -181,12 +181,8 @@ impl Memory {
     }
 
     fn save(&self, path: &Path) {
-        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        let r = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-            .and_then(|_| std::fs::write(&tmp, bytes))
-            .and_then(|_| std::fs::rename(&tmp, path));
-        if let Err(e) = r {
+        if let Err(e) = pv_adapter_api::durable::write_durable(path, &bytes) {
             warn!(file = %path.display(), error = %e, "cannot save the adapter's memory");
         }
     }
@@ -364,7 +360,10 @@ impl Hub {
                 },
             };
             self.client.set_creds(creds.clone());
-            let _ = std::fs::write(self.work.join("device-id"), &creds.id);
+            let _ = pv_adapter_api::durable::write_durable(
+                &self.work.join("device-id"),
+                creds.id.as_bytes(),
+            );
             let path = format!("/devices/{}", creds.id);
             let rec: Result<DeviceRecord, HubError> =
                 self.client.json(Method::GET, &path, None).await;
@@ -480,7 +479,10 @@ impl Hub {
     /// claimed.
     async fn show_challenge(&self, challenge: &str) {
         let _ = std::fs::create_dir_all(&self.work);
-        let _ = std::fs::write(self.work.join("challenge"), challenge);
+        let _ = pv_adapter_api::durable::write_durable(
+            &self.work.join("challenge"),
+            challenge.as_bytes(),
+        );
         if let Some(store) = self.link.device() {
             let claimed = if challenge.is_empty() { "1" } else { "0" };
             let value = (!challenge.is_empty()).then_some(challenge);
