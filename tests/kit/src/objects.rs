@@ -39,6 +39,10 @@ struct State {
     files: BTreeMap<String, (Arc<Vec<u8>>, String)>,
     faults: VecDeque<Fault>,
     seen: Vec<Seen>,
+    /// Body bytes written to clients, by path.
+    served: BTreeMap<String, u64>,
+    /// Every body is sent at about this many bytes per second (a slow link).
+    rate: Option<u64>,
 }
 
 pub struct ObjectServer {
@@ -131,6 +135,16 @@ impl ObjectServer {
     pub fn seen(&self) -> Vec<Seen> {
         self.state().seen.clone()
     }
+
+    /// Body bytes written to clients for `path` so far (what a metered link bills).
+    pub fn bytes_served(&self, path: &str) -> u64 {
+        self.state().served.get(path).copied().unwrap_or(0)
+    }
+
+    /// Sends every body at about `bytes_per_sec` from now on (`None`: full speed).
+    pub fn set_rate(&self, bytes_per_sec: Option<u64>) {
+        self.state().rate = bytes_per_sec;
+    }
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
@@ -173,7 +187,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let if_range = header("if-range");
     let (fault, file) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-        (s.faults.pop_front(), s.files.get(&path).cloned())
+        let fault = s.faults.pop_front().or(s.rate.map(Fault::Slow));
+        (fault, s.files.get(&path).cloned())
     };
     let record = |status: u16| {
         state
@@ -251,6 +266,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         if wr.write_all(piece).await.is_err() {
             return;
         }
+        *state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .served
+            .entry(path.clone())
+            .or_default() += piece.len() as u64;
         if let Some(p) = pause {
             let _ = wr.flush().await;
             tokio::time::sleep(p).await;
