@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
             let name = String::from_utf8_lossy(name);
             let r = methods::parse(&name, payload);
             if payload.len() > 128 * 1024 {
-                assert!(matches!(r, Err((413, _))), "an oversize method payload was taken");
+                assert!(
+                    matches!(r, Err((413, _))),
+                    "an oversize method payload was taken"
+                );
             }
         }
         _ => {
