@@ -1,7 +1,7 @@
-//! The engine against what real devices do to it (issue "truth under faults"):
-//! partial objects left by broken uploads, commands that would destroy staged work,
-//! LOCAL_RUNs the device lost, and answers that only look like failures. Each test
-//! failed before its fix.
+//! The engine against what real devices do to it: partial objects left by broken
+//! uploads, commands that would destroy staged work, trails that are not ours, slow
+//! sources and full disks, and readiness that costs nothing while idle. Each test
+//! failed before its fix (LOCAL_RUN's own faults: `engine_local_run.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,109 +9,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::Duration;
 
+use common::faults::*;
 use common::{Backend, engine, eventually, local, sha256_hex};
 use pv_adapter_api::{
     BackendEvent, CommandKind, CommandResult, CommandStatus, ObjectRef, ObjectSource, Offer,
-    Progress, UpdateStatus,
+    UpdateStatus,
 };
 use pv_testkit::objects::{Fault, ObjectServer};
-use pv_testkit::sim::{Generation, LostAnswer, Store};
+use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
-
-fn blob(n: usize, tag: u8) -> Vec<u8> {
-    (0..n).map(|i| (i % 251) as u8 ^ tag).collect()
-}
-
-/// A PUT of `data` that breaks after `sent` bytes, as a bridge killed mid-upload
-/// leaves it: gen-2 keeps the partial file under the object's final name.
-fn broken_upload(d: &common::Device, data: &[u8], sent: usize) {
-    let sha = sha256_hex(data);
-    let mut s = std::os::unix::net::UnixStream::connect(d.cfg().socket).unwrap();
-    write!(
-        s,
-        "PUT /objects/{sha} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
-        data.len()
-    )
-    .unwrap();
-    s.write_all(&data[..sent]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-}
-
-/// An offer replacing the app's rootfs with `data`, served by `srv` at `path`;
-/// `size` as the backend knows it (Azure's template offers give none).
-async fn offer(
-    d: &common::Device,
-    srv: &ObjectServer,
-    id: &str,
-    path: &str,
-    data: &[u8],
-    size: Option<u64>,
-) -> Offer {
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    let sha = sha256_hex(data);
-    state["app/root.squashfs"] = json!(sha);
-    srv.put(path, data.to_vec());
-    Offer {
-        id: id.into(),
-        state: serde_json::to_vec(&state).unwrap(),
-        state_url: None,
-        objects: BTreeMap::from([(
-            sha.clone(),
-            ObjectRef {
-                sha256: sha,
-                size,
-                source: ObjectSource::Url { url: srv.url(path) },
-            },
-        )]),
-        fetcher: None,
-    }
-}
-
-async fn final_of(b: &Backend, id: &str) -> Progress {
-    let view = b.view().await;
-    eventually(Duration::from_secs(40), &format!("{id} final"), || async {
-        view.borrow()
-            .update
-            .clone()
-            .filter(|p| p.id == id && p.status.is_final())
-    })
-    .await
-}
-
-/// Pantavisor's own log lines of every revision.
-fn all_pantavisor_logs(d: &common::Device) -> String {
-    let mut text = String::new();
-    let mut dirs = vec![d.storage().join("logs")];
-    while let Some(dir) = dirs.pop() {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let t = e.file_type().unwrap();
-            if t.is_dir() && e.file_name() != "pantavisor" {
-                dirs.push(e.path());
-            } else if t.is_dir() {
-                text +=
-                    &std::fs::read_to_string(e.path().join("pantavisor.log")).unwrap_or_default();
-            }
-        }
-    }
-    text
-}
-
-fn bad_runs(d: &common::Device) -> Vec<String> {
-    Store::new(&d.storage()).bad_runs()
-}
-
-async fn listed_size(d: &common::Device, data: &[u8]) -> Option<u64> {
-    let sha = sha256_hex(data);
-    d.pv.objects()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|o| o.sha256 == sha)
-        .map(|o| o.size)
-}
 
 /// C1: a partial object left by a broken upload is listed by `GET /objects`; an
 /// offer that gives no size must not take it for the whole object.
@@ -237,126 +145,6 @@ async fn gc_reboot_and_poweroff_are_refused_while_an_update_stages() {
     );
     stop.send(()).unwrap();
     task.await.unwrap();
-}
-
-/// An offer that changes only an inline file of the app container (no objects):
-/// a non-reboot update.
-async fn inline_offer(d: &common::Device, id: &str) -> Offer {
-    let mut state: Value = serde_json::from_slice(&d.pv.step("0").await.unwrap()).unwrap();
-    state["app/extra.json"] = json!({"offer": id});
-    Offer {
-        id: id.into(),
-        state: serde_json::to_vec(&state).unwrap(),
-        state_url: None,
-        objects: BTreeMap::new(),
-        fetcher: None,
-    }
-}
-
-const LOST_FAST: &str = "[updates]\nlost_command_secs = 1\n";
-
-/// C3: a power cut between LOCAL_RUN's 200 and its processing loses the command
-/// (the slot lives in RAM). The bridge sees the revision not starting, sends it
-/// again, and the update completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_run_lost_to_a_power_cut_is_sent_again() {
-    let mut d = common::start(Generation::Gen2).await;
-    let (b, stop, task) = engine(
-        &d,
-        &format!("{LOST_FAST}{}", local("cloud", "")),
-        &["cloud"],
-    );
-    d.sim.as_ref().unwrap().pause(true);
-    b[0].send(BackendEvent::Offer(inline_offer(&d, "lost1").await))
-        .await;
-    eventually(Duration::from_secs(10), "LOCAL_RUN in the slot", || async {
-        (d.sim.as_ref().unwrap().pending_command().as_deref() == Some("LOCAL_RUN")).then_some(())
-    })
-    .await;
-    d.crash_and_restart().await;
-    let p = final_of(&b[0], "lost1").await;
-    assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
-    stop.send(()).unwrap();
-    task.await.unwrap();
-}
-
-/// C3: LOCAL_RUN dropped twice (BLOCK_REBOOT: a debug shell holds a reboot) ends
-/// the update with a status that says the device lost the command, instead of
-/// waiting forever; the bridge is not wedged: after the shell closes, a new offer
-/// installs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_run_dropped_twice_ends_the_update_and_nothing_is_wedged() {
-    let d = common::start(Generation::Gen2).await;
-    let shell = d.storage().join("sim/debug-shell");
-    std::fs::create_dir_all(shell.parent().unwrap()).unwrap();
-    std::fs::write(&shell, b"").unwrap();
-    d.pv.command(pv_bridge::pvctrl::Command::Reboot("held".into()))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "the reboot held", || async {
-        std::fs::read_to_string(d.storage().join("logs/current/pantavisor/pantavisor.log"))
-            .unwrap_or_default()
-            .contains("holding on reboot")
-            .then_some(())
-    })
-    .await;
-    let (b, stop, task) = engine(
-        &d,
-        &format!("{LOST_FAST}{}", local("cloud", "")),
-        &["cloud"],
-    );
-    b[0].send(BackendEvent::Offer(inline_offer(&d, "held1").await))
-        .await;
-    let p = final_of(&b[0], "held1").await;
-    assert_eq!(p.status, UpdateStatus::Error, "{p:?}");
-    assert!(
-        p.status_msg
-            .starts_with("the device lost the LOCAL_RUN command: locals/held1 had not started"),
-        "{}",
-        p.status_msg
-    );
-    let log = std::fs::read_to_string(d.storage().join("logs/current/pantavisor/pantavisor.log"))
-        .unwrap();
-    assert_eq!(
-        log.matches("cmd received but ignored").count(),
-        2,
-        "sent twice, dropped twice: {log}"
-    );
-    // The shell closes; the held reboot happens; the next offer runs.
-    std::fs::remove_file(&shell).unwrap();
-    b[0].send(BackendEvent::Offer(inline_offer(&d, "after").await))
-        .await;
-    let p = final_of(&b[0], "after").await;
-    assert_eq!(p.status, UpdateStatus::Updated, "{p:?}");
-    stop.send(()).unwrap();
-    task.await.unwrap();
-}
-
-/// M1: Pantavisor took LOCAL_RUN but its answer was lost (a timeout, then the
-/// retry meets 503 "update ongoing" for our own run; or the connection broke).
-/// The bridge asks the revision's progress instead of reporting a false WONTGO.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_run_whose_answer_was_lost_is_followed_not_refused() {
-    for (id, how) in [
-        ("silent", LostAnswer::Silence),
-        ("hangup", LostAnswer::HangUp),
-    ] {
-        let d = common::start(Generation::Gen2).await;
-        let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
-        d.sim.as_ref().unwrap().lose_next_command_answer(how);
-        b[0].send(BackendEvent::Offer(inline_offer(&d, id).await))
-            .await;
-        let p = final_of(&b[0], id).await;
-        assert_eq!(p.status, UpdateStatus::Updated, "{how:?}: {p:?}");
-        // Not sent again blindly: a second LOCAL_RUN would run the revision twice.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let runs = all_pantavisor_logs(&d)
-            .matches(&format!("processing command LOCAL_RUN \"locals/{id}\""))
-            .count();
-        assert_eq!(runs, 1, "{how:?}");
-        stop.send(()).unwrap();
-        task.await.unwrap();
-    }
 }
 
 /// M2: `PUT /steps` overwrites any trail. Ids are unique per backend only, and the
@@ -619,50 +407,4 @@ async fn readiness_does_not_poll_pv_ctrl_and_follows_a_restart() {
     .await;
     stop.send(()).unwrap();
     task.await.unwrap();
-}
-
-/// UPDATED is no rollback point: Pantavisor tries the revision again at the next
-/// boot, where it is committed (DONE) or fails and rolls back (ERROR), and its own
-/// hub client reports that new status. The bridge does the same after it restarts
-/// with the device.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_updated_revision_is_settled_after_the_next_boot() {
-    for (id, behaviour, want) in [
-        ("settles", None, UpdateStatus::Done),
-        (
-            "fails-later",
-            Some(json!({"outcome": "error-after-reboot"})),
-            UpdateStatus::Error,
-        ),
-    ] {
-        let mut d = common::start(Generation::Gen2).await;
-        let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
-        let mut o = inline_offer(&d, id).await;
-        if let Some(beh) = behaviour {
-            let mut v: Value = serde_json::from_slice(&o.state).unwrap();
-            v["_sim/behaviour.json"] = beh;
-            o.state = serde_json::to_vec(&v).unwrap();
-        }
-        b[0].send(BackendEvent::Offer(o)).await;
-        assert_eq!(final_of(&b[0], id).await.status, UpdateStatus::Updated);
-        // The device loses power with the bridge; both come back.
-        stop.send(()).unwrap();
-        task.await.unwrap();
-        d.crash_and_restart().await;
-        let (b, stop, task) = engine(&d, &local("cloud", ""), &["cloud"]);
-        let view = b[0].view().await;
-        let p = eventually(Duration::from_secs(30), &format!("{id} {want}"), || async {
-            view.borrow()
-                .update
-                .clone()
-                .filter(|p| p.id == id && p.status == want)
-        })
-        .await;
-        if want == UpdateStatus::Error {
-            assert_eq!(p.status_msg, "A container could not be started");
-            assert!(p.logs.is_some(), "Pantavisor's failure lines come along");
-        }
-        stop.send(()).unwrap();
-        task.await.unwrap();
-    }
 }

@@ -29,6 +29,21 @@ pub struct Active {
     pub cancel: Arc<Notify>,
 }
 
+impl Active {
+    /// An update Pantavisor already owns (found after a restart): nothing may
+    /// supersede or cancel it.
+    pub fn owned_by_pantavisor(backend: &str, id: &str) -> Self {
+        Self {
+            backend: backend.to_owned(),
+            id: id.to_owned(),
+            priority: i64::MAX,
+            committed: true,
+            cancelled: None,
+            cancel: Arc::new(Notify::new()),
+        }
+    }
+}
+
 /// An offer waiting for the slot.
 pub struct Pending {
     pub job: Job,

@@ -2,6 +2,8 @@
 //! observable conditions with deadlines (never bare sleeps).
 #![allow(dead_code, unused_macros)]
 
+pub mod faults;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

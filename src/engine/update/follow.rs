@@ -1,7 +1,6 @@
 //! After LOCAL_RUN: Pantavisor's progress mirrored to the owning backend until it
 //! is final, across reboots of the device and restarts of the bridge.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -44,14 +43,7 @@ impl Coordinator {
             Phase::Staged | Phase::Running => {
                 info!(backend = %cur.backend, id = %cur.id, rev = %cur.rev, "resuming the update in flight");
                 // Pantavisor may already own it: nothing may supersede it now.
-                self.slot.lock().active = Some(Active {
-                    backend: cur.backend.clone(),
-                    id: cur.id.clone(),
-                    priority: i64::MAX,
-                    committed: true,
-                    cancelled: None,
-                    cancel: Arc::new(tokio::sync::Notify::new()),
-                });
+                self.slot.lock().active = Some(Active::owned_by_pantavisor(&cur.backend, &cur.id));
                 let resumed = match cur.phase {
                     Phase::Staged => self.resume_run(&cur).await,
                     _ => Ok(()),
@@ -91,14 +83,7 @@ impl Coordinator {
                 _ => {
                     info!(backend = %f.backend, id = %f.id, rev = %f.rev,
                         "the UPDATED revision is being tried again after a reboot; following it");
-                    self.slot.lock().active = Some(Active {
-                        backend: f.backend.clone(),
-                        id: f.id.clone(),
-                        priority: i64::MAX,
-                        committed: true,
-                        cancelled: None,
-                        cancel: Arc::new(tokio::sync::Notify::new()),
-                    });
+                    self.slot.lock().active = Some(Active::owned_by_pantavisor(&f.backend, &f.id));
                     self.follow(&f.backend, &f.id, &f.rev).await
                 }
             };

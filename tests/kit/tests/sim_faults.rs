@@ -30,6 +30,19 @@ fn partial_put(sock: &Path, sha: &str, total: usize, body: &[u8]) -> UnixStream 
     s
 }
 
+/// `curl -T` of the whole object.
+fn put_whole(s: &PvSim, sha: &str, data: &[u8]) -> Reply {
+    let blob = s.dir.path().join(format!("blob-{}", &sha[..8]));
+    std::fs::write(&blob, data).unwrap();
+    s.curl(&[
+        "-X",
+        "PUT",
+        "-T",
+        blob.to_str().unwrap(),
+        &u(&format!("/objects/{sha}")),
+    ])
+}
+
 fn listed(s: &PvSim, sha: &str) -> Option<u64> {
     s.curl(&[&u("/objects")])
         .json()
@@ -100,16 +113,7 @@ fn gen2_keeps_a_broken_upload_as_a_partial_object_until_it_is_sent_again() {
         "the bytes are not the object"
     );
     // A whole PUT replaces it.
-    let blob = s.dir.path().join("blob");
-    std::fs::write(&blob, &data).unwrap();
-    let r = s.curl(&[
-        "-X",
-        "PUT",
-        "-T",
-        blob.to_str().unwrap(),
-        &u(&format!("/objects/{sha}")),
-    ]);
-    assert_eq!(r.code, 200);
+    assert_eq!(put_whole(&s, &sha, &data).code, 200);
     assert_eq!(listed(&s, &sha), Some(100_000));
 }
 
@@ -127,15 +131,7 @@ fn gen2_answers_200_to_an_upload_the_full_disk_cut_short_and_keeps_the_partial_f
     s.kill9_and_restart();
     let data: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
     let sha = sha256(&data);
-    let blob = s.dir.path().join("big");
-    std::fs::write(&blob, &data).unwrap();
-    let r = s.curl(&[
-        "-X",
-        "PUT",
-        "-T",
-        blob.to_str().unwrap(),
-        &u(&format!("/objects/{sha}")),
-    ]);
+    let r = put_whole(&s, &sha, &data);
     assert_eq!(r.code, 200, "gen-2 says OK: {r:?}");
     let size = listed(&s, &sha).expect("the partial file stays");
     assert!(size < data.len() as u64 && size <= room, "{size}");
@@ -161,16 +157,7 @@ fn gen1_gives_up_on_a_body_stalled_for_a_second_and_deletes_the_file() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // A body that keeps coming is taken.
-    let blob = s.dir.path().join("blob");
-    std::fs::write(&blob, &data).unwrap();
-    let r = s.curl(&[
-        "-X",
-        "PUT",
-        "-T",
-        blob.to_str().unwrap(),
-        &u(&format!("/objects/{sha}")),
-    ]);
-    assert_eq!(r.code, 200);
+    assert_eq!(put_whole(&s, &sha, &data).code, 200);
     assert_eq!(listed(&s, &sha), Some(50_000));
 }
 
