@@ -162,6 +162,71 @@ async fn device_meta_reaches_backends_coalesced_with_the_bridges_own_keys() {
     task.await.unwrap();
 }
 
+/// Pantavisor's `sysinfo` and `time` change on every read: forwarding each change
+/// would bill a cloud message every read interval, forever. Volatile-only changes
+/// wait their interval; a change that matters goes within the minimum interval,
+/// carrying the current volatile values with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_device_meta_waits_and_changes_that_matter_go_soon() {
+    let d = common::start(Generation::Gen2).await;
+    let toml = local(
+        "cloud",
+        "device_meta_min_interval_secs = 2\ndevice_meta_volatile_interval_secs = 3600",
+    );
+    let (b, stop, task) = engine(&d, &toml, &["cloud"]);
+    let mut view = b[0].view().await;
+    eventually(
+        Duration::from_secs(5),
+        "device-meta in the view",
+        || async { (!view.borrow().device_meta.is_empty()).then_some(()) },
+    )
+    .await;
+    // Let the bridge's own keys (health after connecting) settle.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let first = view.borrow_and_update().device_meta.clone();
+    let updates = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = updates.clone();
+    let mut watch = view.clone();
+    let counter = tokio::spawn(async move {
+        let mut last = watch.borrow_and_update().device_meta.clone();
+        while watch.changed().await.is_ok() {
+            let now = watch.borrow_and_update().device_meta.clone();
+            if now != last {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                last = now;
+            }
+        }
+    });
+    // 4 s of reads every 300 ms: `time` moved on each, nothing else did.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let idle = updates.load(std::sync::atomic::Ordering::SeqCst);
+    let sim_time = d.pv.meta(Meta::Device).await.unwrap()["time"].clone();
+    assert_ne!(sim_time, first["time"], "pv-sim's time moves on every read");
+    assert_eq!(
+        idle, 0,
+        "volatile-only changes reached the backend {idle} times in 4 s"
+    );
+    // A key that matters arrives within the minimum interval, with fresh volatile values.
+    let t = std::time::Instant::now();
+    d.pv.put_meta(Meta::Device, "app.mode", b"maintenance")
+        .await
+        .unwrap();
+    let dm = eventually(Duration::from_secs(5), "the changed key", || async {
+        let dm = view.borrow().device_meta.clone();
+        (dm.get("app.mode") == Some(&json!("maintenance"))).then_some(dm)
+    })
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_millis(2800),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_ne!(dm["time"], first["time"], "volatile values travel with it");
+    counter.abort();
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offers_from_a_backend_with_updates_off_are_refused() {
     let d = common::start(Generation::Gen2).await;

@@ -137,7 +137,7 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
     let b = Bridge::start(&d, d.dir.path(), &hub, "", "");
 
     // Registration: credentials kept with mode 0600, the challenge shown in a
-    // log line, a file and the device's own device-meta.
+    // log line and a file, never in device-meta.
     let id = wait(&b, "registration", Duration::from_secs(20), || {
         hub.device_ids().first().cloned()
     })
@@ -168,15 +168,33 @@ async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
         || b.log_text().contains(&challenge).then_some(()),
     )
     .await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the challenge file is for the installer only");
+    }
+    // Device-meta is published by every backend (MQTT, the Azure twin): whoever
+    // reads the challenge there could claim the device. Only `claimed` goes there.
     let meta = common::eventually(
         Duration::from_secs(10),
-        "challenge in device-meta",
+        "pantahub.claimed in device-meta",
         || async {
             let m = d.pv.meta(pv_bridge::pvctrl::Meta::Device).await.ok()?;
-            (m.get("pantahub.challenge")? == &json!(challenge)).then_some(m)
+            m.contains_key("pantahub.claimed").then_some(m)
         },
     )
     .await;
+    assert!(
+        !meta.values().any(|v| v.to_string().contains(&challenge)),
+        "the challenge leaked into device-meta: {meta:?}"
+    );
+    let hub_meta = hub.device_meta(&id);
+    assert!(
+        !Value::Object(hub_meta.clone())
+            .to_string()
+            .contains(&challenge),
+        "{hub_meta:?}"
+    );
     assert_eq!(meta.get("pantahub.claimed"), Some(&json!("0")));
     // Unclaimed: nothing synced yet, and every call carried a User-Agent.
     assert!(hub.factory_state(&id).is_none());
@@ -521,7 +539,10 @@ async fn bad_answers_are_named_and_nothing_half_installed_runs() {
 async fn user_meta_and_device_meta_round_trip() {
     let d = common::start(Generation::Gen2).await;
     let hub = FakeHub::start(HubConfig::default()).await.unwrap();
-    let (b, id) = claimed(&d, &hub, "", "").await;
+    // Device-meta read every 300 ms: pv-sim's `time` and `sysinfo` change on every
+    // read, as Pantavisor's do.
+    let top = "[metadata]\ndevice_meta_interval_ms = 300\ndevice_meta_min_interval_secs = 1\n";
+    let (b, id) = claimed(&d, &hub, top, "").await;
     use pv_bridge::pvctrl::Meta;
 
     assert_eq!(
@@ -572,16 +593,18 @@ async fn user_meta_and_device_meta_round_trip() {
             .filter(|s| s.method == "PUT" && s.path.ends_with("/device-meta"))
             .count()
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let n = puts(&hub);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        puts(&hub) - n <= 1,
-        "device-meta sent again without a change"
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        puts(&hub) - n,
+        0,
+        "device-meta sent again when only volatile keys (time, sysinfo) changed"
     );
     d.pv.put_meta(Meta::Device, "app.health", b"green")
         .await
         .unwrap();
+    let t = Instant::now();
     wait(
         &b,
         "a changed key on the hub",
@@ -589,6 +612,12 @@ async fn user_meta_and_device_meta_round_trip() {
         || (hub.device_meta(&id).get("app.health") == Some(&json!("green"))).then_some(()),
     )
     .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(puts(&hub) - n, 1, "one PUT for one change");
 }
 
 /// "synthetic log line N" → N.

@@ -141,6 +141,14 @@ pub struct Metadata {
     /// How often the desired user-meta is applied again (repairs drift), in
     /// milliseconds.
     pub user_meta_interval_ms: u64,
+    /// Least seconds between two device-meta updates to a backend when a key
+    /// that matters changed (per backend: `device_meta_min_interval_secs`).
+    pub device_meta_min_interval_secs: u64,
+    /// Least seconds between two device-meta updates to a backend when only
+    /// volatile keys changed (per backend: `device_meta_volatile_interval_secs`).
+    pub device_meta_volatile_interval_secs: u64,
+    /// Keys whose values change on every read (names, or prefixes ending in `*`).
+    pub device_meta_volatile_keys: Vec<String>,
 }
 
 impl Default for Metadata {
@@ -148,6 +156,9 @@ impl Default for Metadata {
         Self {
             device_meta_interval_ms: 10_000,
             user_meta_interval_ms: 30_000,
+            device_meta_min_interval_secs: 10,
+            device_meta_volatile_interval_secs: 600,
+            device_meta_volatile_keys: crate::engine::devmeta::default_volatile_keys(),
         }
     }
 }
@@ -237,6 +248,12 @@ pub struct Backend {
     /// Forward logs to this backend.
     #[serde(default = "yes")]
     pub logs: bool,
+    /// This backend's `[metadata] device_meta_min_interval_secs`.
+    #[serde(default)]
+    pub device_meta_min_interval_secs: Option<u64>,
+    /// This backend's `[metadata] device_meta_volatile_interval_secs`.
+    #[serde(default)]
+    pub device_meta_volatile_interval_secs: Option<u64>,
     #[serde(flatten)]
     pub settings: toml::Table,
 }

@@ -24,6 +24,7 @@ pub const PATH: &str = "/org/pantavisor/Bridge1";
 /// What the D-Bus object reads and drives.
 pub struct Bridge1 {
     views: super::Views,
+    notices: super::Notices,
     resync: mpsc::Sender<()>,
     slot: arbiter::Shared,
 }
@@ -101,9 +102,27 @@ impl Bridge1 {
             .collect()
     }
 
+    /// What a backend asks of a person at the device: backend, text (e.g. the
+    /// Pantacor Hub claim challenge while the device is unclaimed). Local only:
+    /// never sent to a backend.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn notices(&self) -> Vec<(String, String)> {
+        self.notices
+            .borrow()
+            .iter()
+            .map(|(b, t)| (b.clone(), t.clone()))
+            .collect()
+    }
+
     /// Everything above as one JSON document.
     fn status(&self) -> String {
         let s = snapshot(&self.views);
+        let notices: Vec<_> = self
+            .notices
+            .borrow()
+            .iter()
+            .map(|(b, t)| json!({"backend": b, "text": t}))
+            .collect();
         json!({
             "version": crate::VERSION,
             "revision": s.running,
@@ -116,6 +135,7 @@ impl Bridge1 {
             "backends": s.health.into_iter().map(|(n, (c, e))| json!({
                 "name": n, "connected": c, "last_error": (!e.is_empty()).then_some(e),
             })).collect::<Vec<_>>(),
+            "notices": notices,
         })
         .to_string()
     }
@@ -190,6 +210,7 @@ pub async fn serve(
     views: super::Views,
     resync: mpsc::Sender<()>,
     slot: arbiter::Shared,
+    notices: super::Notices,
 ) {
     let mut wait = std::time::Duration::from_secs(1);
     loop {
@@ -200,6 +221,7 @@ pub async fn serve(
         };
         let object = Bridge1 {
             views: views.clone(),
+            notices: notices.clone(),
             resync: resync.clone(),
             slot: slot.clone(),
         };

@@ -46,6 +46,8 @@ pub struct Policy {
     pub user_meta: bool,
     pub device_meta: bool,
     pub logs: bool,
+    /// How often device-meta may go to this backend.
+    pub device_meta_rate: super::devmeta::Policy,
 }
 
 impl Default for Policy {
@@ -56,6 +58,7 @@ impl Default for Policy {
             user_meta: true,
             device_meta: true,
             logs: true,
+            device_meta_rate: super::devmeta::Policy::default(),
         }
     }
 }
@@ -164,6 +167,8 @@ pub struct MetaSync {
     /// The version of each backend's desired map.
     versions: BTreeMap<String, u64>,
     last_device: Option<BTreeMap<String, Value>>,
+    /// What each backend was last given of device-meta, and when.
+    forwarders: BTreeMap<String, super::devmeta::Forwarder>,
 }
 
 impl MetaSync {
@@ -186,6 +191,7 @@ impl MetaSync {
             desired: BTreeMap::new(),
             versions: BTreeMap::new(),
             last_device: None,
+            forwarders: BTreeMap::new(),
         }
     }
 
@@ -227,6 +233,7 @@ impl MetaSync {
                     if r.is_some() {
                         info!("resync: sending device-meta again and re-applying user-meta");
                         self.last_device = None;
+                        self.forwarders.clear();
                         self.sync_device_meta().await;
                         self.apply_user_meta().await;
                     }
@@ -346,21 +353,28 @@ impl MetaSync {
                 }
             }
         }
-        if self.last_device.as_ref() == Some(&dm) {
-            return;
-        }
-        // Device-meta says which revision runs; every backend's view follows it.
-        if let Some(rev) = dm.get("pantavisor.revision").and_then(Value::as_str) {
-            for view in self.views.values() {
-                view.send_if_modified(|v| {
-                    let changed = v.running.as_deref() != Some(rev);
-                    v.running = Some(rev.to_owned());
-                    changed
-                });
+        if self.last_device.as_ref() != Some(&dm) {
+            // Device-meta says which revision runs; every backend's view follows it.
+            if let Some(rev) = dm.get("pantavisor.revision").and_then(Value::as_str) {
+                for view in self.views.values() {
+                    view.send_if_modified(|v| {
+                        let changed = v.running.as_deref() != Some(rev);
+                        v.running = Some(rev.to_owned());
+                        changed
+                    });
+                }
             }
         }
+        // Each backend gets device-meta at its own rate (devmeta.rs): a change held
+        // back now is looked at again on the next read.
+        let now = std::time::Instant::now();
         for (backend, view) in self.views.iter() {
-            if self.policies.get(backend).is_none_or(|p| p.device_meta) {
+            let policy = self.policies.get(backend).cloned().unwrap_or_default();
+            if !policy.device_meta {
+                continue;
+            }
+            let f = self.forwarders.entry(backend.clone()).or_default();
+            if f.offer(&policy.device_meta_rate, &dm, now) {
                 view.send_modify(|v| v.device_meta = dm.clone());
             }
         }

@@ -5,6 +5,7 @@ pub mod arbiter;
 pub mod commands;
 #[cfg(feature = "dbus")]
 pub mod dbus;
+pub mod devmeta;
 pub mod fetch;
 pub mod journal;
 pub mod logs;
@@ -28,6 +29,9 @@ pub use update::UpdateOptions;
 
 /// The views of every adapter, by backend name.
 pub type Views = Arc<BTreeMap<String, watch::Sender<DeviceView>>>;
+
+/// What each backend asks of a person at the device ([`BackendEvent::Notice`]).
+pub type Notices = Arc<watch::Sender<BTreeMap<String, String>>>;
 
 /// Builds a fresh adapter instance; the supervisor calls it again to restart one.
 pub type AdapterFactory = Arc<dyn Fn() -> Box<dyn Adapter> + Send + Sync>;
@@ -255,6 +259,17 @@ pub async fn run_with(
                     user_meta: b.user_meta,
                     device_meta: b.device_meta,
                     logs: b.logs,
+                    device_meta_rate: devmeta::Policy {
+                        min_interval: Duration::from_secs(
+                            b.device_meta_min_interval_secs
+                                .unwrap_or(cfg.metadata.device_meta_min_interval_secs),
+                        ),
+                        volatile_interval: Duration::from_secs(
+                            b.device_meta_volatile_interval_secs
+                                .unwrap_or(cfg.metadata.device_meta_volatile_interval_secs),
+                        ),
+                        volatile_keys: cfg.metadata.device_meta_volatile_keys.clone(),
+                    },
                 },
             )
         })
@@ -274,6 +289,8 @@ pub async fn run_with(
         &cfg.bridge.state_dir,
     );
     let (resync_tx, resync_rx) = mpsc::channel(4);
+    // Backends' notices for a person at the device (local only: D-Bus).
+    let notices: Notices = Arc::new(watch::channel(BTreeMap::new()).0);
     let dbus_task: Option<tokio::task::JoinHandle<()>> = match cfg.dbus.bus.clone() {
         #[cfg(feature = "dbus")]
         Some(bus) => Some(tokio::spawn(dbus::serve(
@@ -281,6 +298,7 @@ pub async fn run_with(
             views.clone(),
             resync_tx.clone(),
             slot.clone(),
+            notices.clone(),
         ))),
         #[cfg(not(feature = "dbus"))]
         Some(bus) => {
@@ -447,6 +465,12 @@ pub async fn run_with(
             }
             BackendEvent::Disconnected { reason } => {
                 set_health(&views, &backend, false, Some(reason))
+            }
+            BackendEvent::Notice { text } => {
+                notices.send_if_modified(|n| match text {
+                    Some(t) => n.insert(backend, t.clone()).as_ref() != Some(&t),
+                    None => n.remove(&backend).is_some(),
+                });
             }
         }
     }

@@ -256,7 +256,7 @@ pub fn engine(
     tokio::task::JoinHandle<()>,
 ) {
     let text = format!(
-        "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[metadata]\ndevice_meta_interval_ms = 300\nuser_meta_interval_ms = 500\n{backends_toml}",
+        "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[metadata]\ndevice_meta_interval_ms = 300\nuser_meta_interval_ms = 500\ndevice_meta_min_interval_secs = 0\n{backends_toml}",
         d.cfg().socket.display(),
         d.storage().join("logs").display(),
         d.dir.path().join("state").display()

@@ -11,6 +11,8 @@
 //! See `docs/writing-an-adapter.md`.
 
 pub mod durable;
+pub mod secrets;
+pub mod timing;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -384,6 +386,12 @@ pub enum BackendEvent {
     Disconnected {
         reason: String,
     },
+    /// Something a person at the device must do for this backend (claim it on
+    /// the hub with a challenge, …), or `None` once done. Shown only locally
+    /// (D-Bus `Notices`), never to another backend: it may hold a secret.
+    Notice {
+        text: Option<String>,
+    },
 }
 
 /// Where a command stands. The engine keeps the latest of each id in
@@ -417,6 +425,10 @@ pub struct LogRecord {
     /// The source within the platform (`lxc/console.log`, a Pantavisor module, …).
     pub src: String,
     pub msg: String,
+    /// The revision whose log directory the line came from (a failed try
+    /// revision's lines keep its name after the rollback); empty when unknown.
+    #[serde(default)]
+    pub rev: String,
 }
 
 /// Log records handed to one adapter. Ack `next` once they are delivered; until

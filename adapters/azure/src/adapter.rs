@@ -925,6 +925,7 @@ mod tests {
             plat: "p".into(),
             src: "s".into(),
             msg: "x".repeat(n),
+            rev: String::new(),
         };
         let many: Vec<_> = (0..600).map(|_| rec(1000)).collect();
         let out = bodies(&many, None);

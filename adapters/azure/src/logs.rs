@@ -119,6 +119,7 @@ mod tests {
             plat: "app".into(),
             src: "lxc/console.log".into(),
             msg: msg.into(),
+            rev: String::new(),
         }
     }
 

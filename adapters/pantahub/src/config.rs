@@ -46,6 +46,10 @@ pub struct PantahubConfig {
     /// Largest answer accepted from the hub (Pantavisor: 2 MiB).
     #[serde(default = "default_max_body")]
     pub max_response_bytes: usize,
+    /// Takes of one hub revision before it is refused WONTGO "Max update
+    /// processing retries reached" (Pantavisor's `PV_REVISION_RETRIES`).
+    #[serde(default = "default_retries")]
+    pub revision_retries: u32,
 }
 
 fn default_url() -> String {
@@ -65,6 +69,9 @@ fn default_progress() -> f64 {
 }
 fn default_timeout() -> f64 {
     60.0
+}
+fn default_retries() -> u32 {
+    10
 }
 fn default_max_body() -> usize {
     2 * 1024 * 1024
@@ -106,6 +113,12 @@ impl PantahubConfig {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(format!("{k} must be a positive number of seconds"));
             }
+        }
+        if !(2..=1000).contains(&self.revision_retries) {
+            return Err(format!(
+                "revision_retries must be between 2 and 1000, got {}",
+                self.revision_retries
+            ));
         }
         if self.max_response_bytes < 64 * 1024 {
             return Err("max_response_bytes must be at least 65536".into());

@@ -37,7 +37,7 @@ pub mod wire;
 pub use config::PantahubConfig;
 use config::secs;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,10 +57,42 @@ use client::{Client, ClientOptions};
 struct Memory {
     /// The device revision uploaded as the hub's revision 0.
     factory_rev: Option<String>,
-    /// Final progress sent for hub revisions: sent again while the hub still lists
-    /// the step as pending.
+    /// Final progress the hub may not have yet, by hub revision: sent again while
+    /// the hub lists the step as pending (how Pantavisor delivers results across
+    /// reboots), forgotten once it no longer does. At most [`MAX_FINALS`].
     #[serde(default)]
     finals: BTreeMap<i64, Value>,
+    /// Hub revisions whose final status is decided (the newest [`MAX_CLOSED`]):
+    /// the engine's progress for them is never sent again.
+    #[serde(default)]
+    closed: BTreeSet<i64>,
+    /// How many times each open hub revision was taken: Pantavisor's `retries`.
+    #[serde(default)]
+    retries: BTreeMap<i64, u32>,
+    /// Objects the factory sync found on the hub or uploaded, or skipped because
+    /// their bytes no longer match their name: a sync that failed later does not
+    /// read them again.
+    #[serde(default)]
+    synced: BTreeSet<String>,
+}
+
+/// Bounds of `hub.json`, whatever the hub does.
+const MAX_FINALS: usize = 16;
+const MAX_CLOSED: usize = 64;
+
+impl Memory {
+    /// Records a final status for `rev`: sent until the hub stops listing it.
+    fn close(&mut self, rev: i64, body: Value) {
+        self.finals.insert(rev, body);
+        self.closed.insert(rev);
+        self.retries.remove(&rev);
+        while self.finals.len() > MAX_FINALS {
+            self.finals.pop_first();
+        }
+        while self.closed.len() > MAX_CLOSED {
+            self.closed.pop_first();
+        }
+    }
 }
 
 impl Memory {
@@ -132,6 +164,7 @@ impl Adapter for PantahubAdapter {
                 work: self.work_dir,
                 link: link.clone(),
                 memory: Arc::new(std::sync::Mutex::new(memory)),
+                failures: Default::default(),
             };
             tokio::select! {
                 r = hub.run() => r,
@@ -166,6 +199,8 @@ struct Hub {
     link: EngineLink,
     /// `hub.json`, read once; written through on every change.
     memory: Arc<std::sync::Mutex<Memory>>,
+    /// Why the last take of a hub revision failed, for its WONTGO.
+    failures: Arc<std::sync::Mutex<std::collections::HashMap<i64, String>>>,
 }
 
 /// The device record fields the adapter reads.
@@ -191,6 +226,8 @@ struct Active {
     owner_cancel: bool,
     /// The last report failed: wait the interval before the next attempt.
     failed: bool,
+    /// How many times this revision was taken (Pantavisor's `retries`).
+    retries: u32,
 }
 
 impl Hub {

@@ -22,11 +22,26 @@ impl Hub {
             if batch.dropped > 0 {
                 warn!(backend = %self.link.backend(), dropped = batch.dropped, "log lines were dropped before reaching this backend");
             }
+            // Each line under the revision whose log directory it came from (a
+            // failed try revision's lines stay under it after the rollback), in
+            // the hub's numbering when it is one of the hub's.
             let running = self.link.view().borrow().running.clone();
-            let rev = running
-                .map(|r| self.hub_rev(&r).map_or(r, |n| n.to_string()))
-                .unwrap_or_default();
-            let entries: Vec<Value> = batch.records.iter().map(|r| entry(r, &rev)).collect();
+            let hub_name = |r: &str| {
+                self.hub_rev(r)
+                    .map_or_else(|| r.to_owned(), |n| n.to_string())
+            };
+            let fallback = running.as_deref().map(hub_name).unwrap_or_default();
+            let entries: Vec<Value> = batch
+                .records
+                .iter()
+                .map(|r| {
+                    if r.rev.is_empty() {
+                        entry(r, &fallback)
+                    } else {
+                        entry(r, &hub_name(&r.rev))
+                    }
+                })
+                .collect();
             for chunk in chunks(&entries, MAX_ENTRIES, MAX_BYTES) {
                 dropped_total += self.post_logs(chunk).await;
             }

@@ -1,7 +1,7 @@
 //! Steps and progress: hub revisions become engine offers, and the engine's
 //! progress goes back to the hub.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,20 +15,60 @@ use tracing::{debug, info, warn};
 use crate::client::{HubError, Method, status_error};
 use crate::objects::HubObjects;
 use crate::{Active, Hub, secs, unix_now, wire};
+use pv_adapter_api::timing::jittered;
+
+/// When to send a remembered final status again, per hub revision (in memory:
+/// after a restart every final is sent once more, as Pantavisor does).
+#[derive(Default)]
+pub(crate) struct Resend {
+    next: BTreeMap<i64, (Instant, u32)>,
+}
+
+impl Resend {
+    /// Whether `rev`'s final may be sent now.
+    fn due(&self, rev: i64) -> bool {
+        self.next
+            .get(&rev)
+            .is_none_or(|(at, _)| Instant::now() >= *at)
+    }
+
+    /// Records an attempt: the next waits twice as long, from `base` up to 10 min.
+    fn attempted(&mut self, rev: i64, base: Duration) {
+        let n = self.next.get(&rev).map_or(0, |(_, n)| *n);
+        let wait = (base * 2u32.saturating_pow(n.min(16))).min(Duration::from_secs(600));
+        self.next.insert(rev, (Instant::now() + wait, n + 1));
+    }
+
+    fn forget(&mut self, rev: i64) {
+        self.next.remove(&rev);
+    }
+}
+
+/// The order of statuses on the hub: progress never moves backwards there.
+fn stage(st: UpdateStatus) -> u8 {
+    match st {
+        UpdateStatus::Queued => 0,
+        UpdateStatus::Downloading => 1,
+        UpdateStatus::Inprogress => 2,
+        UpdateStatus::Testing => 3,
+        _ => 4,
+    }
+}
 
 impl Hub {
     pub(crate) async fn steps(&self, device: &str) -> Result<(), AdapterError> {
         let mut view = self.link.view();
-        let mut poll = tokio::time::interval(self.poll());
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(Duration::from_millis(500));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut active: Option<Active> = None;
+        let mut resend = Resend::default();
         let mut online = true;
+        // Polls are jittered: a fleet powered on together does not poll in lockstep.
+        let mut next_poll = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = poll.tick() => {
-                    match self.poll_steps(device, &mut active).await {
+                _ = tokio::time::sleep_until(next_poll) => {
+                    match self.poll_steps(device, &mut active, &mut resend).await {
                         Ok(()) => {
                             if !online {
                                 info!(backend = %self.link.backend(), "hub reachable again");
@@ -44,6 +84,7 @@ impl Hub {
                             }
                         }
                     }
+                    next_poll = tokio::time::Instant::now() + jittered(self.poll(), 0.2);
                 }
                 changed = view.changed() => {
                     if changed.is_err() {
@@ -51,19 +92,24 @@ impl Hub {
                     }
                     let v = view.borrow_and_update().clone();
                     self.note_progress(&v, &mut active);
-                    self.flush(device, &mut active).await;
+                    self.flush(device, &mut active, &mut resend).await;
                 }
-                _ = flush.tick() => self.flush(device, &mut active).await,
+                _ = flush.tick() => self.flush(device, &mut active, &mut resend).await,
             }
         }
     }
 
-    /// Takes the engine's latest progress for the active step.
+    /// Takes the engine's latest progress for the active step. Progress of a hub
+    /// revision whose final status is decided is never taken again: the view keeps
+    /// the last progress, and every device-meta refresh changes the view.
     pub(crate) fn note_progress(&self, v: &DeviceView, active: &mut Option<Active>) {
         let Some(p) = v.update.as_ref() else { return };
         let Some(rev) = wire::rev_of_id(&self.prefix, &p.id) else {
             return;
         };
+        if active.as_ref().is_none_or(|a| a.rev != rev) && self.memory().closed.contains(&rev) {
+            return;
+        }
         let a = active.get_or_insert_with(|| Active {
             rev,
             id: p.id.clone(),
@@ -73,6 +119,7 @@ impl Hub {
             download_started: 0,
             owner_cancel: false,
             failed: false,
+            retries: self.memory().retries.get(&rev).copied().unwrap_or(1),
         });
         if a.rev != rev {
             return;
@@ -82,13 +129,6 @@ impl Hub {
         }
         // The engine passes through Pantavisor's QUEUED after its own download;
         // the hub, like Pantavisor's client, only ever moves forward.
-        let stage = |st: UpdateStatus| match st {
-            UpdateStatus::Queued => 0,
-            UpdateStatus::Downloading => 1,
-            UpdateStatus::Inprogress => 2,
-            UpdateStatus::Testing => 3,
-            _ => 4,
-        };
         let latest = a
             .queue
             .back()
@@ -102,6 +142,13 @@ impl Hub {
             && a.sent
                 .as_ref()
                 .is_some_and(|(s, m)| *s == p.status && *m == p.status_msg);
+        if p.status.is_final() {
+            // Decided: remembered before it is sent, so that it reaches the hub
+            // even if the bridge stops first.
+            let body =
+                wire::progress_body(p, a.owner_cancel, a.download_started, unix_now(), a.retries);
+            self.remember(|m| m.close(rev, body));
+        }
         match a.queue.back_mut() {
             Some(last) if last.status == p.status => *last = p.clone(),
             _ if reported => {}
@@ -112,12 +159,22 @@ impl Hub {
     /// Sends the active step's progress when it changed status, or when the
     /// interval passed; checks for a hub-side cancel first while it can still be
     /// honoured.
-    pub(crate) async fn flush(&self, device: &str, active: &mut Option<Active>) {
-        while self.flush_one(device, active).await {}
+    pub(crate) async fn flush(
+        &self,
+        device: &str,
+        active: &mut Option<Active>,
+        resend: &mut Resend,
+    ) {
+        while self.flush_one(device, active, resend).await {}
     }
 
     /// Sends the oldest queued report if it may go now; true if another may follow.
-    pub(crate) async fn flush_one(&self, device: &str, active: &mut Option<Active>) -> bool {
+    pub(crate) async fn flush_one(
+        &self,
+        device: &str,
+        active: &mut Option<Active>,
+        resend: &mut Resend,
+    ) -> bool {
         let Some(a) = active.as_mut() else {
             return false;
         };
@@ -144,14 +201,28 @@ impl Hub {
                 return false;
             }
         }
-        let body = wire::progress_body(&p, a.owner_cancel, a.download_started, unix_now());
+        let body = if p.status.is_final() {
+            // The body remembered when the final was decided, sent as it was.
+            let known = self.memory().finals.get(&a.rev).cloned();
+            known.unwrap_or_else(|| {
+                wire::progress_body(
+                    &p,
+                    a.owner_cancel,
+                    a.download_started,
+                    unix_now(),
+                    a.retries,
+                )
+            })
+        } else {
+            wire::progress_body(
+                &p,
+                a.owner_cancel,
+                a.download_started,
+                unix_now(),
+                a.retries,
+            )
+        };
         let path = format!("/trails/{device}/steps/{}/progress", a.rev);
-        if p.status.is_final() {
-            // Remember it first: it is sent again while the hub lists the step.
-            self.remember(|m| {
-                m.finals.insert(a.rev, body.clone());
-            });
-        }
         a.last_put = Some(Instant::now());
         match self
             .client
@@ -165,6 +236,7 @@ impl Hub {
                 a.queue.pop_front();
                 if p.status.is_final() {
                     info!(backend = %self.link.backend(), rev = a.rev, status = %p.status, "final status reported to the hub");
+                    resend.attempted(a.rev, self.poll());
                     *active = None;
                     return false;
                 }
@@ -172,14 +244,27 @@ impl Hub {
             }
             Ok(r) => {
                 warn!(backend = %self.link.backend(), error = %status_error(&format!("PUT {path}"), &r), "progress not accepted");
-                a.failed = true;
+                self.progress_failed(active, resend);
                 false
             }
             Err(e) => {
                 warn!(backend = %self.link.backend(), error = %e, "cannot report progress");
-                a.failed = true;
+                self.progress_failed(active, resend);
                 false
             }
+        }
+    }
+
+    /// A progress PUT failed: a status in flight is tried again after the
+    /// interval; a final one is left to the poll, which sends remembered finals
+    /// with a growing wait, so that a final the hub keeps refusing never holds
+    /// back the steps after it.
+    fn progress_failed(&self, active: &mut Option<Active>, resend: &mut Resend) {
+        let Some(a) = active.as_mut() else { return };
+        a.failed = true;
+        if a.queue.front().is_some_and(|p| p.status.is_final()) {
+            resend.attempted(a.rev, self.poll());
+            *active = None;
         }
     }
 
@@ -198,10 +283,15 @@ impl Hub {
         }
     }
 
+    /// Reads the pending steps (lowest revision first, as the hub sorts them).
+    /// Remembered finals are sent again while the hub lists their step, with a
+    /// growing wait, and forgotten once it does not; the first step with no final
+    /// becomes an offer when the engine is free.
     pub(crate) async fn poll_steps(
         &self,
         device: &str,
         active: &mut Option<Active>,
+        resend: &mut Resend,
     ) -> Result<(), HubError> {
         let path = format!("/trails/{device}/steps{}", wire::PENDING_QUERY);
         let r = self.client.call(Method::GET, &path, None).await?;
@@ -212,60 +302,111 @@ impl Hub {
             what: "GET /trails/<id>/steps".into(),
             detail: format!("not a JSON array of steps: {e}"),
         })?;
-        let Some(first) = steps.into_iter().next() else {
-            return Ok(());
-        };
-        let rev = first.get("rev").and_then(Value::as_i64);
-        let step: wire::Step = match serde_json::from_value(first) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(backend = %self.link.backend(), error = %e, "the hub sent a malformed step");
-                if let Some(rev) = rev {
+        let listed: BTreeSet<i64> = steps
+            .iter()
+            .filter_map(|s| s.get("rev").and_then(Value::as_i64))
+            .collect();
+        let delivered: Vec<i64> = self
+            .memory()
+            .finals
+            .keys()
+            .filter(|r| !listed.contains(r) && active.as_ref().is_none_or(|a| a.rev != **r))
+            .copied()
+            .collect();
+        if !delivered.is_empty() {
+            debug!(revs = ?delivered, "the hub has these final statuses");
+            self.remember(|m| {
+                for r in &delivered {
+                    m.finals.remove(r);
+                }
+            });
+            for r in delivered {
+                resend.forget(r);
+            }
+        }
+        for first in steps {
+            let Some(rev) = first.get("rev").and_then(Value::as_i64) else {
+                warn!(backend = %self.link.backend(), "the hub listed a step without a revision number; skipping it");
+                continue;
+            };
+            if active.as_ref().is_some_and(|a| a.rev == rev) {
+                return Ok(());
+            }
+            let known = self.memory().finals.get(&rev).cloned();
+            if let Some(body) = known {
+                if resend.due(rev) {
+                    // The hub still lists it: our final report was lost or overwritten.
+                    info!(backend = %self.link.backend(), rev, "sending the final status again");
+                    resend.attempted(rev, self.poll());
+                    let p = format!("/trails/{device}/steps/{rev}/progress");
+                    match self
+                        .client
+                        .call(Method::PUT, &p, Some(body.to_string().into_bytes()))
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => {}
+                        Ok(r) => {
+                            warn!(backend = %self.link.backend(), rev, error = %status_error(&format!("PUT {p}"), &r), "the hub did not take the final status; later steps go on")
+                        }
+                        Err(e) => {
+                            warn!(backend = %self.link.backend(), rev, error = %e, "cannot send the final status; later steps go on")
+                        }
+                    }
+                }
+                continue;
+            }
+            if self.memory().closed.contains(&rev) {
+                // Decided and delivered long ago, listed again: nothing to redo.
+                continue;
+            }
+            if active.is_some() {
+                // One update at a time: the engine is busy with another revision.
+                return Ok(());
+            }
+            let step: wire::Step = match serde_json::from_value(first) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(backend = %self.link.backend(), error = %e, "the hub sent a malformed step");
                     self.refuse(device, rev, &format!("State JSON has bad format: {e}"))
                         .await;
+                    continue;
                 }
-                return Ok(());
+            };
+            if step.status() == "CANCEL" {
+                continue;
             }
-        };
-        let known = self.memory().finals.get(&step.rev).cloned();
-        if let Some(body) = known {
-            // The hub still lists it: our final report was lost or overwritten.
-            info!(backend = %self.link.backend(), rev = step.rev, "sending the final status again");
-            let p = format!("/trails/{device}/steps/{}/progress", step.rev);
-            let _ = self
-                .client
-                .call(Method::PUT, &p, Some(body.to_string().into_bytes()))
-                .await?;
-            return Ok(());
+            return self.offer(device, step, active).await;
         }
-        if let Some(a) = active.as_ref() {
-            if a.rev == step.rev || !a.sent.as_ref().is_some_and(|(s, _)| s.is_final()) {
-                return Ok(());
-            }
-        }
-        if step.status() == "CANCEL" {
-            return Ok(());
-        }
-        self.offer(device, step, active).await
+        Ok(())
     }
 
     /// Reports a final WONTGO for a step the engine never got.
     pub(crate) async fn refuse(&self, device: &str, rev: i64, why: &str) {
         warn!(backend = %self.link.backend(), rev, reason = %why, "refusing the revision");
-        let body = wire::final_body("WONTGO", why);
-        self.remember(|m| {
-            m.finals.insert(rev, body.clone());
-        });
+        let retries = self.memory().retries.get(&rev).copied().unwrap_or(0);
+        let body = wire::final_body("WONTGO", why, retries);
+        self.remember(|m| m.close(rev, body.clone()));
         let p = format!("/trails/{device}/steps/{rev}/progress");
-        if let Err(e) = self
+        match self
             .client
             .call(Method::PUT, &p, Some(body.to_string().into_bytes()))
             .await
         {
-            warn!(backend = %self.link.backend(), error = %e, "cannot report WONTGO");
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => {
+                warn!(backend = %self.link.backend(), error = %status_error(&format!("PUT {p}"), &r), "WONTGO not accepted; it is sent again while the hub lists the step")
+            }
+            Err(e) => {
+                warn!(backend = %self.link.backend(), error = %e, "cannot report WONTGO; it is sent again while the hub lists the step")
+            }
         }
     }
 
+    /// Takes a step: counts the take (Pantavisor's `retries`; the hub's own count
+    /// is the floor after a reinstall), reads every object's size and signed URL,
+    /// and hands the engine an offer. A step whose objects the hub will not give
+    /// (401, 403, 404: "not found or not allowed" on this hub) is tried again on
+    /// the next polls until the takes run out, as Pantavisor does.
     pub(crate) async fn offer(
         &self,
         device: &str,
@@ -273,6 +414,29 @@ impl Hub {
         active: &mut Option<Active>,
     ) -> Result<(), HubError> {
         let rev = step.rev;
+        let max = self.cfg.revision_retries;
+        let on_hub = step
+            .progress
+            .get("retries")
+            .and_then(Value::as_u64)
+            .map_or(0, |n| n.min(u64::from(u32::MAX)) as u32);
+        let retries = self
+            .memory()
+            .retries
+            .get(&rev)
+            .copied()
+            .unwrap_or(0)
+            .max(on_hub)
+            + 1;
+        if retries >= max {
+            let last = self.memory_last_failure(rev);
+            let why = match last {
+                Some(l) => format!("Max update processing retries reached: {l}"),
+                None => "Max update processing retries reached".to_owned(),
+            };
+            self.refuse(device, rev, &why).await;
+            return Ok(());
+        }
         let state: Value = match serde_json::from_str(step.state.get()) {
             Ok(v) => v,
             Err(e) => {
@@ -311,41 +475,61 @@ impl Hub {
                 }
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => {
-                    self.refuse(
-                        device,
-                        rev,
-                        &format!("object {name} ({sha}) is not available on the hub: {e}"),
-                    )
-                    .await;
+                    let why = format!("object {name} ({sha}) is not available on the hub: {e}");
+                    warn!(backend = %self.link.backend(), rev, retry = retries, of = max, reason = %why, "cannot take the revision yet; trying again on the next poll");
+                    self.remember(|m| {
+                        m.retries.insert(rev, retries);
+                    });
+                    self.note_failure(rev, why);
                     return Ok(());
                 }
             }
         }
+        self.remember(|m| {
+            m.retries.insert(rev, retries);
+        });
         let id = wire::offer_id(&self.prefix, rev);
-        info!(backend = %self.link.backend(), rev, id = %id, msg = %step.commit_msg, objects = refs.len(), "new revision from the hub");
-        // Like Pantavisor, say QUEUED as soon as the step is taken: the engine's
-        // own QUEUED may pass before this adapter sees it.
-        let queued = Progress {
-            id: id.clone(),
-            rev: format!("locals/{id}"),
-            status: UpdateStatus::Queued,
-            status_msg: "Update queued".into(),
-            progress: 5,
-            bytes_done: 0,
-            bytes_total: refs.values().filter_map(|r| r.size).sum(),
-            objects_done: 0,
-            objects_total: refs.len() as u32,
-            logs: None,
+        info!(backend = %self.link.backend(), rev, id = %id, msg = %step.commit_msg, objects = refs.len(), retry = retries, "new revision from the hub");
+        // A step the device took before a restart stays where the hub has it:
+        // QUEUED over INPROGRESS or TESTING would move it backwards.
+        let on_hub_status = step.status().parse::<UpdateStatus>().ok();
+        let resumed =
+            on_hub_status.filter(|s| !s.is_final() && stage(*s) > stage(UpdateStatus::Queued));
+        let queue = if resumed.is_some() {
+            Default::default()
+        } else {
+            // Like Pantavisor, say QUEUED as soon as the step is taken: the engine's
+            // own QUEUED may pass before this adapter sees it.
+            [Progress {
+                id: id.clone(),
+                rev: format!("locals/{id}"),
+                status: UpdateStatus::Queued,
+                status_msg: "Update queued".into(),
+                progress: 5,
+                bytes_done: 0,
+                bytes_total: refs.values().filter_map(|r| r.size).sum(),
+                objects_done: 0,
+                objects_total: refs.len() as u32,
+                logs: None,
+            }]
+            .into()
         };
+        let hub_msg = step
+            .progress
+            .get("status-msg")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         *active = Some(Active {
             rev,
             id: id.clone(),
-            sent: None,
+            sent: resumed.map(|s| (s, hub_msg)),
             last_put: None,
-            queue: [queued].into(),
+            queue,
             download_started: 0,
             owner_cancel: false,
             failed: false,
+            retries,
         });
         let offer = Offer {
             id,
@@ -361,5 +545,21 @@ impl Hub {
                 what: "engine".into(),
                 detail: "the engine stopped".into(),
             })
+    }
+
+    /// The last reason a take of `rev` failed (kept in memory for the WONTGO).
+    fn memory_last_failure(&self, rev: i64) -> Option<String> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&rev)
+            .cloned()
+    }
+
+    fn note_failure(&self, rev: i64, why: String) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rev, why);
     }
 }

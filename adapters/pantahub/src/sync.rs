@@ -53,7 +53,13 @@ impl Hub {
             if !seen.insert(sha.clone()) {
                 continue;
             }
+            if self.memory().synced.contains(sha) {
+                continue;
+            }
             uploaded += self.upload_object(&*store, name, sha).await?;
+            self.remember(|m| {
+                m.synced.insert(sha.clone());
+            });
         }
         let r = self
             .client
@@ -63,13 +69,18 @@ impl Hub {
         if r.status != 200 {
             return Err(status_error("POST /trails/", &r).to_string());
         }
-        self.remember(|m| m.factory_rev = Some(running.clone()));
+        self.remember(|m| {
+            m.factory_rev = Some(running.clone());
+            m.synced.clear();
+        });
         info!(backend = %self.link.backend(), revision = %running, bytes = uploaded, "factory state synced to the hub");
         Ok(())
     }
 
-    /// `POST /objects/` and, unless the hub has it (409), a streamed `PUT` of the
-    /// bytes to the signed URL. Returns the bytes sent.
+    /// Hashes the stored object (a writable object whose bytes changed since it
+    /// was installed no longer matches its name: skipped, as Pantavisor skips it),
+    /// then `POST /objects/` and, unless the hub has it (409), a streamed `PUT` of
+    /// the bytes to the signed URL. Returns the bytes sent.
     pub(crate) async fn upload_object(
         &self,
         store: &dyn pv_adapter_api::DeviceStore,
@@ -77,6 +88,19 @@ impl Hub {
         sha: &str,
     ) -> Result<u64, String> {
         let (reader, len) = store.object(sha).await.map_err(|e| e.to_string())?;
+        let actual = sha256_of(reader)
+            .await
+            .map_err(|e| format!("reading object {name} ({sha}) from the device: {e}"))?;
+        if actual != sha {
+            warn!(backend = %self.link.backend(), object = %sha, name, actual = %actual, "the object's bytes no longer match its name (a writable object?); not uploading it");
+            return Ok(0);
+        }
+        let (reader, len2) = store.object(sha).await.map_err(|e| e.to_string())?;
+        if len2 != len {
+            return Err(format!(
+                "object {name} ({sha}) changed size while it was read"
+            ));
+        }
         let body = json!({"objectname": name, "size": len.to_string(), "sha256sum": sha});
         let r = self
             .client
@@ -114,12 +138,28 @@ impl Hub {
         let status = resp.status;
         let _ = resp.bytes(64 * 1024).await;
         if status != 200 {
-            // A writable object whose bytes changed since it was installed no longer
-            // matches its name: Pantavisor skips those too.
-            warn!(backend = %self.link.backend(), object = %sha, name, status, "the hub refused the object's bytes; skipping it");
-            return Ok(0);
+            // The bytes matched their name here: a refusal is the hub's or the
+            // link's, and the pass is tried again (as Pantavisor aborts it).
+            return Err(format!(
+                "PUT object {name} ({sha}): the hub answered {status}"
+            ));
         }
         info!(backend = %self.link.backend(), object = %sha, name, bytes = len, "object uploaded");
         Ok(len)
+    }
+}
+
+/// The sha256 (hex) of everything `reader` gives.
+async fn sha256_of(mut reader: pv_adapter_api::ObjectReader) -> std::io::Result<String> {
+    use sha2::Digest;
+    use tokio::io::AsyncReadExt;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(pv_adapter_api::hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
     }
 }

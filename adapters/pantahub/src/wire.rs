@@ -120,15 +120,22 @@ const MAX_LOG: usize = 4096;
 /// The body of `PUT …/steps/<rev>/progress` for a progress report, as Pantavisor
 /// writes it: status, status-msg, the fixed progress number, the download totals
 /// while DOWNLOADING (`started` and `now` in Unix seconds), and the update log of
-/// a failure.
-pub fn progress_body(p: &Progress, owner_cancel: bool, started: u64, now: u64) -> Value {
+/// a failure, with the revision's `retries` count.
+pub fn progress_body(
+    p: &Progress,
+    owner_cancel: bool,
+    started: u64,
+    now: u64,
+    retries: u32,
+) -> Value {
     let (status, pct) = hub_status(p.status);
     let msg = if p.status == UpdateStatus::Cancelled && owner_cancel {
         "Cancelled as requested by owner".to_owned()
     } else {
         p.status_msg.clone()
     };
-    let mut body = json!({"status": status, "status-msg": msg, "progress": pct});
+    let mut body =
+        json!({"status": status, "status-msg": msg, "progress": pct, "retries": retries});
     if p.status == UpdateStatus::Downloading {
         body["downloads"] = json!({"total": {
             "object_name": "total", "object_id": "none",
@@ -147,8 +154,8 @@ pub fn progress_body(p: &Progress, owner_cancel: bool, started: u64, now: u64) -
 }
 
 /// A final status the adapter decides itself (before the engine has the update).
-pub fn final_body(status: &str, msg: &str) -> Value {
-    json!({"status": status, "status-msg": msg, "progress": 100})
+pub fn final_body(status: &str, msg: &str, retries: u32) -> Value {
+    json!({"status": status, "status-msg": msg, "progress": 100, "retries": retries})
 }
 
 #[cfg(test)]
@@ -172,25 +179,29 @@ mod tests {
 
     #[test]
     fn progress_uses_pantavisor_numbers_and_totals_only_while_downloading() {
-        let d = progress_body(&progress(UpdateStatus::Downloading), false, 5, 9);
+        let d = progress_body(&progress(UpdateStatus::Downloading), false, 5, 9, 1);
         assert_eq!(d["status"], "DOWNLOADING");
         assert_eq!(d["progress"], 25);
         assert_eq!(d["downloads"]["total"]["total_downloaded"], 10);
         assert_eq!(d["downloads"]["total"]["total_size"], 100);
         assert_eq!(d["downloads"]["total"]["object_name"], "total");
         assert_eq!(d["downloads"]["total"]["current_time"], 9);
-        let t = progress_body(&progress(UpdateStatus::Testing), false, 5, 9);
+        let t = progress_body(&progress(UpdateStatus::Testing), false, 5, 9, 2);
         assert_eq!(
             (t["status"].as_str(), t["progress"].as_u64()),
             (Some("TESTING"), Some(75))
         );
         assert!(t.get("downloads").is_none());
-        let c = progress_body(&progress(UpdateStatus::Cancelled), true, 0, 0);
+        assert_eq!(
+            (d["retries"].as_u64(), t["retries"].as_u64()),
+            (Some(1), Some(2))
+        );
+        let c = progress_body(&progress(UpdateStatus::Cancelled), true, 0, 0, 1);
         assert_eq!(c["status"], "CANCEL");
         assert_eq!(c["status-msg"], "Cancelled as requested by owner");
         let mut e = progress(UpdateStatus::Error);
         e.logs = Some("é".repeat(3000));
-        let e = progress_body(&e, false, 0, 0);
+        let e = progress_body(&e, false, 0, 0, 1);
         assert!(e["logs"].as_str().unwrap().len() <= 4096);
     }
 

@@ -126,35 +126,50 @@ impl Url {
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.https { "https" } else { "http" };
-        // Never print credentials.
-        let path = self.target.split('?').next().unwrap_or_default();
-        write!(f, "{scheme}://{}{path}", self.host_header())
+        // Never print credentials, nor a path or query that may carry them.
+        let shown = format!("{scheme}://{}{}", self.host_header(), self.target);
+        f.write_str(&redact(&shown))
     }
 }
 
-/// A URL as it may appear in logs and error messages: the query string (signed
-/// URLs carry their credentials there: S3 signatures, Azure SAS tokens) becomes
-/// `?…` and user information is dropped.
-pub fn redact(url: &str) -> std::borrow::Cow<'_, str> {
-    let (base, had_query) = match url.split_once('?') {
-        Some((b, _)) => (b, true),
-        None => (url, false),
+/// A URL as it may appear in logs, errors, statuses and acks when the bridge did
+/// not take it from its own configuration. Signed URLs carry their secret in the
+/// query (S3 signatures, Azure SAS tokens) or in the path (Pantacor Hub's
+/// `/local-s3/<JWT>`, valid a day), so only the scheme, host and port are kept,
+/// with the last path segment when it is a sha256 (an object's name, not a
+/// secret) and a short fingerprint of the whole URL so that two URLs can be told
+/// apart: `https://hub.example:443/…/<sha256>~a1b2c3`. User information is
+/// dropped.
+pub fn redact(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (s, r),
+        None => return format!("…~{}", fingerprint(url)),
     };
-    let base = match base.split_once("://") {
-        Some((scheme, rest)) => {
-            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            match auth.rsplit_once('@') {
-                Some((_, host)) => std::borrow::Cow::Owned(format!("{scheme}://{host}{path}")),
-                None => std::borrow::Cow::Borrowed(base),
-            }
-        }
-        None => std::borrow::Cow::Borrowed(base),
-    };
-    match (base, had_query) {
-        (b, true) => std::borrow::Cow::Owned(format!("{b}?…")),
-        (std::borrow::Cow::Borrowed(_), false) => std::borrow::Cow::Borrowed(url),
-        (b, false) => b,
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(end);
+    let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+    if tail.is_empty() || tail == "/" {
+        return format!("{scheme}://{host}{tail}");
     }
+    let path = tail.split(['?', '#']).next().unwrap_or_default();
+    let last = path.rsplit('/').next().unwrap_or_default();
+    let object = if last.len() == 64 && last.bytes().all(|b| b.is_ascii_hexdigit()) {
+        format!("/{last}")
+    } else {
+        String::new()
+    };
+    format!("{scheme}://{host}/…{object}~{}", fingerprint(url))
+}
+
+/// Six hex digits of FNV-1a over the text: enough to tell URLs apart in a log,
+/// far too few to recover anything.
+fn fingerprint(text: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in text.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{:06x}", h >> 8)
 }
 
 #[cfg(test)]
@@ -195,19 +210,36 @@ mod tests {
         assert_eq!(u.join("/x").unwrap().target, "/x");
         assert_eq!(u.join("d").unwrap().target, "/a/b/d");
         assert_eq!(u.join("http://o.example/z").unwrap().host, "o.example");
-        assert_eq!(
-            u.join("//s3.example/k").unwrap().to_string(),
-            "https://s3.example/k"
-        );
+        let j = u.join("//s3.example/k").unwrap();
+        assert_eq!((j.host.as_str(), j.target.as_str()), ("s3.example", "/k"));
+        assert!(j.https);
     }
 
     #[test]
-    fn redaction_hides_queries_and_credentials() {
-        assert_eq!(
-            redact("https://acct.blob.core.windows.net/c/o?sv=2024&sig=SECRET"),
-            "https://acct.blob.core.windows.net/c/o?…"
+    fn redaction_hides_queries_paths_and_credentials() {
+        let sas = redact("https://acct.blob.core.windows.net/c/o?sv=2024&sig=SECRET");
+        assert!(
+            sas.starts_with("https://acct.blob.core.windows.net/…~"),
+            "{sas}"
         );
-        assert_eq!(redact("http://u:p@h:1/x"), "http://h:1/x");
-        assert_eq!(redact("https://h/x"), "https://h/x");
+        assert!(!sas.contains("SECRET") && !sas.contains("/c/o"), "{sas}");
+        // Pantacor Hub's object token is the path.
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJwcm46ZGV2In0.c2lnbmF0dXJl";
+        let hub = redact(&format!("https://api.pantahub.com:443/local-s3/{jwt}"));
+        assert!(hub.starts_with("https://api.pantahub.com:443/…~"), "{hub}");
+        assert!(!hub.contains("eyJ") && !hub.contains("local-s3"), "{hub}");
+        let sha = "a".repeat(64);
+        assert_eq!(
+            redact(&format!("http://u:p@h:1/objects/{sha}"))
+                .split('~')
+                .next(),
+            Some(format!("http://h:1/…/{sha}").as_str())
+        );
+        assert_eq!(redact("https://h"), "https://h");
+        assert_eq!(redact("https://h/"), "https://h/");
+        assert_ne!(redact("https://h/a"), redact("https://h/b"), "told apart");
+        assert!(!redact("not a url with SECRET").contains("SECRET"));
+        let u = Url::parse(&format!("https://h:8443/local-s3/{jwt}?x=1")).unwrap();
+        assert!(!u.to_string().contains("eyJ"), "{u}");
     }
 }

@@ -81,7 +81,18 @@ impl LogFeed for Feed {
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                 match read {
-                    Ok(b) if !b.records.is_empty() || b.dropped > 0 => return b,
+                    Ok(mut b) if !b.records.is_empty() || b.dropped > 0 => {
+                        // A secret the bridge showed in its own console (a claim
+                        // challenge) never leaves the device through a backend.
+                        for r in &mut b.records {
+                            if let std::borrow::Cow::Owned(m) =
+                                pv_adapter_api::secrets::scrub(&r.msg)
+                            {
+                                r.msg = m;
+                            }
+                        }
+                        return b;
+                    }
                     Ok(_) => {}
                     Err(e) => warn!(backend = %backend, error = %e, "cannot read the log spool"),
                 }

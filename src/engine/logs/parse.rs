@@ -39,6 +39,7 @@ pub fn raw(plat: &str, src: &str, line: &str, now: (i64, u32)) -> LogRecord {
         plat: plat.to_owned(),
         src: src.to_owned(),
         msg: cut(line),
+        rev: String::new(),
     }
 }
 
@@ -62,6 +63,7 @@ pub fn pantavisor(line: &str, now: (i64, u32)) -> LogRecord {
             plat: "pantavisor".into(),
             src: module,
             msg: cut(msg),
+            rev: String::new(),
         },
         None => raw("pantavisor", "pantavisor.log", line, now),
     }
@@ -90,6 +92,7 @@ pub fn singlefile(line: &str, now: (i64, u32)) -> LogRecord {
             .unwrap_or_else(|| "pantavisor".into()),
         src: s("src").unwrap_or_default(),
         msg: cut(&s("msg").unwrap_or_default()),
+        rev: String::new(),
     }
 }
 
@@ -148,7 +151,8 @@ mod tests {
                 lvl: "ERROR".into(),
                 plat: "app".into(),
                 src: "lxc/console.log".into(),
-                msg: "boom".into()
+                msg: "boom".into(),
+                rev: String::new(),
             }
         );
     }

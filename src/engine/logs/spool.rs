@@ -348,6 +348,7 @@ mod tests {
             plat: "app".into(),
             src: "lxc/console.log".into(),
             msg: format!("line {i} {}", "x".repeat(100)),
+            rev: String::new(),
         }
     }
 

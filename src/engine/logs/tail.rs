@@ -294,13 +294,14 @@ impl Tailer {
                 if line.is_empty() {
                     continue;
                 }
-                let rec = if path == singlefile {
+                let mut rec = if path == singlefile {
                     parse::singlefile(&line, stamp)
                 } else if plat == "pantavisor" && src == "pantavisor.log" {
                     parse::pantavisor(&line, stamp)
                 } else {
                     parse::raw(&plat, &src, &line, stamp)
                 };
+                rec.rev = rev.to_owned();
                 if self.allow(&rec.plat, &rec.src) {
                     out.records.push(rec);
                 } else {

@@ -255,6 +255,7 @@ fn log_batches_are_split_per_platform_under_64_kib_with_seq_and_dropped() {
         plat: plat.into(),
         src: "lxc/console.log".into(),
         msg: format!("line {i} {}", "x".repeat(200)),
+        rev: String::new(),
     };
     let mut recs: Vec<LogRecord> = (0..1000).map(|i| rec("app", i)).collect();
     recs.push(rec("pantavisor", 0));
