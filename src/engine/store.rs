@@ -70,7 +70,14 @@ impl DeviceStore for PvStore {
             let key = sha.clone();
             tokio::spawn(async move {
                 let r = pv.get_object(&key, &mut tx).await;
-                let _ = err_tx.send(r.err().map(|e| e.to_string()));
+                let _ = err_tx.send(r.err().map(|e| {
+                    let kind = if matches!(e, crate::pvctrl::Error::BadHash { .. }) {
+                        std::io::ErrorKind::InvalidData
+                    } else {
+                        std::io::ErrorKind::Other
+                    };
+                    (kind, e.to_string())
+                }));
             });
             let reader = Checked {
                 inner: rx,
@@ -87,7 +94,7 @@ impl DeviceStore for PvStore {
 struct Checked {
     inner: tokio::io::DuplexStream,
     left: u64,
-    error: Option<tokio::sync::oneshot::Receiver<Option<String>>>,
+    error: Option<tokio::sync::oneshot::Receiver<Option<(std::io::ErrorKind, String)>>>,
 }
 
 impl AsyncRead for Checked {
@@ -108,13 +115,16 @@ impl AsyncRead for Checked {
                 let outcome = match self.error.as_mut() {
                     Some(rx) => match Pin::new(rx).poll(cx) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(r) => r.unwrap_or(Some("pv-ctrl reader stopped".into())),
+                        Poll::Ready(r) => r.unwrap_or(Some((
+                            std::io::ErrorKind::Other,
+                            "pv-ctrl reader stopped".into(),
+                        ))),
                     },
                     None => None,
                 };
                 self.error = None;
-                if let Some(reason) = outcome {
-                    return Poll::Ready(Err(std::io::Error::other(reason)));
+                if let Some((kind, reason)) = outcome {
+                    return Poll::Ready(Err(std::io::Error::new(kind, reason)));
                 }
                 if self.left > 0 {
                     return Poll::Ready(Err(std::io::Error::new(

@@ -27,6 +27,10 @@ pub enum Error {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// An object whose bytes do not hash to its name (a writable object changed
+    /// since it was installed, a partial upload's leftover).
+    #[error("{what}: the object's bytes do not match its name: {detail}")]
+    BadHash { what: String, detail: String },
     /// A 200 answer whose JSON does not have the expected shape.
     #[error("{what}: unexpected JSON from pv-ctrl: {detail}")]
     Decode { what: String, detail: String },

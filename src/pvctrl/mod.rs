@@ -633,7 +633,7 @@ impl PvCtrl {
             out.flush().await.map_err(io_err)?;
             let got = hex(&hasher.finalize());
             if got != sha {
-                return Err(Error::Protocol {
+                return Err(Error::BadHash {
                     what: what.clone(),
                     detail: format!("the {total} bytes received hash to {got}"),
                 });

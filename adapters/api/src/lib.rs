@@ -202,7 +202,9 @@ pub trait DeviceStore: Send + Sync {
     /// The state JSON of the revision `rev`, byte for byte as Pantavisor keeps it.
     fn state(&self, rev: &str) -> BoxFuture<'_, Result<Vec<u8>, AdapterError>>;
     /// Opens a stored object: its reader and length. The reader fails (never ends
-    /// short silently) when the device cannot deliver all the bytes.
+    /// short silently) when the device cannot deliver all the bytes, and at the
+    /// end with [`std::io::ErrorKind::InvalidData`] when they do not hash to
+    /// `sha` (a writable object that changed since it was installed).
     fn object(&self, sha: &str) -> BoxFuture<'_, Result<(ObjectReader, u64), AdapterError>>;
     /// Sets one device-meta key on the device itself (what an adapter wants local
     /// users and containers to see, such as a claim challenge); `None` deletes it.

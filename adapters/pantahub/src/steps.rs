@@ -256,12 +256,17 @@ impl Hub {
     }
 
     /// A progress PUT failed: a status in flight is tried again after the
-    /// interval; a final one is left to the poll, which sends remembered finals
+    /// interval unless a newer one waits; a final one is left to the poll, which sends remembered finals
     /// with a growing wait, so that a final the hub keeps refusing never holds
     /// back the steps after it.
     fn progress_failed(&self, active: &mut Option<Active>, resend: &mut Resend) {
         let Some(a) = active.as_mut() else { return };
         a.failed = true;
+        if a.queue.len() > 1 {
+            // A newer status is waiting: the one the hub refused is out of date
+            // (Pantavisor keeps one report queued, the newest).
+            a.queue.pop_front();
+        }
         if a.queue.front().is_some_and(|p| p.status.is_final()) {
             resend.attempted(a.rev, self.poll());
             *active = None;

@@ -9,12 +9,14 @@ use crate::{Hub, wire};
 
 impl Hub {
     pub(crate) async fn factory_sync(&self, device: &str) -> Result<(), AdapterError> {
+        let mut wait = self.poll();
         loop {
             match self.try_sync(device).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    warn!(backend = %self.link.backend(), error = %e, "factory sync failed; retrying");
-                    tokio::time::sleep(self.poll()).await;
+                    warn!(backend = %self.link.backend(), error = %e, retry_in = ?wait, "factory sync failed; retrying");
+                    tokio::time::sleep(pv_adapter_api::timing::jittered(wait, 0.2)).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(300));
                 }
             }
         }
@@ -88,11 +90,17 @@ impl Hub {
         sha: &str,
     ) -> Result<u64, String> {
         let (reader, len) = store.object(sha).await.map_err(|e| e.to_string())?;
-        let actual = sha256_of(reader)
-            .await
-            .map_err(|e| format!("reading object {name} ({sha}) from the device: {e}"))?;
+        let actual = match sha256_of(reader).await {
+            Ok(h) => h,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => String::new(),
+            Err(e) => {
+                return Err(format!(
+                    "reading object {name} ({sha}) from the device: {e}"
+                ));
+            }
+        };
         if actual != sha {
-            warn!(backend = %self.link.backend(), object = %sha, name, actual = %actual, "the object's bytes no longer match its name (a writable object?); not uploading it");
+            warn!(backend = %self.link.backend(), object = %sha, name, "the object's bytes no longer match its name (a writable object?); not uploading it");
             return Ok(0);
         }
         let (reader, len2) = store.object(sha).await.map_err(|e| e.to_string())?;

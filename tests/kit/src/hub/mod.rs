@@ -328,6 +328,12 @@ impl FakeHub {
         self.shared.lock().seen.clone()
     }
 
+    /// Every object URL token the hub has signed (they sit in the URL path,
+    /// `/local-s3/<token>`, and grant a day's access: tests check none leaks).
+    pub fn signed_tokens(&self) -> Vec<String> {
+        self.shared.lock().signed.keys().cloned().collect()
+    }
+
     /// Every log entry posted, in order.
     pub fn logs(&self) -> Vec<Value> {
         self.shared.lock().logs.clone()
