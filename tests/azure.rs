@@ -8,178 +8,18 @@
 
 #[macro_use]
 mod common;
+#[path = "common/azure.rs"]
+mod azurekit;
 #[path = "common/mosquitto.rs"]
 mod mosquitto;
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use azurekit::{Bridge, Env, HOST, KEY, env_with, wait};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pv_testkit::iothub::{DpsSetup, FakeIotHub, Invoked};
-use pv_testkit::objects::ObjectServer;
-use pv_testkit::sim::Generation;
+use pv_testkit::iothub::{DpsSetup, Invoked};
 use serde_json::{Value, json};
-
-const HOST: &str = "fake-hub.azure-devices.net";
-const KEY: &str = "ZGV2aWNlLWtleS1mb3ItcHYtYnJpZGdlLXRlc3Rz";
-
-/// pv-bridge with one `azure` backend.
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-    state: PathBuf,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Bridge {
-    /// `backend` is the rest of the `[[backend]]` table (credentials included).
-    fn start(
-        d: &common::Device,
-        hub: &FakeIotHub,
-        pki: &common::Pki,
-        backend: &str,
-        more: &str,
-    ) -> Bridge {
-        let dir = d.dir.path();
-        let cfg = dir.join("bridge.toml");
-        let state = dir.join("state");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 100\n\n[[backend]]\ntype = \"azure\"\nname = \"azure\"\nca_file = \"{}\"\nconnect_address = \"{}\"\nreport_interval_secs = 1\n{backend}\n{more}",
-                d.cfg().socket.display(),
-                d.storage().join("logs").display(),
-                state.display(),
-                pki.ca.display(),
-                hub.mqtt_addr(),
-            ),
-        )
-        .unwrap();
-        let log = dir.join("bridge.log");
-        let child = common::bridge_command(&cfg, &log).spawn().unwrap();
-        Bridge { child, log, state }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Waits for `f` to give `Some`; on timeout fails showing the bridge's log.
-async fn wait<T>(b: &Bridge, what: &str, within: Duration, f: impl FnMut() -> Option<T>) -> T {
-    common::wait_showing(&b.log, what, within, f).await
-}
-
-/// A device, a fake hub that knows it, an object server and the test PKI.
-struct Env {
-    d: common::Device,
-    hub: FakeIotHub,
-    objects: ObjectServer,
-    pki: common::Pki,
-    conn_file: PathBuf,
-}
-
-async fn env_with(tweak: impl FnOnce(&mut pv_testkit::sim::SimConfig)) -> Env {
-    let d = common::start_with(Generation::Gen2, tweak).await;
-    let pki = common::test_pki(&d.dir.path().join("pki"));
-    let hub = FakeIotHub::local(HOST, &pki.server_cert, &pki.server_key, Some(&pki.ca))
-        .await
-        .unwrap();
-    let conn = hub.add_device("dev-1", KEY);
-    let conn_file = d.dir.path().join("azure.conn");
-    std::fs::write(&conn_file, format!("{conn}\n")).unwrap();
-    let objects = ObjectServer::start().await.unwrap();
-    Env {
-        d,
-        hub,
-        objects,
-        pki,
-        conn_file,
-    }
-}
-
-impl Env {
-    fn bridge(&self, more_backend: &str) -> Bridge {
-        self.bridge_with(
-            &format!(
-                "connection_string_file = \"{}\"\n{more_backend}",
-                self.conn_file.display()
-            ),
-            "",
-        )
-    }
-
-    fn bridge_with(&self, backend: &str, more: &str) -> Bridge {
-        Bridge::start(&self.d, &self.hub, &self.pki, backend, more)
-    }
-
-    /// A revision: the running state with `app/root.squashfs` replaced by `data`
-    /// (and `extra` keys), served with its object. Returns the desired value.
-    async fn revision(&self, id: &str, data: &[u8], extra: Value, template: bool) -> Value {
-        let running = self.d.sim.as_ref().unwrap().running();
-        let mut state: Value =
-            serde_json::from_slice(&self.d.pv.step(&running).await.unwrap()).unwrap();
-        let sha = common::sha256_hex(data);
-        state["app/root.squashfs"] = json!(sha);
-        if let Value::Object(m) = extra {
-            for (k, v) in m {
-                state[k] = v;
-            }
-        }
-        let bytes = serde_json::to_vec(&state).unwrap();
-        self.objects.put(&format!("/objects/{sha}"), data.to_vec());
-        self.objects
-            .put(&format!("/states/{id}.json"), bytes.clone());
-        let mut r = json!({
-            "id": id,
-            "stateUrl": self.objects.url(&format!("/states/{id}.json")),
-            "stateSha256": common::sha256_hex(&bytes),
-        });
-        if template {
-            r["objectUrlTemplate"] = json!(self.objects.url("/objects/{sha256}"));
-        } else {
-            r["objects"] = json!({ sha.clone(): self.objects.url(&format!("/objects/{sha}")) });
-        }
-        r
-    }
-
-    fn reported(&self) -> Value {
-        self.hub.reported("dev-1")
-    }
-
-    async fn connected(&self, b: &Bridge) {
-        wait(
-            b,
-            "the bridge's first report",
-            Duration::from_secs(20),
-            || {
-                self.reported()["pantavisor"]["bridge"]["version"]
-                    .as_str()
-                    .map(drop)
-            },
-        )
-        .await;
-    }
-
-    async fn ack(&self, b: &Bridge, key: &str, av: u64, done: impl Fn(&Value) -> bool) -> Value {
-        wait(
-            b,
-            &format!("the {key} ack of version {av}"),
-            Duration::from_secs(60),
-            || {
-                let a = self.reported()[key].clone();
-                (a["av"] == av && done(&a)).then_some(a)
-            },
-        )
-        .await
-    }
-}
 
 fn final_ack(a: &Value) -> bool {
     a["ac"] != 202
@@ -1040,20 +880,30 @@ async fn throttling_lost_answers_duplicates_and_c2d() {
         "{}",
         b.log_text()
     );
-    // A cloud-to-device message is completed (PUBACK) and logged.
-    e.hub
-        .send_c2d("dev-1", b"hello device", &[("kind", "note")]);
-    wait(
+    // A cloud-to-device message is completed (PUBACK: over MQTT it cannot be
+    // rejected), and the log says what came and that it is not acted on, without
+    // its body.
+    e.hub.send_c2d(
+        "dev-1",
+        b"hello device secret-body",
+        &[("kind", "note"), ("$.mid", "msg-42")],
+    );
+    let line = wait(
         &b,
         "the C2D message completed",
         Duration::from_secs(10),
         || {
-            (e.hub.c2d_pending("dev-1") == 0
-                && b.log_text().contains("cloud-to-device message received"))
-            .then_some(())
+            let log = b.log_text();
+            let line = log
+                .lines()
+                .find(|l| l.contains("does not act on C2D messages"))?
+                .to_owned();
+            (e.hub.c2d_pending("dev-1") == 0).then_some(line)
         },
     )
     .await;
+    assert!(line.contains("msg-42") && line.contains("kind"), "{line}");
+    assert!(!b.log_text().contains("secret-body"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1199,5 +1049,37 @@ async fn a_module_identity_has_its_own_twin_methods_and_messages() {
             .starts_with("devices/dev-1/modules/pvbridge/messages/events/"),
         "{}",
         m.topic
+    );
+}
+
+/// The reported section is shared: another agent (Microsoft's Device Update
+/// agent before pv-bridge took over, a person with the service SDK writing as the
+/// device) may own members there. The bridge diffs only its own members, and a
+/// patch the hub refuses does not lose the members it carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_members_of_others_stay_and_a_refused_patch_loses_nothing() {
+    let e = env_with(|_| {}).await;
+    e.hub.set_reported(
+        "dev-1",
+        json!({"deviceUpdate": {"__t": "c", "agent": {"state": 0}}, "site": "plant-7"}),
+    );
+    let b = e.bridge("");
+    e.connected(&b).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = e.reported();
+    assert_eq!(r["site"], "plant-7", "{r}");
+    assert_eq!(r["deviceUpdate"]["agent"]["state"], 0, "{r}");
+    // The next twin request fails once with 400: the ack it carries must still land.
+    e.hub.fail_twin(400, 1);
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"userMeta": "not an object"}))
+        .unwrap();
+    let a = e.ack(&b, "userMeta", v, final_ack).await;
+    assert_eq!(a["ac"], 400, "{a}");
+    assert!(
+        b.log_text().contains("the hub refused a reported patch"),
+        "{}",
+        b.log_text()
     );
 }

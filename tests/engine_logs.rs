@@ -253,7 +253,58 @@ async fn the_logs_of_a_failed_try_revision_are_read_after_the_rollback() {
         );
         let got = batch(&link).await;
         link.ack_logs(got.next);
-        if got.records.iter().any(|r| r.msg == want) {
+        if let Some(r) = got.records.iter().find(|r| r.msg == want) {
+            // Labelled by the log directory it came from, not the revision that
+            // runs after the rollback.
+            assert_eq!(r.rev, "locals/fails", "{r:?}");
+            break;
+        }
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+/// A secret the bridge shows on its console (a claim challenge) reaches
+/// Pantavisor's logs with the console; the records backends get have it masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_secrets_are_masked_in_forwarded_lines() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 0.0).await;
+    let (b, stop, task) = engine(
+        &d,
+        &format!("{FAST_LOGS}{}", local("cloud", "")),
+        &["cloud"],
+    );
+    let link = b[0].link().await;
+    let secret = "brave-keen-otter-engine-logs";
+    pv_adapter_api::secrets::register(secret);
+    let console = d.storage().join("logs/0/app/lxc/console.log");
+    std::fs::create_dir_all(console.parent().unwrap()).unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console)
+            .unwrap();
+        writeln!(f, "waiting to be claimed challenge={secret} device=abc").unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "the line never came");
+        let got = batch(&link).await;
+        link.ack_logs(got.next);
+        assert!(
+            got.records.iter().all(|r| !r.msg.contains(secret)),
+            "{:?}",
+            got.records
+        );
+        if let Some(r) = got
+            .records
+            .iter()
+            .find(|r| r.msg.contains("waiting to be claimed"))
+        {
+            assert!(r.msg.contains("challenge=[secret] device=abc"), "{r:?}");
+            assert_eq!(r.rev, "0");
             break;
         }
     }

@@ -146,7 +146,8 @@ pub struct Metadata {
     pub device_meta_min_interval_secs: u64,
     /// Least seconds between two device-meta updates to a backend when only
     /// volatile keys changed (per backend: `device_meta_volatile_interval_secs`).
-    pub device_meta_volatile_interval_secs: u64,
+    /// Unset: 600, or 1800 for `azure` backends (every reported patch is billed).
+    pub device_meta_volatile_interval_secs: Option<u64>,
     /// Keys whose values change on every read (names, or prefixes ending in `*`).
     pub device_meta_volatile_keys: Vec<String>,
 }
@@ -157,7 +158,7 @@ impl Default for Metadata {
             device_meta_interval_ms: 10_000,
             user_meta_interval_ms: 30_000,
             device_meta_min_interval_secs: 10,
-            device_meta_volatile_interval_secs: 600,
+            device_meta_volatile_interval_secs: None,
             device_meta_volatile_keys: crate::engine::devmeta::default_volatile_keys(),
         }
     }
@@ -256,6 +257,16 @@ pub struct Backend {
     pub device_meta_volatile_interval_secs: Option<u64>,
     #[serde(flatten)]
     pub settings: toml::Table,
+}
+
+/// Least seconds between device-meta updates carrying only volatile keys, for a
+/// backend of type `kind` with no setting of its own or in `[metadata]`: Azure
+/// bills every reported patch, so its twin gets them half-hourly.
+pub fn default_volatile_interval_secs(kind: &str) -> u64 {
+    match kind {
+        "azure" => 1800,
+        _ => 600,
+    }
 }
 
 /// Backend types this build carries an adapter for.
@@ -409,6 +420,37 @@ impl Config {
                     format!("metadata.{key} must be at least 100, got {v}"),
                 ));
             }
+        }
+        let m = &cfg.metadata;
+        let week = 7 * 86_400;
+        for (key, v) in [
+            (
+                "device_meta_min_interval_secs",
+                m.device_meta_min_interval_secs,
+            ),
+            (
+                "device_meta_volatile_interval_secs",
+                m.device_meta_volatile_interval_secs.unwrap_or(0),
+            ),
+        ] {
+            if v > week {
+                return Err(err(
+                    section(key),
+                    format!("metadata.{key} must be at most {week} (a week), got {v}"),
+                ));
+            }
+        }
+        if let Some(k) = m
+            .device_meta_volatile_keys
+            .iter()
+            .find(|k| k.is_empty() || k.as_str() == "*")
+        {
+            return Err(err(
+                section("device_meta_volatile_keys"),
+                format!(
+                    "metadata.device_meta_volatile_keys: {k:?} would make every key volatile; name keys or prefixes (`net.*`)"
+                ),
+            ));
         }
         if let Some(ca) = &u.ca_file {
             crate::engine::fetch::load_ca(ca)

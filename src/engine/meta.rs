@@ -339,7 +339,19 @@ impl MetaSync {
             ),
             (
                 "pv-bridge.backends",
-                serde_json::to_value(&health).unwrap_or(Value::Null),
+                // Not `last_success`: it moves on every reconnect (a token renewal),
+                // and each change would cost a message on every backend.
+                Value::Object(
+                    health
+                        .iter()
+                        .map(|(name, h)| {
+                            (
+                                name.clone(),
+                                serde_json::json!({"connected": h.connected, "last_error": h.last_error}),
+                            )
+                        })
+                        .collect(),
+                ),
             ),
         ];
         for (k, v) in own {

@@ -266,7 +266,10 @@ pub async fn run_with(
                         ),
                         volatile_interval: Duration::from_secs(
                             b.device_meta_volatile_interval_secs
-                                .unwrap_or(cfg.metadata.device_meta_volatile_interval_secs),
+                                .or(cfg.metadata.device_meta_volatile_interval_secs)
+                                .unwrap_or_else(|| {
+                                    crate::config::default_volatile_interval_secs(b.kind.get_ref())
+                                }),
                         ),
                         volatile_keys: cfg.metadata.device_meta_volatile_keys.clone(),
                     },

@@ -98,6 +98,10 @@ pub struct AzureConfig {
     /// Target size of one log message (the hub's limit is 256 KiB).
     #[serde(default = "default_log_batch")]
     pub log_batch_bytes: usize,
+    /// Least seconds between two log messages, unless one is half full: lines
+    /// that trickle in travel together (every message is billed).
+    #[serde(default = "default_log_interval")]
+    pub log_interval_secs: u64,
     /// Largest state JSON fetched for an `objectUrlTemplate` revision.
     #[serde(default = "default_state")]
     pub max_state_bytes: usize,
@@ -118,6 +122,9 @@ fn default_keep_alive() -> u64 {
 }
 fn default_report() -> u64 {
     5
+}
+fn default_log_interval() -> u64 {
+    600
 }
 fn default_log_batch() -> usize {
     64 * 1024

@@ -16,13 +16,19 @@ pub const MAX_MESSAGE: usize = 255 * 1024;
 /// The hub meters messages in units of this size.
 pub const UNIT: usize = 4096;
 
-/// The message body of `records`.
-pub fn body(records: &[LogRecord], rev: Option<&str>) -> Vec<u8> {
+/// The message body of `records`. Each entry's `rev` is the revision whose log
+/// directory the line came from (`running` when the engine does not know).
+pub fn body(records: &[LogRecord], running: Option<&str>) -> Vec<u8> {
     let entries: Vec<_> = records
         .iter()
         .map(|r| {
+            let rev = if r.rev.is_empty() {
+                running.unwrap_or("")
+            } else {
+                r.rev.as_str()
+            };
             json!({"tsec": r.tsec, "tnano": r.tnano, "plat": r.plat, "src": r.src,
-                   "lvl": r.lvl, "msg": r.msg, "rev": rev.unwrap_or(""), "seq": r.seq})
+                   "lvl": r.lvl, "msg": r.msg, "rev": rev, "seq": r.seq})
         })
         .collect();
     serde_json::to_vec(&entries).unwrap_or_default()

@@ -109,10 +109,11 @@ pub fn reported(backend: &str, view: &DeviceView, extra: &Extra, meta_keys: &[St
         .map(|(name, h)| {
             (
                 twin::escape_key(name),
+                // No `lastSuccess`: it moves on every token renewal, and each
+                // reported patch is billed.
                 json!({
                     "connected": h.connected,
                     "lastError": h.last_error.as_deref().map(|e| truncate(e, 512)),
-                    "lastSuccess": h.last_success,
                 }),
             )
         })

@@ -257,8 +257,8 @@ pub struct DesiredRevision {
     pub id: String,
     pub state_url: String,
     pub state_sha256: String,
-    /// Object URLs by sha256.
-    pub objects: BTreeMap<String, String>,
+    /// Object URLs, and sizes when given, by sha256.
+    pub objects: BTreeMap<String, (String, Option<u64>)>,
     /// `…{sha256}…` for objects not listed.
     pub object_url_template: Option<String>,
 }
@@ -318,19 +318,52 @@ impl DesiredRevision {
                             "revision.objects: key {sha:?} is not a sha256 (64 lower-case hex digits)"
                         ));
                     }
-                    match url {
-                        Value::String(u) if is_http_url(u) => {
-                            objects.insert(sha.clone(), u.clone());
+                    // `sha: "url"`, or `sha: {"url": …, "size": N}` as in MQTT
+                    // offers: with sizes the engine checks free space first and
+                    // tells a partial object from a whole one.
+                    let (u, size) = match url {
+                        Value::String(u) => (u, None),
+                        Value::Object(m) => {
+                            for k in m.keys() {
+                                if k != "url" && k != "size" {
+                                    return Err(format!(
+                                        "revision.objects.{sha}: unknown field {k:?} (url, size)"
+                                    ));
+                                }
+                            }
+                            let size = match m.get("size") {
+                                None | Some(Value::Null) => None,
+                                Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+                                Some(other) => {
+                                    return Err(format!(
+                                        "revision.objects.{sha}.size must be a byte count, got {other}"
+                                    ));
+                                }
+                            };
+                            match m.get("url") {
+                                Some(Value::String(u)) => (u, size),
+                                _ => {
+                                    return Err(format!(
+                                        "revision.objects.{sha}.url must be an http(s) URL"
+                                    ));
+                                }
+                            }
                         }
                         _ => {
-                            return Err(format!("revision.objects.{sha}: must be an http(s) URL"));
+                            return Err(format!(
+                                "revision.objects.{sha}: must be an http(s) URL or {{\"url\", \"size\"}}"
+                            ));
                         }
+                    };
+                    if !is_http_url(u) {
+                        return Err(format!("revision.objects.{sha}: must be an http(s) URL"));
                     }
+                    objects.insert(sha.clone(), (u.clone(), size));
                 }
             }
             Some(other) => {
                 return Err(format!(
-                    "revision.objects must be an object of sha256 → URL, not {}",
+                    "revision.objects must be an object of sha256 → URL or {{url, size}}, not {}",
                     kind(other)
                 ));
             }
@@ -488,7 +521,35 @@ mod tests {
             "objects": {sha.clone(): "https://s/o"}, "$version": 3});
         let r = DesiredRevision::parse(&ok).unwrap();
         assert_eq!(r.state_sha256, sha);
-        assert_eq!(r.objects.len(), 1);
+        assert_eq!(r.objects[&sha], ("https://s/o".to_owned(), None));
+        // The MQTT offer's shape, with a size.
+        let sized = json!({"id": "r1", "stateUrl": "https://s/state.json", "stateSha256": sha,
+            "objects": {sha.clone(): {"url": "https://s/o", "size": 1234}}});
+        let r = DesiredRevision::parse(&sized).unwrap();
+        assert_eq!(r.objects[&sha], ("https://s/o".to_owned(), Some(1234)));
+        let obj = |o: Value| json!({"id": "r", "stateUrl": "https://s", "stateSha256": sha, "objects": {sha.clone(): o}});
+        for (bad, want) in [
+            (
+                obj(json!({"url": "https://o", "size": -1})),
+                "size must be a byte count, got -1",
+            ),
+            (
+                obj(json!({"url": "https://o", "size": "12"})),
+                "size must be a byte count, got \"12\"",
+            ),
+            (obj(json!({"size": 12})), ".url must be an http(s) URL"),
+            (
+                obj(json!({"url": "https://o", "sha": 1})),
+                "unknown field \"sha\"",
+            ),
+            (
+                obj(json!(7)),
+                "must be an http(s) URL or {\"url\", \"size\"}",
+            ),
+        ] {
+            let e = DesiredRevision::parse(&bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
         for (bad, want) in [
             (json!("r1"), "must be an object, not a string"),
             (

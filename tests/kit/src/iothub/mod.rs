@@ -122,6 +122,35 @@ pub(crate) struct DeviceRec {
     /// Reported patches accepted, in order.
     pub patches: Vec<Value>,
     pub methods: HashMap<String, oneshot::Sender<(u16, Value)>>,
+    /// What the hub bills for this device.
+    pub meter: Meter,
+}
+
+/// What IoT Hub bills a device's traffic against the daily message quota: every
+/// D2C message, twin read, reported patch, desired notification, method request
+/// and response, and C2D message, each in 4 KB units (a 9 KB message is 3).
+/// Connections and keep-alives are free (reference §1.13; Free tier's 0.5 KB
+/// unit not modelled).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meter {
+    /// Operations billed.
+    pub messages: u64,
+    /// 4 KB units billed: what counts against the quota.
+    pub units: u64,
+    /// (operations, units) by kind: `d2c`, `twin.get`, `twin.reported`,
+    /// `twin.desired`, `method.request`, `method.response`, `c2d`.
+    pub by_kind: BTreeMap<String, (u64, u64)>,
+}
+
+impl Meter {
+    pub(crate) fn bill(&mut self, kind: &str, bytes: usize) {
+        let units = bytes.div_ceil(4096).max(1) as u64;
+        self.messages += 1;
+        self.units += units;
+        let e = self.by_kind.entry(kind.to_owned()).or_default();
+        e.0 += 1;
+        e.1 += units;
+    }
 }
 
 impl Default for DeviceRec {
@@ -142,6 +171,7 @@ impl Default for DeviceRec {
             d2c: Vec::new(),
             patches: Vec::new(),
             methods: HashMap::new(),
+            meter: Meter::default(),
         }
     }
 }
@@ -537,6 +567,7 @@ impl FakeIotHub {
             d.c2d.pop_front();
         }
         d.c2d.push_back((topic.clone(), body.to_vec()));
+        d.meter.bill("c2d", body.len());
         if let Some(c) = &d.conn {
             if c.subs
                 .iter()
@@ -548,6 +579,34 @@ impl FakeIotHub {
                     qos1: true,
                 });
             }
+        }
+    }
+
+    /// Writes reported properties as another client of the same identity would
+    /// (an earlier agent, a module), merged like a device's patch.
+    pub fn set_reported(&self, id: &str, patch: Value) {
+        let mut st = self.inner.lock();
+        let d = st.devices.entry(id.to_owned()).or_default();
+        if let Value::Object(p) = patch {
+            merge(&mut d.reported, &p);
+            d.reported_version += 1;
+        }
+    }
+
+    /// What the hub has billed for a device so far.
+    pub fn meter(&self, id: &str) -> Meter {
+        self.inner
+            .lock()
+            .devices
+            .get(id)
+            .map(|d| d.meter.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts a device's meter again from zero.
+    pub fn reset_meter(&self, id: &str) {
+        if let Some(d) = self.inner.lock().devices.get_mut(id) {
+            d.meter = Meter::default();
         }
     }
 
@@ -667,6 +726,7 @@ pub(crate) fn update_desired(inner: &Inner, id: &str, patch: Value) -> Result<u6
             body.insert("$version".into(), json!(v));
             let payload = serde_json::to_vec(&body).unwrap_or_default();
             let topic = format!("$iothub/twin/PATCH/properties/desired/?$version={v}");
+            d.meter.bill("twin.desired", payload.len());
             for _ in 0..if dup { 2 } else { 1 } {
                 let _ = c.tx.send(Out::Publish {
                     topic: topic.clone(),
@@ -700,12 +760,15 @@ pub(crate) async fn invoke(
             return Invoked::Offline;
         }
         let (tx, rx) = oneshot::channel();
+        let body = serde_json::to_vec(&payload).unwrap_or_default();
+        let len = body.len();
         let _ = c.tx.send(Out::Publish {
             topic: format!("$iothub/methods/POST/{method}/?$rid={rid}"),
-            payload: serde_json::to_vec(&payload).unwrap_or_default(),
+            payload: body,
             qos1: false,
         });
         d.methods.insert(rid, tx);
+        d.meter.bill("method.request", len);
         rx
     };
     match tokio::time::timeout(timeout, rx).await {

@@ -488,11 +488,11 @@ fn publish(
             return Ok(ack);
         }
         let body = st.devices.get(id).map(device_twin).unwrap_or(Value::Null);
-        reply(
-            tx,
-            format!("$iothub/twin/res/200/?$rid={rid}"),
-            serde_json::to_vec(&body).unwrap_or_default(),
-        );
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        if let Some(d) = st.devices.get_mut(id) {
+            d.meter.bill("twin.get", body.len());
+        }
+        reply(tx, format!("$iothub/twin/res/200/?$rid={rid}"), body);
         return Ok(ack);
     }
     if let Some(rest) = topic.strip_prefix("$iothub/twin/PATCH/properties/reported/") {
@@ -504,6 +504,7 @@ fn publish(
         }
         let patch: Result<Map<String, Value>, _> = serde_json::from_slice(&p.payload);
         let d = st.devices.entry(id.to_owned()).or_default();
+        d.meter.bill("twin.reported", p.payload.len());
         let status = match patch {
             Err(_) => 400,
             Ok(patch) => {
@@ -545,12 +546,11 @@ fn publish(
             serde_json::from_slice(&p.payload)
                 .unwrap_or_else(|_| json!(String::from_utf8_lossy(&p.payload)))
         };
-        if let Some(w) = inner
-            .lock()
-            .devices
-            .get_mut(id)
-            .and_then(|d| d.methods.remove(rid))
+        let mut st = inner.lock();
+        if let Some(d) = st.devices.get_mut(id)
+            && let Some(w) = d.methods.remove(rid)
         {
+            d.meter.bill("method.response", p.payload.len());
             let _ = w.send((status, payload));
         }
         return Ok(ack);
@@ -570,13 +570,10 @@ fn publish(
             properties,
             body: p.payload.to_vec(),
         };
-        inner
-            .lock()
-            .devices
-            .entry(id.to_owned())
-            .or_default()
-            .d2c
-            .push(m);
+        let mut st = inner.lock();
+        let d = st.devices.entry(id.to_owned()).or_default();
+        d.meter.bill("d2c", p.payload.len() + bag.len());
+        d.d2c.push(m);
         return Ok(ack);
     }
     Err(format!("publish to {topic:?} is not allowed"))

@@ -10,31 +10,34 @@
 //! The poll task never waits on a publish: the reporter, the log sender and
 //! method calls run in their own tasks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use pv_adapter_api::{
-    Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, CommandStatus, EngineLink,
-    ObjectRef, ObjectSource, Offer, StateUrl,
-};
+use pv_adapter_api::{Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, EngineLink};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
     TlsConfiguration, Transport,
 };
 use serde_json::{Value, json};
-use sha2::Digest;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::identity::{self, Auth, Identity};
-use crate::methods::{self, Action};
-use crate::report::{self, Extra, RevisionAck, UserMetaAck};
+use crate::report::Extra;
 use crate::topics::{self, Inbound, Topics};
-use crate::twin::{self, DesiredRevision};
-use crate::{AzureConfig, logs, tls};
+use crate::twin::{self};
+use crate::{AzureConfig, tls};
+
+mod desired;
+mod log_sender;
+mod reporter;
+
+use desired::{Desired, method};
+use log_sender::{LogState, log_sender};
+use reporter::reporter;
 
 /// Largest packet either way (twin documents, 128 KiB methods, 256 KiB D2C).
 const MAX_PACKET: usize = 300 * 1024;
@@ -45,6 +48,8 @@ pub struct AzureAdapter {
     work: PathBuf,
     /// Acks and log counters, kept from one connection to the next.
     carry: Mutex<Extra>,
+    /// Log counters and timing, kept from one connection to the next.
+    log_state: Arc<Mutex<LogState>>,
 }
 
 impl AzureAdapter {
@@ -54,6 +59,7 @@ impl AzureAdapter {
             cfg,
             work,
             carry: Mutex::new(Extra::default()),
+            log_state: Arc::default(),
         }
     }
 }
@@ -93,6 +99,7 @@ struct Shared {
     /// PUBACKs received (only log messages go at QoS 1).
     pubacks: watch::Sender<u64>,
     http: pv_http::Client,
+    log_state: Arc<Mutex<LogState>>,
 }
 
 impl Shared {
@@ -132,418 +139,6 @@ impl Shared {
         {
             debug!(backend = %self.name, error = %e, "method answer not sent (connection gone)");
         }
-    }
-}
-
-/// Builds the offer of a desired revision. With `objectUrlTemplate` the state is
-/// fetched here (its objects must be known); otherwise the engine fetches it.
-async fn build_offer(
-    http: &pv_http::Client,
-    r: &DesiredRevision,
-    max_state: usize,
-) -> Result<Offer, String> {
-    let mut objects: BTreeMap<String, ObjectRef> = r
-        .objects
-        .iter()
-        .map(|(sha, url)| {
-            (
-                sha.clone(),
-                ObjectRef {
-                    sha256: sha.clone(),
-                    size: None,
-                    source: ObjectSource::Url { url: url.clone() },
-                },
-            )
-        })
-        .collect();
-    let Some(template) = &r.object_url_template else {
-        return Ok(Offer {
-            id: r.id.clone(),
-            state: Vec::new(),
-            state_url: Some(StateUrl {
-                url: r.state_url.clone(),
-                sha256: r.state_sha256.clone(),
-            }),
-            objects,
-            fetcher: None,
-        });
-    };
-    // SAS query strings are credentials: never in logs or acks.
-    let shown = pv_http::redact(&r.state_url);
-    let resp = http
-        .get(&r.state_url)
-        .send()
-        .await
-        .map_err(|e| format!("state {shown}: {e}"))?;
-    if resp.status != 200 {
-        return Err(format!("state {shown}: HTTP {}", resp.status));
-    }
-    let state = resp.bytes(max_state).await.map_err(|e| match e.kind {
-        pv_http::client::ErrorKind::TooLarge => {
-            format!("state {shown} is larger than max_state_bytes ({max_state})")
-        }
-        _ => format!("state {shown}: {e}"),
-    })?;
-    let got = pv_adapter_api::hex(&sha2::Sha256::digest(&state));
-    if got != r.state_sha256 {
-        return Err(format!(
-            "state {shown} hashes to {got}, not stateSha256 {}",
-            r.state_sha256
-        ));
-    }
-    let parsed: serde_json::Map<String, Value> = serde_json::from_slice(&state)
-        .map_err(|e| format!("state {shown} is not a JSON object: {e}"))?;
-    pv_adapter_api::objects_from_template(&parsed, template, &mut objects);
-    Ok(Offer {
-        id: r.id.clone(),
-        state,
-        state_url: None,
-        objects,
-        fetcher: None,
-    })
-}
-
-/// The desired section as the bridge last saw it.
-#[derive(Default)]
-struct Desired {
-    doc: Option<Value>,
-    version: u64,
-    user_meta: Option<Value>,
-    revision: Option<Value>,
-}
-
-impl Desired {
-    /// Acts on what changed in the desired section.
-    fn process(&mut self, sh: &Arc<Shared>) {
-        let Some(doc) = &self.doc else { return };
-        let av = self.version;
-        let um = doc.get("userMeta").cloned();
-        if um != self.user_meta {
-            self.user_meta = um.clone();
-            let (ack, data) = match um.as_ref() {
-                None => (None, Ok(BTreeMap::new())),
-                Some(v) => match twin::user_meta(v) {
-                    Ok(d) => (Some(UserMetaAck::Sent { av }), Ok(d)),
-                    Err(e) => (
-                        Some(UserMetaAck::Rejected {
-                            av,
-                            reason: e.clone(),
-                        }),
-                        Err(e),
-                    ),
-                },
-            };
-            match data {
-                Ok(data) => {
-                    info!(backend = %sh.name, version = av, keys = data.len(), "desired userMeta");
-                    let link = sh.link.clone();
-                    tokio::spawn(async move {
-                        let _ = link
-                            .send(BackendEvent::UserMeta { version: av, data })
-                            .await;
-                    });
-                }
-                Err(e) => {
-                    warn!(backend = %sh.name, version = av, reason = %e, "desired userMeta rejected")
-                }
-            }
-            sh.extra.send_modify(|x| x.user_meta = ack);
-        }
-        let rev = doc.get("revision").cloned().filter(|v| !v.is_null());
-        if rev != self.revision {
-            self.revision = rev.clone();
-            let Some(v) = rev else { return };
-            match DesiredRevision::parse(&v) {
-                Err(reason) => {
-                    warn!(backend = %sh.name, version = av, reason = %reason, "desired revision rejected");
-                    let id = v.get("id").and_then(Value::as_str).map(str::to_owned);
-                    sh.extra.send_modify(|x| {
-                        x.revision = Some(RevisionAck::Rejected { av, id, reason })
-                    });
-                }
-                Ok(r) => {
-                    let done = sh
-                        .link
-                        .view()
-                        .borrow()
-                        .update
-                        .as_ref()
-                        .is_some_and(|p| p.id == r.id && p.status.is_final());
-                    sh.extra.send_modify(|x| {
-                        x.revision = Some(RevisionAck::Offered {
-                            av,
-                            id: r.id.clone(),
-                        })
-                    });
-                    if done {
-                        debug!(backend = %sh.name, id = %r.id, "desired revision already finished");
-                        return;
-                    }
-                    info!(backend = %sh.name, id = %r.id, version = av, "desired revision");
-                    let sh = sh.clone();
-                    tokio::spawn(async move {
-                        match build_offer(&sh.http, &r, sh.cfg.max_state_bytes).await {
-                            Ok(offer) => {
-                                let _ = sh.link.send(BackendEvent::Offer(offer)).await;
-                            }
-                            Err(reason) => {
-                                warn!(backend = %sh.name, id = %r.id, reason = %reason, "desired revision not offered");
-                                sh.extra.send_modify(|x| {
-                                    x.revision = Some(RevisionAck::Rejected {
-                                        av,
-                                        id: Some(r.id.clone()),
-                                        reason,
-                                    })
-                                });
-                            }
-                        }
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// Answers one direct method call.
-async fn method(sh: Arc<Shared>, name: String, rid: String, payload: Vec<u8>) {
-    let action = match methods::parse(&name, &payload) {
-        Ok(a) => a,
-        Err((status, msg)) => {
-            warn!(backend = %sh.name, method = %name, status, reason = %msg, "method refused");
-            return sh.respond(&rid, status, methods::error_body(&msg)).await;
-        }
-    };
-    match action {
-        Action::Update(r) => match build_offer(&sh.http, &r, sh.cfg.max_state_bytes).await {
-            Ok(offer) => {
-                let id = offer.id.clone();
-                if sh.link.send(BackendEvent::Offer(offer)).await.is_err() {
-                    return sh
-                        .respond(&rid, 503, methods::error_body("the bridge is stopping"))
-                        .await;
-                }
-                info!(backend = %sh.name, id = %id, "update method: revision offered");
-                let body = json!({"id": id, "rev": format!("locals/{id}"), "status": "accepted"});
-                sh.respond(&rid, 202, body).await;
-            }
-            Err(e) => sh.respond(&rid, 400, methods::error_body(&e)).await,
-        },
-        Action::Command(kind) => {
-            let ms = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
-            let id = format!("m{ms}-{}", sh.next_rid());
-            let mut view = sh.link.view();
-            let ev = BackendEvent::Command {
-                id: id.clone(),
-                kind: kind.clone(),
-                expires_at: None,
-            };
-            if sh.link.send(ev).await.is_err() {
-                return sh
-                    .respond(&rid, 503, methods::error_body("the bridge is stopping"))
-                    .await;
-            }
-            info!(backend = %sh.name, method = %name, id = %id, "method: command sent to the engine");
-            if methods::answers_at_once(&kind) {
-                return sh
-                    .respond(&rid, 202, json!({"id": id, "status": "accepted"}))
-                    .await;
-            }
-            let wait = Duration::from_secs(sh.cfg.method_wait_secs);
-            let done = tokio::time::timeout(
-                wait,
-                view.wait_for(|v| {
-                    v.commands
-                        .get(&id)
-                        .is_some_and(|c| c.status != CommandStatus::Accepted)
-                }),
-            )
-            .await
-            .map(|r| r.is_ok());
-            let result = view.borrow().commands.get(&id).cloned();
-            let (status, body) = match (done, result) {
-                (Ok(true), Some(c)) => {
-                    let code = match c.status {
-                        CommandStatus::Successful => 200,
-                        CommandStatus::Rejected => 400,
-                        _ => 500,
-                    };
-                    (
-                        code,
-                        json!({"id": id, "status": c.status, "detail": c.reason}),
-                    )
-                }
-                _ => (202, json!({"id": id, "status": "accepted"})),
-            };
-            sh.respond(&rid, status, body).await;
-        }
-    }
-}
-
-/// Keeps the reported section equal to [`report::reported`], starting from what
-/// the hub holds (`baseline`, from the twin GET).
-async fn reporter(sh: Arc<Shared>, mut baseline: watch::Receiver<Option<Value>>) {
-    let Ok(mut have) = baseline
-        .wait_for(Option::is_some)
-        .await
-        .map(|b| b.clone().unwrap_or_else(|| json!({})))
-    else {
-        return;
-    };
-    let mut view = sh.link.view();
-    let mut extra = sh.extra.subscribe();
-    let interval = Duration::from_secs(sh.cfg.report_interval_secs);
-    let mut last_urgent: Option<Value> = None;
-    let mut last_sent = Instant::now() - interval;
-    let mut backoff = Duration::from_secs(5);
-    let mut last_error: Option<String> = None;
-    loop {
-        let doc = {
-            let v = view.borrow_and_update();
-            let x = extra.borrow_and_update();
-            report::reported(&sh.name, &v, &x, &sh.cfg.device_meta_keys)
-        };
-        let mut sleep_for = None;
-        if let Some(patch) = twin::diff(&have, &doc) {
-            let urgent = last_urgent.as_ref() != Some(&report::urgency(&doc));
-            if urgent || last_sent.elapsed() >= interval {
-                if let Err(e) = twin::validate(&patch) {
-                    warn!(backend = %sh.name, reason = %e, "reported patch breaks a twin rule; sending it anyway");
-                }
-                let body = serde_json::to_vec(&patch).unwrap_or_default();
-                match sh.twin_request(Topics::twin_patch, body).await {
-                    Some(204) | Some(200) => {
-                        have = doc.clone();
-                        last_urgent = Some(report::urgency(&doc));
-                        last_sent = Instant::now();
-                        backoff = Duration::from_secs(5);
-                        last_error = None;
-                        continue;
-                    }
-                    Some(429) | Some(500..=599) => {
-                        warn!(backend = %sh.name, retry_in = ?backoff, "the hub throttles reported properties");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(60));
-                        continue;
-                    }
-                    Some(status) => {
-                        let e = format!("the hub refused a reported patch: HTTP {status}");
-                        if last_error.as_deref() != Some(&e) {
-                            warn!(backend = %sh.name, status, "{e}");
-                        }
-                        last_error = Some(e);
-                        // Sent again only when something changes.
-                        have = doc.clone();
-                        last_urgent = Some(report::urgency(&doc));
-                        last_sent = Instant::now();
-                        continue;
-                    }
-                    None => {
-                        // Lost on the way (the task ends anyway if the connection
-                        // is gone): the same difference goes again.
-                        warn!(backend = %sh.name, "no answer to a reported patch; sending it again");
-                        continue;
-                    }
-                }
-            }
-            sleep_for = Some(interval.saturating_sub(last_sent.elapsed()));
-        }
-        let sleep = async {
-            match sleep_for {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = view.changed() => if r.is_err() { return },
-            r = extra.changed() => if r.is_err() { return },
-            _ = sleep => {}
-        }
-    }
-}
-
-/// Splits records into message bodies below the hub's limit.
-fn bodies(records: &[pv_adapter_api::LogRecord], rev: Option<&str>) -> Vec<(usize, Vec<u8>)> {
-    let b = logs::body(records, rev);
-    if b.len() <= logs::MAX_MESSAGE - 1024 || records.len() <= 1 {
-        if b.len() > logs::MAX_MESSAGE - 1024 {
-            // One record larger than a message: cut its text.
-            let mut r = records[0].clone();
-            let keep = (logs::MAX_MESSAGE - 4096).min(r.msg.len());
-            let mut end = keep;
-            while !r.msg.is_char_boundary(end) {
-                end -= 1;
-            }
-            r.msg.truncate(end);
-            r.msg.push_str(" …[cut]");
-            return vec![(1, logs::body(&[r], rev))];
-        }
-        return vec![(records.len(), b)];
-    }
-    let (a, z) = records.split_at(records.len() / 2);
-    let mut out = bodies(a, rev);
-    out.extend(bodies(z, rev));
-    out
-}
-
-/// Sends the engine's log records as D2C messages, one at a time, each acked
-/// to the engine only after the hub's PUBACK.
-async fn log_sender(sh: Arc<Shared>, work: PathBuf) {
-    let mut budget = logs::Budget::load(&work.join("log-budget.json"));
-    let mut carried_drop = 0u64;
-    let mut warned_day = None;
-    let mut pubacks = sh.pubacks.subscribe();
-    while let Some(batch) = sh.link.next_logs(4000, sh.cfg.log_batch_bytes).await {
-        let rev = sh.link.view().borrow().running.clone();
-        carried_drop += batch.dropped;
-        for (n, body) in bodies(&batch.records, rev.as_deref()) {
-            let payload = if sh.cfg.log_gzip {
-                logs::gzip(&body)
-            } else {
-                body
-            };
-            let now = identity::unix_now();
-            if !budget.allows(payload.len(), sh.cfg.log_budget_kib_per_day, now) {
-                if warned_day != Some(budget.day) {
-                    warn!(backend = %sh.name, budget_kib = sh.cfg.log_budget_kib_per_day,
-                        "daily log budget spent: log records are dropped until midnight UTC");
-                    warned_day = Some(budget.day);
-                }
-                carried_drop += n as u64;
-                sh.extra.send_modify(|x| x.logs.1 += n as u64);
-                continue;
-            }
-            let props = logs::properties(sh.cfg.log_gzip, carried_drop);
-            let props: Vec<(&str, &str)> = props.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let topic = sh.topics.d2c(&props);
-            let before = *pubacks.borrow_and_update();
-            let len = payload.len();
-            if sh
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let acked =
-                tokio::time::timeout(Duration::from_secs(60), pubacks.wait_for(|n| *n > before))
-                    .await;
-            if !matches!(acked, Ok(Ok(_))) {
-                debug!(backend = %sh.name, "no PUBACK for a log message; sent again after reconnecting");
-                return;
-            }
-            budget.spend(len, now);
-            carried_drop = 0;
-            let used = budget.used_kib();
-            sh.extra.send_modify(|x| {
-                x.logs.0 += 1;
-                x.logs.2 = used;
-            });
-        }
-        sh.link.ack_logs(batch.next);
     }
 }
 
@@ -624,6 +219,7 @@ impl AzureAdapter {
             waiting: Mutex::new(HashMap::new()),
             pubacks: watch::channel(0).0,
             http: http.clone(),
+            log_state: self.log_state.clone(),
         });
         // Acks survive reconnects: carry them over.
         sh.extra
@@ -804,8 +400,21 @@ impl AzureAdapter {
                         tokio::spawn(method(sh.clone(), name, rid, p.payload.to_vec()));
                     }
                     Inbound::C2d { properties } => {
-                        info!(backend = %self.name, bytes = p.payload.len(), properties = properties.len(),
-                            "cloud-to-device message received and completed (the bridge takes commands as direct methods)");
+                        // Over MQTT a device can only complete (PUBACK) a C2D message:
+                        // it cannot reject or abandon it, so it is gone either way.
+                        // Say what came, never its body (it may carry anything).
+                        let prop = |k: &str| {
+                            properties
+                                .iter()
+                                .find(|(n, _)| n == k)
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default()
+                        };
+                        let names: Vec<&str> = properties.iter().map(|(n, _)| n.as_str()).collect();
+                        warn!(backend = %self.name, message_id = %prop("$.mid"),
+                            content_type = %prop("$.ct"), bytes = p.payload.len(),
+                            properties = ?names,
+                            "a cloud-to-device message arrived and was completed, but pv-bridge does not act on C2D messages: send commands as direct methods and updates through the desired `revision` property");
                     }
                     Inbound::Other => {
                         debug!(backend = %self.name, topic = %p.topic, "unexpected topic")
