@@ -649,9 +649,12 @@ async fn dps_group_enrollment_with_a_derived_key() {
     let e = env_with(|_| {}).await;
     let group =
         "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==";
+    // DPS asks to wait 8 s between status polls; with a 5 s keep-alive the device
+    // must keep pinging through the wait, or DPS drops it at 7.5 s.
     e.hub.set_dps(DpsSetup {
         id_scope: "0ne00000A0A".into(),
         group_key: Some(group.into()),
+        retry_after: Some(8),
         ..DpsSetup::default()
     });
     // The device holds only its derived key (the factory computed it).
@@ -660,7 +663,7 @@ async fn dps_group_enrollment_with_a_derived_key() {
     std::fs::write(&key_file, "Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=\n").unwrap();
     let b = e.bridge_with(
         &format!(
-            "dps = {{ id_scope = \"0ne00000A0A\", registration_id = \"{reg}\", symmetric_key_file = \"{}\", connect_address = \"{}\" }}\n",
+            "keep_alive_secs = 5\ndps = {{ id_scope = \"0ne00000A0A\", registration_id = \"{reg}\", symmetric_key_file = \"{}\", connect_address = \"{}\" }}\n",
             key_file.display(),
             e.hub.mqtt_addr()
         ),
@@ -698,10 +701,23 @@ async fn dps_group_enrollment_with_a_derived_key() {
     })
     .await;
     assert!(
-        b.log_text().contains("refused the credentials"),
+        b.log_text().contains("provisioning through DPS again"),
         "{}",
         b.log_text()
     );
+    // Refused again within the hour: no second registration in a row (each is
+    // billed and DPS throttles a device registering in a loop).
+    e.hub
+        .set_key(reg, "eWV0LWFub3RoZXIta2V5LW5vdC10aGUtZGV2aWNlcw==");
+    e.hub.kick(reg, "test");
+    wait(&b, "the refusal logged", Duration::from_secs(20), || {
+        b.log_text()
+            .contains("check the key, certificate and clock")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(e.hub.registrations(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,15 @@ impl Identity {
     }
 }
 
+/// 2025-01-01T00:00:00Z: a clock before it is certainly wrong (this version did
+/// not exist yet), as on a board without RTC before NTP set the time.
+pub const PLAUSIBLE_SINCE: u64 = 1_735_689_600;
+
+/// Whether the device clock can be right.
+pub fn clock_is_plausible(now: u64) -> bool {
+    now >= PLAUSIBLE_SINCE
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -221,6 +230,11 @@ pub async fn resolve(cfg: &AzureConfig, work: &Path) -> Result<Identity, Adapter
 }
 
 /// Registers with DPS over MQTT and waits for the assignment.
+/// The longest `retry-after` honoured (DPS asks for more under heavy load).
+const MAX_RETRY_AFTER: u64 = 300;
+/// How long one registration may take, waits included.
+const REGISTRATION_LIMIT: Duration = Duration::from_secs(900);
+
 async fn register(
     cfg: &AzureConfig,
     d: &DpsConfig,
@@ -247,7 +261,7 @@ async fn register(
     };
     opts.set_credentials(dps::username(&d.id_scope, &d.registration_id), password);
     opts.set_clean_session(true);
-    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs.min(60)));
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::clone(&tls),
@@ -268,13 +282,28 @@ async fn register(
                 .map_err(|e| AdapterError::Connection(format!("DPS: {e}")))
         }
     };
+    // The next request and when it is due. Waits (DPS's `retry-after`, up to
+    // minutes under load) run beside the event loop, never inside it: the loop
+    // must keep sending PINGREQs, or DPS drops the connection mid-wait.
+    let mut due: Option<(tokio::time::Instant, String, String)> = None;
     let fut = async {
         let mut rid = 0u64;
         loop {
-            let event = ev
-                .poll()
-                .await
-                .map_err(|e| AdapterError::Connection(format!("DPS: {e}")))?;
+            let timer = async {
+                match &due {
+                    Some((at, _, _)) => tokio::time::sleep_until(*at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                e = ev.poll() => e.map_err(|e| AdapterError::Connection(format!("DPS: {e}")))?,
+                _ = timer => {
+                    if let Some((_, topic, body)) = due.take() {
+                        send(topic, body).await?;
+                    }
+                    continue;
+                }
+            };
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     client
@@ -320,10 +349,13 @@ async fn register(
                                             AdapterError::Protocol("DPS: no operationId".into())
                                         })?
                                         .to_owned();
-                                    let wait = retry.unwrap_or(3).clamp(1, 60);
-                                    tokio::time::sleep(Duration::from_secs(wait)).await;
+                                    let wait = retry.unwrap_or(3).clamp(1, MAX_RETRY_AFTER);
                                     rid += 1;
-                                    send(dps::status(rid, &op), String::new()).await?;
+                                    due = Some((
+                                        tokio::time::Instant::now() + Duration::from_secs(wait),
+                                        dps::status(rid, &op),
+                                        String::new(),
+                                    ));
                                 }
                                 other => {
                                     let detail = state
@@ -338,11 +370,14 @@ async fn register(
                             }
                         }
                         429 | 500..=599 => {
-                            let wait = retry.unwrap_or(5).clamp(1, 120);
+                            let wait = retry.unwrap_or(5).clamp(1, MAX_RETRY_AFTER);
                             warn!(status, wait, "DPS is busy; asking again");
-                            tokio::time::sleep(Duration::from_secs(wait)).await;
                             rid += 1;
-                            send(dps::register(rid), body.to_string()).await?;
+                            due = Some((
+                                tokio::time::Instant::now() + Duration::from_secs(wait),
+                                dps::register(rid),
+                                body.to_string(),
+                            ));
                         }
                         _ => {
                             let msg = v.get("message").and_then(|s| s.as_str()).unwrap_or("");
@@ -360,12 +395,13 @@ async fn register(
             }
         }
     };
-    let r = tokio::time::timeout(Duration::from_secs(120), fut)
+    let r = tokio::time::timeout(REGISTRATION_LIMIT, fut)
         .await
         .unwrap_or_else(|_| {
-            Err(AdapterError::Connection(
-                "DPS: no assignment within 120 s".into(),
-            ))
+            Err(AdapterError::Connection(format!(
+                "DPS: no assignment within {} s",
+                REGISTRATION_LIMIT.as_secs()
+            )))
         });
     let _ = client.try_disconnect();
     if let Ok(a) = &r {
@@ -377,6 +413,14 @@ async fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_before_this_version_existed_is_wrong() {
+        assert!(!clock_is_plausible(0), "1970: a board without RTC");
+        assert!(!clock_is_plausible(PLAUSIBLE_SINCE - 1));
+        assert!(clock_is_plausible(PLAUSIBLE_SINCE));
+        assert!(clock_is_plausible(unix_now()), "this machine's clock");
+    }
 
     #[test]
     fn addresses() {

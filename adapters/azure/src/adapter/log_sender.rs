@@ -61,7 +61,10 @@ impl Shared {
 }
 
 /// Splits records into message bodies below the hub's limit.
-fn bodies(records: &[pv_adapter_api::LogRecord], rev: Option<&str>) -> Vec<(usize, Vec<u8>)> {
+pub(super) fn bodies(
+    records: &[pv_adapter_api::LogRecord],
+    rev: Option<&str>,
+) -> Vec<(usize, Vec<u8>)> {
     let b = logs::body(records, rev);
     if b.len() <= logs::MAX_MESSAGE - 1024 || records.len() <= 1 {
         if b.len() > logs::MAX_MESSAGE - 1024 {

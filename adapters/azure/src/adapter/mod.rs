@@ -50,6 +50,8 @@ pub struct AzureAdapter {
     carry: Mutex<Extra>,
     /// Log counters and timing, kept from one connection to the next.
     log_state: Arc<Mutex<LogState>>,
+    /// When the DPS assignment was last dropped after a refusal.
+    reprovisioned: Mutex<Option<Instant>>,
 }
 
 impl AzureAdapter {
@@ -60,7 +62,20 @@ impl AzureAdapter {
             work,
             carry: Mutex::new(Extra::default()),
             log_state: Arc::default(),
+            reprovisioned: Mutex::new(None),
         }
+    }
+
+    /// Whether a refused identity may go through DPS again now: at most once an
+    /// hour (each registration is billed, and DPS throttles a device that
+    /// registers in a loop).
+    fn may_reprovision(&self) -> bool {
+        let mut last = self.reprovisioned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 }
 
@@ -281,15 +296,25 @@ impl AzureAdapter {
                     let why = match code {
                         ConnectReturnCode::BadUserNamePassword
                         | ConnectReturnCode::NotAuthorized => {
-                            if self.cfg.dps.is_some() {
+                            let now = identity::unix_now();
+                            if !identity::clock_is_plausible(now) {
+                                // A board without RTC before NTP: every token it signs
+                                // is expired. Registering again would not help, and
+                                // DPS bills and throttles each registration.
+                                format!(
+                                    "the hub refused the credentials (CONNACK: not authorized) and the device clock reads {now} s since 1970, before this version was built: SAS tokens are signed with an expiry in the past; waiting for the clock (NTP) and keeping the DPS assignment"
+                                )
+                            } else if self.cfg.dps.is_some() && self.may_reprovision() {
                                 identity::forget_assignment(&self.work);
+                                "the hub refused the credentials (CONNACK: not authorized); the identity may have been revoked or moved: provisioning through DPS again".to_owned()
+                            } else {
+                                "the hub refused the credentials (CONNACK: not authorized); check the key, certificate and clock".to_owned()
                             }
-                            "the hub refused the credentials (CONNACK: not authorized); check the key, certificate and clock"
                         }
                         ConnectReturnCode::ServiceUnavailable => {
-                            "the hub is unavailable (CONNACK 3)"
+                            "the hub is unavailable (CONNACK 3)".to_owned()
                         }
-                        _ => "the hub refused the connection",
+                        _ => "the hub refused the connection".to_owned(),
                     };
                     break End::Failed(format!("{why} [{code:?}]"));
                 }
@@ -506,7 +531,9 @@ impl Adapter for AzureAdapter {
 
 #[cfg(test)]
 mod tests {
+    use super::log_sender::bodies;
     use super::*;
+    use crate::logs;
 
     #[test]
     fn tokens_are_renewed_at_80_percent_with_jitter() {

@@ -72,6 +72,10 @@ pub struct DpsSetup {
     pub x509: BTreeMap<String, String>,
     /// Set to answer `failed` (with this message) instead of assigning.
     pub fail: Option<String>,
+    /// The `retry-after` (seconds) of a 202 "assigning" answer; 1 when `None`.
+    /// DPS asks for long waits under load, and drops a client that stops
+    /// pinging meanwhile.
+    pub retry_after: Option<u64>,
 }
 
 /// A message a device sent (D2C).

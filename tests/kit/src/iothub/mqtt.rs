@@ -686,7 +686,13 @@ async fn dps<S: AsyncRead + AsyncWrite + Unpin>(
                     )
                 };
                 let topic = if status == 202 {
-                    format!("$dps/registrations/res/202/?$rid={rid}&retry-after=1")
+                    let wait = inner
+                        .lock()
+                        .dps
+                        .as_ref()
+                        .and_then(|d| d.retry_after)
+                        .unwrap_or(1);
+                    format!("$dps/registrations/res/202/?$rid={rid}&retry-after={wait}")
                 } else {
                     format!("$dps/registrations/res/{status}/?$rid={rid}")
                 };
