@@ -1099,3 +1099,61 @@ async fn reported_members_of_others_stay_and_a_refused_patch_loses_nothing() {
         b.log_text()
     );
 }
+
+/// Objects may come with their size, as in MQTT offers: the engine then knows
+/// what the update needs, and a size the bytes do not match ends it with an ack
+/// that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_with_sizes_are_used_and_a_wrong_size_is_named() {
+    let e = env_with(|_| {}).await;
+    let b = e.bridge("");
+    e.connected(&b).await;
+    let data = b"sized object bytes".repeat(1000);
+    let mut rev = e.revision("sized", &data, json!({}), false).await;
+    let sha = common::sha256_hex(&data);
+    let url = rev["objects"][&sha].clone();
+    rev["objects"] = json!({ sha.clone(): {"url": url, "size": data.len()} });
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 200, "{a}");
+    let reported = e.reported();
+    assert_eq!(
+        reported["pantavisor"]["update"]["bytesTotal"],
+        json!(data.len()),
+        "{reported}"
+    );
+    // The same shape with a size smaller than the object.
+    let data = b"other sized bytes".repeat(1000);
+    let mut rev = e.revision("small", &data, json!({}), false).await;
+    let sha = common::sha256_hex(&data);
+    let url = rev["objects"][&sha].clone();
+    rev["objects"] = json!({ sha.clone(): {"url": url, "size": 100} });
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_ne!(a["ac"], 200, "{a}");
+    let ad = a["ad"].as_str().unwrap();
+    assert!(ad.contains("more than the 100 bytes offered"), "{a}");
+    // A malformed size is refused before anything is fetched.
+    let mut rev = e.revision("bad", b"x", json!({}), false).await;
+    let sha = common::sha256_hex(b"x");
+    rev["objects"] = json!({ sha: {"url": e.objects.url("/x"), "size": "big"} });
+    let v = e
+        .hub
+        .update_desired("dev-1", json!({"revision": rev}))
+        .unwrap();
+    let a = e.ack(&b, "revision", v, final_ack).await;
+    assert_eq!(a["ac"], 400, "{a}");
+    assert!(
+        a["ad"]
+            .as_str()
+            .unwrap()
+            .contains("size must be a byte count"),
+        "{a}"
+    );
+}
