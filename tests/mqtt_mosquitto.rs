@@ -111,14 +111,21 @@ async fn an_offer_over_mosquitto_installs_and_the_last_will_reports_lost() {
     let cur = retained(broker.port, "pv/dev-1/revision/current").unwrap();
     assert_eq!(cur["rev"], "locals/m1");
 
-    // kill -9: the broker publishes the last will.
+    // kill -9: the broker publishes the last will, of this very session.
+    let ready = retained(broker.port, "pv/dev-1/status").unwrap();
+    let session = ready["session"]
+        .as_u64()
+        .expect("status carries its session");
     bridge.child.kill().unwrap();
     bridge.child.wait().unwrap();
     let lost = wait_for("LWT", Duration::from_secs(10), || {
         retained(broker.port, "pv/dev-1/status").filter(|s| s["state"] == "lost")
     })
     .await;
-    assert_eq!(lost, json!({"v": 1, "online": false, "state": "lost"}));
+    assert_eq!(
+        lost,
+        json!({"v": 1, "online": false, "state": "lost", "session": session})
+    );
 
     // Restarted, the retained offer of a finished update does not run again.
     drop(bridge);
@@ -338,7 +345,7 @@ async fn commands_over_mqtt5_answer_on_the_response_topic_with_the_correlation_d
     online(broker.port).await;
     let replies = Sub::start(
         broker.port,
-        &["-V", "5", "-t", "ops/replies/#"],
+        &["-V", "5", "-t", "pv/dev-1/replies/#"],
         "%t|%D|%C|%p",
         2,
         15,
@@ -355,7 +362,7 @@ async fn commands_over_mqtt5_answer_on_the_response_topic_with_the_correlation_d
             "-D",
             "publish",
             "response-topic",
-            "ops/replies/42",
+            "pv/dev-1/replies/42",
             "-D",
             "publish",
             "correlation-data",
@@ -369,7 +376,7 @@ async fn commands_over_mqtt5_answer_on_the_response_topic_with_the_correlation_d
     let parts: Vec<&str> = last.splitn(4, '|').collect();
     assert_eq!(
         parts[..3],
-        ["ops/replies/42", "req-42", "application/json"],
+        ["pv/dev-1/replies/42", "req-42", "application/json"],
         "{lines:?}"
     );
     let v: Value = serde_json::from_str(parts[3]).unwrap();
@@ -380,6 +387,37 @@ async fn commands_over_mqtt5_answer_on_the_response_topic_with_the_correlation_d
     assert!(mosquitto::validator("cmd-response").is_valid(&v), "{v}");
     // The answer went where it was asked for, not to the fallback topic.
     assert!(rec.json_on("/cmd/ping/res/p5").is_empty());
+
+    // A Response Topic outside the device's reply prefix: not carried out, and
+    // refused on the fallback topic (the device never publishes elsewhere).
+    publish_args(
+        broker.port,
+        &[
+            "-V",
+            "5",
+            "-t",
+            "pv/dev-1/cmd/reboot",
+            "-m",
+            r#"{"v":1,"id":"r-out"}"#,
+            "-D",
+            "publish",
+            "response-topic",
+            "ops/replies/43",
+        ],
+    );
+    let refused = answer(&rec, "/cmd/reboot/res/r-out", "rejected").await;
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is not under \"pv/dev-1/replies/\""),
+        "{refused}"
+    );
+    let requests = d.sim.as_ref().unwrap().requests();
+    assert!(
+        !requests.keys().any(|k| k.starts_with("POST /commands")),
+        "a command reached the device: {requests:?}"
+    );
 
     // Without a Response Topic, v5 answers on the fallback topic too.
     publish_args(

@@ -198,7 +198,9 @@ pub async fn cmd(
     let id = format!("pvf-{nanos:x}");
     let v5 = b.protocol == "v5";
     let reply_t = if v5 {
-        format!("pv-fleet/{}/res/{id}", std::process::id())
+        // Under the device's root: devices answer only there (response_topic_prefix),
+        // and the documented ACL lets them write only there.
+        root.topic(device, &format!("replies/{id}"))
     } else {
         root.topic(device, &format!("cmd/{name}/res/{id}"))
     };

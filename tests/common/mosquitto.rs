@@ -226,6 +226,8 @@ pub fn schema_of(root: &str, topic: &str) -> Option<&'static str> {
     let levels: Vec<&str> = rest.split('/').collect();
     Some(match levels.as_slice() {
         ["status"] => "status",
+        ["capabilities"] => "capabilities",
+        ["replies", ..] => "cmd-response",
         ["meta", "device"] => "meta-device",
         ["meta", "user"] => "meta-user",
         ["meta", "user", "set"] => "meta-user-set",

@@ -20,7 +20,7 @@ use pv_adapter_api::{
     Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, EngineLink, read_secret,
 };
 use serde::Deserialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::blob::{Pull, PullOptions};
 use crate::protocol::{self, Inbound, RevisionSet, Topics};
@@ -59,6 +59,20 @@ pub struct MqttConfig {
     /// Largest inbound payload accepted (offers carry the state inline).
     #[serde(default = "default_cap")]
     pub max_payload_bytes: usize,
+    /// Largest packet read from the broker. A message between `max_payload_bytes`
+    /// and this is read and refused visibly; one above it costs a reconnect (the
+    /// MQTT client cannot skip it), and is refused visibly after it.
+    #[serde(default = "default_read")]
+    pub max_read_bytes: usize,
+    /// MQTT 5 Response Topics a command may name: only topics under this prefix
+    /// are answered (else the device would answer anywhere its ACL lets it).
+    /// Default `<topic root>/replies/`.
+    #[serde(default)]
+    pub response_topic_prefix: Option<String>,
+    /// Allow a password over plain `mqtt://` to a broker that is not on this
+    /// host (anyone on the path can read it). Off: such a configuration is refused.
+    #[serde(default)]
+    pub allow_insecure_password: bool,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
     /// Bytes asked for in one `blob/get` (objects pulled over MQTT).
@@ -81,6 +95,9 @@ fn default_cap() -> usize {
 fn default_keep_alive() -> u64 {
     60
 }
+fn default_read() -> usize {
+    16 * 1024 * 1024
+}
 fn default_chunk() -> u64 {
     64 * 1024
 }
@@ -102,6 +119,19 @@ impl MqttConfig {
         if self.chunk_timeout_secs == 0 {
             return Err("chunk_timeout_secs must be at least 1".into());
         }
+        let least = self.max_payload_bytes.max(self.chunk_bytes as usize) + 1024;
+        if self.max_read_bytes < least || self.max_read_bytes > 256 * 1024 * 1024 {
+            return Err(format!(
+                "max_read_bytes must be from {least} (max_payload_bytes or chunk_bytes, plus 1024) to 268435456"
+            ));
+        }
+        if let Some(p) = &self.response_topic_prefix {
+            if p.is_empty() || p.contains(['+', '#']) || p.starts_with('$') {
+                return Err(format!(
+                    "response_topic_prefix {p:?} must be a topic prefix without wildcards"
+                ));
+            }
+        }
         let client_cert = match (&self.client_cert_file, &self.client_key_file) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
@@ -120,8 +150,30 @@ impl MqttConfig {
             // Every file is read now, so a bad one is a configuration error.
             transport::tls_config(&files)?;
         }
+        if !tls && self.password_file.is_some() && !self.allow_insecure_password && !is_local(&host)
+        {
+            return Err(format!(
+                "a password over plain mqtt:// to {host} can be read by anyone on the path: use mqtts://, or set allow_insecure_password = true"
+            ));
+        }
         Ok((host, port, tls.then_some(files)))
     }
+
+    /// Where command answers may go (MQTT 5 Response Topics).
+    pub fn reply_prefix(&self, topics: &Topics) -> String {
+        self.response_topic_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}/replies/", topics.root()))
+    }
+}
+
+/// A broker on this host: a password to it does not cross a network.
+fn is_local(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 pub struct MqttAdapter {
@@ -188,14 +240,35 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What one bridge run keeps from one connection to the next.
+#[derive(Clone)]
+struct RunState {
+    /// The run's start (ms since the epoch): `run` in log batches.
+    run: u64,
+    /// Log batch numbers per platform, across reconnects.
+    seq: Arc<tokio::sync::Mutex<BTreeMap<String, u64>>>,
+    /// Command answers already published: not published again after a reconnect.
+    answered: Arc<Mutex<BTreeMap<String, pv_adapter_api::CommandStatus>>>,
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Publishes what the engine reports, until the connection ends.
 async fn outbound(
     client: Client,
     link: EngineLink,
     topics: Topics,
     replies: Replies,
-    seq: Arc<tokio::sync::Mutex<BTreeMap<String, u64>>>,
+    state: RunState,
+    session: u64,
 ) {
+    let (seq, run) = (state.seq.clone(), state.run);
     // Aborted with this task (on reconnect), so one log reader runs at a time.
     let _logs = AbortOnDrop(tokio::spawn({
         let (client, link, topics) = (client.clone(), link.clone(), topics.clone());
@@ -203,7 +276,7 @@ async fn outbound(
             // Batch numbers run on across reconnects, for the whole bridge run.
             let mut seq = seq.lock().await;
             while let Some(b) = link.next_logs(1000, 256 * 1024).await {
-                for (plat, payload) in protocol::log_batches(&b.records, b.dropped, &mut seq) {
+                for (plat, payload) in protocol::log_batches(&b.records, b.dropped, &mut seq, run) {
                     if client
                         .publish(topics.logs(&plat), false, payload)
                         .await
@@ -221,7 +294,6 @@ async fn outbound(
     let mut last_meta = None;
     let mut last_user = None;
     let mut last_status = None;
-    let mut sent: BTreeMap<String, pv_adapter_api::CommandStatus> = BTreeMap::new();
     loop {
         let v = view.borrow_and_update().clone();
         let now = SystemTime::now();
@@ -266,25 +338,34 @@ async fn outbound(
             }
             last_user = v.user_meta.clone();
         }
-        for (id, r) in &v.commands {
-            if sent.get(id) != Some(&r.status) {
-                let (t, corr) = replies
-                    .route(id)
-                    .unwrap_or_else(|| (topics.cmd_response(r.kind.name(), id), None));
-                out.push((t, json(&protocol::command_response(r)), false, corr));
-                sent.insert(id.clone(), r.status);
+        {
+            // Answers are events: each goes once per bridge run, not again after
+            // a reconnect (the view still holds the last 64 commands).
+            let mut answered = state.answered.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, r) in &v.commands {
+                if answered.get(id) != Some(&r.status) {
+                    let (t, corr) = replies
+                        .route(id)
+                        .unwrap_or_else(|| (topics.cmd_response(r.kind.name(), id), None));
+                    out.push((t, json(&protocol::command_response(r)), false, corr));
+                    answered.insert(id.clone(), r.status);
+                }
+            }
+            while answered.len() > 128 {
+                answered.pop_first();
             }
         }
         let updating = v.update.as_ref().is_some_and(|p| !p.status.is_final());
         let status = (updating, v.running.clone());
         if last_status.as_ref() != Some(&status) {
-            let state = if updating { "updating" } else { "ready" };
+            let state_name = if updating { "updating" } else { "ready" };
             let payload = protocol::status(
                 true,
-                state,
+                state_name,
                 v.running.as_deref(),
                 env!("CARGO_PKG_VERSION"),
                 now,
+                session,
             );
             out.push((topics.status(), json(&payload), true, None));
             last_status = Some(status);
@@ -312,6 +393,8 @@ impl MqttAdapter {
         port: u16,
         tls: Option<&TlsFiles>,
         topics: &Topics,
+        session: u64,
+        clean: bool,
     ) -> Result<Settings, AdapterError> {
         let client_id = self
             .cfg
@@ -340,19 +423,18 @@ impl MqttAdapter {
             client_id,
             keep_alive: Duration::from_secs(self.cfg.keep_alive_secs),
             credentials,
-            will: Some((topics.status(), json(&protocol::last_will()))),
-            clean: false,
+            will: Some((topics.status(), json(&protocol::last_will(session)))),
+            clean,
             tls,
-            // JSON payloads are capped by max_payload_bytes; chunks by chunk_bytes.
-            max_incoming: self
-                .cfg
-                .max_payload_bytes
-                .max(self.cfg.chunk_bytes as usize)
-                + 1024,
+            // Read beyond max_payload_bytes, so that an oversize message is refused
+            // visibly instead of breaking the connection (MQTT 5 brokers drop what
+            // exceeds this without telling anyone).
+            max_incoming: self.cfg.max_read_bytes,
             max_outgoing: 256 * 1024,
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn inbound(
         &self,
         client: &Client,
@@ -360,16 +442,26 @@ impl MqttAdapter {
         replies: &Replies,
         pull: &Pull,
         m: &Message,
+        offered: &mut Option<String>,
     ) -> Option<BackendEvent> {
         let cap = self.cfg.max_payload_bytes;
         let topic = m.topic.as_str();
         let payload = &m.payload[..];
+        let is_offer = matches!(topics.classify(topic), Inbound::RevisionSet);
         let parsed = match topics.classify(topic) {
             Inbound::RevisionSet => {
                 let fetcher: Arc<dyn pv_adapter_api::ObjectFetcher> = Arc::new(pull.clone());
                 protocol::parse_revision_set(topic, payload, cap, Some(fetcher)).map(|r| match r {
-                    RevisionSet::Offer(o) => Some(BackendEvent::Offer(o)),
-                    RevisionSet::Withdrawn => None,
+                    RevisionSet::Offer(o) => {
+                        *offered = Some(o.id.clone());
+                        Some(BackendEvent::Offer(o))
+                    }
+                    // Withdrawn: cancelled while Pantavisor has not started it (the
+                    // engine refuses later, with the reason in the progress).
+                    RevisionSet::Withdrawn => offered.take().map(|id| {
+                        info!(backend = %self.name, id = %id, "offer withdrawn (empty revision/set): cancelling it");
+                        BackendEvent::Cancel { id }
+                    }),
                 })
             }
             Inbound::UserMetaSet => protocol::parse_user_meta_set(topic, payload, cap).map(Some),
@@ -379,8 +471,22 @@ impl MqttAdapter {
                     Ok(BackendEvent::Command { id, .. }) => Some(id.clone()),
                     _ => protocol::command_id(payload),
                 };
+                let prefix = self.cfg.reply_prefix(topics);
+                let parsed = match (&m.response_topic, parsed) {
+                    // Answering anywhere the ACL allows would let any client that
+                    // may command the device make it publish on any topic.
+                    (Some(rt), Ok(_)) if !rt.starts_with(&prefix) => Err(protocol::Rejected {
+                        topic: topic.to_owned(),
+                        reason: format!(
+                            "response topic {rt:?} is not under {prefix:?} (response_topic_prefix); the command was not carried out"
+                        ),
+                    }),
+                    (_, p) => p,
+                };
                 if let (Some(id), Some(rt)) = (&id, &m.response_topic) {
-                    replies.remember(id, rt.clone(), m.correlation.clone());
+                    if rt.starts_with(&prefix) {
+                        replies.remember(id, rt.clone(), m.correlation.clone());
+                    }
                 }
                 if let (Err(r), Some(id)) = (&parsed, &id) {
                     // The caller waits for an answer: it gets one.
@@ -407,9 +513,18 @@ impl MqttAdapter {
             Ok(ev) => ev,
             Err(r) => {
                 warn!(backend = %self.name, topic = %r.topic, reason = %r.reason, "rejected");
-                let ev = json(&protocol::rejected(&r, SystemTime::now()));
+                let now = SystemTime::now();
+                let ev = json(&protocol::rejected(&r, now));
                 if !client.try_publish(topics.events(), false, ev) {
                     warn!(backend = %self.name, "publish queue full: rejection not sent");
+                }
+                if is_offer {
+                    // Retained where operators look for an offer's fate.
+                    let id = protocol::offer_id_of(payload);
+                    let p = json(&protocol::offer_refused(id.as_deref(), &r.reason, now));
+                    if !client.try_publish(topics.revision_progress(), true, p) {
+                        warn!(backend = %self.name, "publish queue full: refusal not sent");
+                    }
                 }
                 None
             }
@@ -421,7 +536,18 @@ impl MqttAdapter {
         let topics =
             Topics::new(&self.cfg.topic_root, &self.cfg.device_id).map_err(AdapterError::Config)?;
         let replies = Replies::default();
-        let seq = Arc::new(tokio::sync::Mutex::new(BTreeMap::new()));
+        let state = RunState {
+            run: now_ms(),
+            seq: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+            answered: Arc::default(),
+        };
+        let mut session = 0u64;
+        let mut offered: Option<String> = None;
+        // Why the last connection broke on a message too big to read.
+        let mut oversize: Option<String> = None;
+        if self.cfg.password_file.is_some() && tls.is_none() {
+            warn!(backend = %self.name, broker = %self.cfg.broker, "the MQTT password travels unencrypted (mqtt://); use mqtts:// beyond this host");
+        }
         let pull = Pull::new(
             topics.clone(),
             PullOptions {
@@ -432,7 +558,12 @@ impl MqttAdapter {
         );
         let mut backoff = Duration::from_secs(1);
         loop {
-            let settings = self.settings(&host, port, tls.as_ref(), &topics)?;
+            session = now_ms().max(session + 1);
+            // After a message too big to read, start without the stored session:
+            // a QoS 1 message the client never acknowledged is sent again with
+            // the session forever, and cannot be read either time.
+            let clean = oversize.is_some();
+            let settings = self.settings(&host, port, tls.as_ref(), &topics, session, clean)?;
             let (client, mut conn) = transport::open(settings);
             let mut publisher: Option<tokio::task::JoinHandle<()>> = None;
             let mut connected_at = None;
@@ -442,7 +573,7 @@ impl MqttAdapter {
                     _ = link.stopping() => {
                         // A graceful stop: `offline`, not the last will's `lost`.
                         let now = SystemTime::now();
-                        let bye = protocol::status(false, "offline", None, env!("CARGO_PKG_VERSION"), now);
+                        let bye = protocol::status(false, "offline", None, env!("CARGO_PKG_VERSION"), now, session);
                         let _ = client.try_publish(topics.status(), true, json(&bye));
                         client.try_disconnect();
                         let deadline = tokio::time::sleep(Duration::from_millis(1500));
@@ -480,22 +611,67 @@ impl MqttAdapter {
                         if let Some(p) = publisher.take() {
                             p.abort();
                         }
+                        let now = SystemTime::now();
+                        let prefix = self.cfg.reply_prefix(&topics);
+                        let caps = protocol::capabilities(
+                            &protocol::Capabilities {
+                                version: env!("CARGO_PKG_VERSION"),
+                                max_payload_bytes: self.cfg.max_payload_bytes,
+                                max_read_bytes: self.cfg.max_read_bytes,
+                                chunk_bytes: self.cfg.chunk_bytes,
+                                response_topic_prefix: &prefix,
+                            },
+                            now,
+                        );
+                        client.try_publish(topics.capabilities(), true, json(&caps));
+                        if let Some(why) = oversize.take() {
+                            let r = protocol::Rejected {
+                                topic: format!("{}/#", topics.root()),
+                                reason: why.clone(),
+                            };
+                            client.try_publish(
+                                topics.events(),
+                                false,
+                                json(&protocol::rejected(&r, now)),
+                            );
+                            client.try_publish(
+                                topics.revision_progress(),
+                                true,
+                                json(&protocol::offer_refused(None, &why, now)),
+                            );
+                        }
                         publisher = Some(tokio::spawn(outbound(
                             client.clone(),
                             link.clone(),
                             topics.clone(),
                             replies.clone(),
-                            seq.clone(),
+                            state.clone(),
+                            session,
                         )));
                         link.send(BackendEvent::Connected).await?;
                     }
                     Ok(Polled::Message(m)) => {
-                        if let Some(ev) = self.inbound(&client, &topics, &replies, &pull, &m) {
+                        if let Some(ev) =
+                            self.inbound(&client, &topics, &replies, &pull, &m, &mut offered)
+                        {
                             link.send(ev).await?;
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => break e,
+                    Err(e) => {
+                        if e.contains("payload size limit exceeded") {
+                            // The client cannot skip a packet it will not read: the
+                            // connection is lost, and the refusal goes out after the
+                            // reconnect (the backoff keeps this from looping fast).
+                            let why = format!(
+                                "a message larger than max_read_bytes ({} bytes) arrived on one of this device's topics (revision/set, meta/user/set, cmd/+ or blob/+/+) and cannot be read; if it is retained, clear it with an empty retained message",
+                                self.cfg.max_read_bytes
+                            );
+                            error!(backend = %self.name, "{why}");
+                            oversize = Some(why);
+                        }
+                        break e;
+                    }
                 }
             };
             if let Some(p) = publisher.take() {

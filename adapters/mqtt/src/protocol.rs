@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use pv_adapter_api::{
-    BackendEvent, CommandKind, CommandResult, LogRecord, ObjectFetcher, ObjectRef, ObjectSource,
-    Offer, Progress, StateUrl, is_sha256_hex, valid_offer_id,
+    BackendEvent, CommandKind, ObjectFetcher, ObjectRef, ObjectSource, Offer, StateUrl,
+    is_sha256_hex, valid_offer_id,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -80,6 +80,9 @@ impl Topics {
     }
     pub fn revision_progress(&self) -> String {
         self.t("revision/progress")
+    }
+    pub fn capabilities(&self) -> String {
+        format!("{}/capabilities", self.root)
     }
     pub fn revision_current(&self) -> String {
         self.t("revision/current")
@@ -192,6 +195,15 @@ fn object(topic: &str, payload: &[u8], cap: usize) -> Result<Map<String, Value>,
 
 fn http_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
+}
+
+/// The `id` of an offer payload that failed validation, when it has a usable one.
+pub fn offer_id_of(payload: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    match v.get("id") {
+        Some(Value::String(s)) if valid_offer_id(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// What `revision/set` carried.
@@ -497,140 +509,8 @@ pub fn parse_command(
     })
 }
 
-// --- what the bridge publishes ---------------------------------------------------
-
-/// `status` (retained; also the LWT with `online: false, state: "lost"`).
-pub fn status(
-    online: bool,
-    state: &str,
-    revision: Option<&str>,
-    version: &str,
-    now: SystemTime,
-) -> Value {
-    json!({"v": 1, "online": online, "state": state, "revision": revision,
-           "bridge": {"version": version}, "ts": rfc3339(now)})
-}
-
-/// The last will: the broker publishes it if the bridge vanishes.
-pub fn last_will() -> Value {
-    json!({"v": 1, "online": false, "state": "lost"})
-}
-
-/// `revision/progress` (retained).
-pub fn progress(p: &Progress, now: SystemTime) -> Value {
-    let mut v = json!({"v": 1, "id": p.id, "rev": p.rev, "status": p.status.as_str(),
-        "status_msg": p.status_msg, "progress": p.progress, "bytes_done": p.bytes_done,
-        "bytes_total": p.bytes_total, "objects_done": p.objects_done,
-        "objects_total": p.objects_total, "ts": rfc3339(now)});
-    if let Some(logs) = &p.logs {
-        v["logs"] = Value::String(logs.clone());
-    }
-    v
-}
-
-/// `revision/current` (retained).
-pub fn current(rev: &str, status: &str, now: SystemTime) -> Value {
-    json!({"v": 1, "rev": rev, "status": status, "ts": rfc3339(now)})
-}
-
-/// `meta/device` (retained).
-pub fn device_meta(data: &BTreeMap<String, Value>) -> Value {
-    json!({"v": 1, "data": data})
-}
-
-/// `meta/user` (retained): user-meta as applied.
-pub fn user_meta(version: u64, data: &BTreeMap<String, Value>) -> Value {
-    json!({"v": 1, "version": version, "data": data})
-}
-
-/// `events`: an inbound message refused.
-pub fn rejected(r: &Rejected, now: SystemTime) -> Value {
-    json!({"v": 1, "kind": "rejected", "topic": r.topic, "reason": r.reason, "ts": rfc3339(now)})
-}
-
-/// `cmd/<name>/res/<id>`.
-pub fn command_response(r: &CommandResult) -> Value {
-    let status = match r.status {
-        pv_adapter_api::CommandStatus::Accepted => "accepted",
-        pv_adapter_api::CommandStatus::Successful => "successful",
-        pv_adapter_api::CommandStatus::Failed => "failed",
-        pv_adapter_api::CommandStatus::Rejected => "rejected",
-    };
-    let mut v = json!({"v": 1, "id": r.id, "status": status});
-    if let Some(reason) = &r.reason {
-        v["reason"] = Value::String(reason.clone());
-    }
-    v
-}
-
-/// The `id` of a command payload that failed validation, when it has a usable
-/// one: the caller then gets a `rejected` answer, not only an `events` message.
-pub fn command_id(payload: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(payload).ok()?;
-    match v.get("id") {
-        Some(Value::String(s)) if valid_command_id(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn valid_command_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && !s.contains(['/', '+', '#']) && !s.contains(char::is_control)
-}
-
-/// `cmd/<name>/res/<id>` for a command refused before the engine saw it.
-pub fn command_rejected(id: &str, reason: &str) -> Value {
-    json!({"v": 1, "id": id, "status": "rejected", "reason": reason})
-}
-
-fn record(r: &LogRecord) -> Value {
-    let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(r.tsec.max(0) as u64, r.tnano);
-    json!({"ts": rfc3339(t), "lvl": r.lvl, "plat": r.plat, "src": r.src, "msg": r.msg})
-}
-
-/// Splits records into `logs/<platform>` batches of at most [`MAX_LOG_BATCH`]
-/// bytes each: `(platform, payload)`. `seq` numbers batches per platform from
-/// `next_seq` (updated); `dropped` rides on the first batch.
-pub fn log_batches(
-    records: &[LogRecord],
-    dropped: u64,
-    next_seq: &mut BTreeMap<String, u64>,
-) -> Vec<(String, Vec<u8>)> {
-    let mut by_plat: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for r in records {
-        by_plat.entry(r.plat.as_str()).or_default().push(record(r));
-    }
-    let mut out = Vec::new();
-    let mut dropped = dropped;
-    for (plat, recs) in by_plat {
-        let mut batch: Vec<Value> = Vec::new();
-        let mut size = 0usize;
-        let mut flush = |batch: &mut Vec<Value>, dropped: &mut u64| {
-            if batch.is_empty() {
-                return;
-            }
-            let seq = next_seq.entry(plat.to_owned()).or_insert(0);
-            let payload = json!({"v": 1, "seq": *seq, "dropped": *dropped, "records": batch});
-            *seq += 1;
-            *dropped = 0;
-            out.push((
-                plat.to_owned(),
-                serde_json::to_vec(&payload).unwrap_or_default(),
-            ));
-            batch.clear();
-        };
-        for r in recs {
-            let len = r.to_string().len() + 1;
-            if size + len > MAX_LOG_BATCH - 128 && !batch.is_empty() {
-                flush(&mut batch, &mut dropped);
-                size = 0;
-            }
-            size += len;
-            batch.push(r);
-        }
-        flush(&mut batch, &mut dropped);
-    }
-    out
-}
+mod publish;
+pub use publish::*;
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use pv_adapter_api::LogRecord;
 
 const CAP: usize = 1 << 20;
 
@@ -223,13 +224,37 @@ fn user_meta_and_commands_parse_strictly() {
 #[test]
 fn published_payloads_carry_v1_and_rfc3339_times() {
     let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000);
-    let s = status(true, "ready", Some("locals/r1"), "0.1.0", now);
+    let s = status(true, "ready", Some("locals/r1"), "0.1.0", now, 42);
     assert_eq!(s["v"], 1);
+    assert_eq!(s["session"], 42);
     assert_eq!(s["ts"], "2026-11-18T11:06:40.000Z");
     assert_eq!(
-        last_will(),
-        json!({"v": 1, "online": false, "state": "lost"})
+        last_will(42),
+        json!({"v": 1, "online": false, "state": "lost", "session": 42})
     );
+    let w = offer_refused(
+        Some("m1"),
+        "payload is 5000000 bytes; the limit is 1048576",
+        now,
+    );
+    assert_eq!(
+        (w["status"].as_str(), w["id"].as_str(), w["rev"].as_str()),
+        (Some("WONTGO"), Some("m1"), Some("locals/m1"))
+    );
+    let c = capabilities(
+        &Capabilities {
+            version: "0.1.0",
+            max_payload_bytes: 1 << 20,
+            max_read_bytes: 16 << 20,
+            chunk_bytes: 65536,
+            response_topic_prefix: "pv/d/replies/",
+        },
+        now,
+    );
+    assert_eq!(c["protocol"], PROTOCOL);
+    assert_eq!(c["limits"]["max_payload_bytes"], 1 << 20);
+    assert_eq!(offer_id_of(br#"{"v":2,"id":"m9"}"#).as_deref(), Some("m9"));
+    assert_eq!(offer_id_of(br#"{"id":"a/b"}"#), None);
     let r = Rejected {
         topic: "pv/d/revision/set".into(),
         reason: "missing \"id\"".into(),
@@ -248,7 +273,7 @@ fn rejected_event(r: &Rejected, now: SystemTime) -> Value {
 #[test]
 fn log_batches_are_split_per_platform_under_64_kib_with_seq_and_dropped() {
     let rec = |plat: &str, i: usize| LogRecord {
-        seq: 0,
+        seq: 1000 + i as u64,
         tsec: 1_795_000_000,
         tnano: 0,
         lvl: "INFO".into(),
@@ -260,24 +285,27 @@ fn log_batches_are_split_per_platform_under_64_kib_with_seq_and_dropped() {
     let mut recs: Vec<LogRecord> = (0..1000).map(|i| rec("app", i)).collect();
     recs.push(rec("pantavisor", 0));
     let mut seq = BTreeMap::new();
-    let batches = log_batches(&recs, 7, &mut seq);
+    let batches = log_batches(&recs, 7, &mut seq, 99);
     assert!(batches.len() > 3);
     let mut total = 0;
     for (i, (plat, payload)) in batches.iter().enumerate() {
         assert!(payload.len() <= MAX_LOG_BATCH, "{}", payload.len());
         let v: Value = serde_json::from_slice(payload).unwrap();
         total += v["records"].as_array().unwrap().len();
+        assert_eq!(v["run"], 99);
         if i == 0 {
             assert_eq!(
                 (plat.as_str(), v["dropped"].as_u64(), v["seq"].as_u64()),
                 ("app", Some(7), Some(0))
             );
+            // Each line carries its spool position: it does not restart with a run.
+            assert_eq!(v["records"][0]["seq"], 1000);
         } else {
             assert_eq!(v["dropped"], 0);
         }
     }
     assert_eq!(total, 1001);
-    let again = log_batches(&[rec("app", 0)], 0, &mut seq);
+    let again = log_batches(&[rec("app", 0)], 0, &mut seq, 99);
     let v: Value = serde_json::from_slice(&again[0].1).unwrap();
     assert_eq!(
         v["seq"].as_u64(),
