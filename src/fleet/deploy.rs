@@ -85,6 +85,21 @@ struct Row {
     objects: (u64, u64),
 }
 
+/// The percentage shown for a device: it never goes back within a deployment.
+/// After its download the engine passes through Pantavisor's QUEUED ("Update
+/// ready to be run", 0 %) and NEW: those sit above the download, not at its start.
+fn shown_progress(before: &Row, status: &str, reported: u64) -> u64 {
+    let staged = matches!(status, "QUEUED" | "NEW")
+        && (before.status == "DOWNLOADING"
+            || (before.bytes.1 > 0 && before.bytes.0 >= before.bytes.1));
+    let p = if staged {
+        reported.max(before.progress).max(40)
+    } else {
+        reported
+    };
+    p.max(before.progress).min(100)
+}
+
 fn final_status(s: &str) -> bool {
     matches!(s, "DONE" | "UPDATED" | "WONTGO" | "ERROR" | "CANCELLED")
 }
@@ -218,10 +233,12 @@ pub async fn run(b: &BrokerArgs, a: DeployArgs) -> Result<i32, String> {
             continue;
         };
         let before = row.status.clone();
+        let status = p["status"].as_str().unwrap_or("?").to_owned();
+        let progress = shown_progress(row, &status, p["progress"].as_u64().unwrap_or(0));
         *row = Row {
-            status: p["status"].as_str().unwrap_or("?").to_owned(),
+            status,
             msg: p["status_msg"].as_str().unwrap_or("").to_owned(),
-            progress: p["progress"].as_u64().unwrap_or(0),
+            progress,
             bytes: (
                 p["bytes_done"].as_u64().unwrap_or(0),
                 p["bytes_total"].as_u64().unwrap_or(0),
@@ -270,4 +287,29 @@ pub async fn run(b: &BrokerArgs, a: DeployArgs) -> Result<i32, String> {
     } else {
         0
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_never_goes_back_through_staging() {
+        let mut row = Row::default();
+        for (status, reported, want) in [
+            ("QUEUED", 5, 5),
+            ("DOWNLOADING", 25, 25),
+            ("DOWNLOADING", 38, 38),
+            ("QUEUED", 0, 40),
+            ("INPROGRESS", 50, 50),
+            ("TESTING", 75, 75),
+            ("INPROGRESS", 50, 75),
+            ("DONE", 100, 100),
+        ] {
+            let shown = shown_progress(&row, status, reported);
+            assert_eq!(shown, want, "{status} {reported}");
+            row.status = status.to_owned();
+            row.progress = shown;
+        }
+    }
 }

@@ -719,6 +719,51 @@ mod tests {
         n
     }
 
+    fn cfg(extra: &str) -> MqttConfig {
+        let text = format!("device_id = \"d\"\n{extra}");
+        let v: toml_crate::Table = text.parse().unwrap();
+        v.try_into().unwrap()
+    }
+
+    #[test]
+    fn a_password_over_plain_mqtt_to_another_host_is_refused_unless_allowed() {
+        let pw = "username = \"u\"\npassword_file = \"/p\"\n";
+        let e = cfg(&format!("broker = \"mqtt://broker.lan\"\n{pw}"))
+            .check()
+            .unwrap_err();
+        assert!(e.contains("can be read by anyone on the path"), "{e}");
+        cfg(&format!(
+            "broker = \"mqtt://broker.lan\"\n{pw}allow_insecure_password = true\n"
+        ))
+        .check()
+        .unwrap();
+        cfg(&format!("broker = \"mqtt://127.0.0.1:1883\"\n{pw}"))
+            .check()
+            .unwrap();
+        cfg(&format!("broker = \"mqtt://localhost\"\n{pw}"))
+            .check()
+            .unwrap();
+        cfg(&format!("broker = \"mqtt://[::1]:1883\"\n{pw}"))
+            .check()
+            .unwrap();
+    }
+
+    #[test]
+    fn read_limits_and_reply_prefixes_are_checked() {
+        let b = "broker = \"mqtt://127.0.0.1\"\n";
+        let e = cfg(&format!("{b}max_read_bytes = 1000\n"))
+            .check()
+            .unwrap_err();
+        assert!(e.contains("max_read_bytes must be from"), "{e}");
+        let e = cfg(&format!("{b}response_topic_prefix = \"ops/#\"\n"))
+            .check()
+            .unwrap_err();
+        assert!(e.contains("without wildcards"), "{e}");
+        let c = cfg(b);
+        let t = Topics::new(&c.topic_root, &c.device_id).unwrap();
+        assert_eq!(c.reply_prefix(&t), "pv/d/replies/");
+    }
+
     #[test]
     fn reconnects_are_never_a_tight_loop() {
         // 0, 1, 3, 7, 15, 31 s: six attempts in the first minute; then 63, 127, 255
