@@ -310,3 +310,61 @@ async fn backend_health_changes_are_signalled() {
     let (_, out) = property(&addr, "Backends");
     assert!(out.contains("boolean false"), "{out}");
 }
+
+/// The Pantacor Hub claim challenge is for the person installing the device: it
+/// shows on D-Bus (`Notices`) while the device is unclaimed and goes away once it
+/// is claimed. It never reaches device-meta, which every backend publishes.
+#[cfg(feature = "pantahub")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_challenge_is_a_local_notice_until_claimed() {
+    use pv_testkit::hub::{FakeHub, HubConfig};
+    let d = common::start(Generation::Gen2).await;
+    let (_daemon, addr) = bus(&d.dir.path().join("bus"));
+    let hub = FakeHub::start(HubConfig::default()).await.unwrap();
+    let cfg = d.dir.path().join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[dbus]\nbus = \"{addr}\"\n[[backend]]\ntype = \"pantahub\"\nname = \"hub\"\nurl = \"{}\"\ninsecure = true\npoll_interval_secs = 0.3\n",
+            d.cfg().socket.display(),
+            d.dir.path().join("state").display(),
+            hub.url()
+        ),
+    )
+    .unwrap();
+    let _bridge = Kill(
+        Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let id = common::eventually(Duration::from_secs(20), "registration", || async {
+        hub.device_ids().first().cloned()
+    })
+    .await;
+    let challenge = hub.device(&id).unwrap()["challenge"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let notices = common::eventually(Duration::from_secs(20), "the notice", || async {
+        let (ok, out) = property(&addr, "Notices");
+        (ok && out.contains(&challenge)).then_some(out)
+    })
+    .await;
+    assert!(notices.contains("string \"hub\""), "{notices}");
+    assert!(notices.contains(&id), "{notices}");
+    let dm = d.pv.meta(pv_bridge::pvctrl::Meta::Device).await.unwrap();
+    assert!(
+        !serde_json::to_string(&dm).unwrap().contains(&challenge),
+        "{dm:?}"
+    );
+    assert_eq!(hub.claim(&id), 200);
+    common::eventually(Duration::from_secs(20), "the notice gone", || async {
+        let (ok, out) = property(&addr, "Notices");
+        (ok && !out.contains(&challenge)).then_some(())
+    })
+    .await;
+}
