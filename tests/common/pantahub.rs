@@ -50,10 +50,16 @@ impl Bridge {
     ) -> Bridge {
         let cfg = dir.join("bridge.toml");
         let state = dir.join("state");
+        // A caller that sets its own timers gets none of the fast ones.
+        let fast = if backend.contains("poll_interval_secs") {
+            ""
+        } else {
+            FAST
+        };
         std::fs::write(
             &cfg,
             format!(
-                "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 100\n{top}\n[[backend]]\ntype = \"pantahub\"\nname = \"hub\"\nurl = \"{}\"\ninsecure = true\n{FAST}{backend}\n",
+                "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n[logs]\npoll_interval_ms = 100\n{top}\n[[backend]]\ntype = \"pantahub\"\nname = \"hub\"\nurl = \"{}\"\ninsecure = true\n{fast}{backend}\n",
                 d.cfg().socket.display(),
                 d.storage().join("logs").display(),
                 state.display(),
