@@ -193,6 +193,15 @@ fn object(topic: &str, payload: &[u8], cap: usize) -> Result<Map<String, Value>,
     }
 }
 
+/// What a refused URL starts with, for the reason: never the rest, which may
+/// carry credentials.
+fn scheme_of(u: &str) -> String {
+    let end = u.find("://").map_or(0, |i| i + 3).min(16);
+    u.chars()
+        .take(end.max(u.find(':').map_or(0, |i| i + 1).min(16)))
+        .collect()
+}
+
 fn http_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
@@ -307,12 +316,16 @@ pub fn parse_revision_set(
             };
             (Vec::new(), Some(url), None)
         }
-        (None, Some(u)) => {
+        (None, Some(Value::String(u))) => {
             return Err(reject(
                 topic,
-                format!("\"state_url\" {u} is not an http or https URL"),
+                format!(
+                    "\"state_url\" is not an http or https URL (it starts {:?})",
+                    scheme_of(u)
+                ),
             ));
         }
+        (None, Some(_)) => return Err(reject(topic, "\"state_url\" must be a string")),
     };
     let mut objects = BTreeMap::new();
     match m.get("objects") {
@@ -343,7 +356,10 @@ pub fn parse_revision_set(
                     Some(Value::String(u)) => {
                         return Err(reject(
                             topic,
-                            format!("objects.{sha}.url {u:?} is not an http or https URL"),
+                            format!(
+                                "objects.{sha}.url is not an http or https URL (it starts {:?})",
+                                scheme_of(u)
+                            ),
                         ));
                     }
                     Some(_) => {

@@ -128,6 +128,16 @@ fn malformed_offers_are_rejected_precisely() {
         r#"{{"v":1,"id":"r1","state":{{}},"objects":{{"{s}":{{"url":"file:///etc/passwd"}}}}}}"#
     ));
     assert!(r.contains("is not an http or https URL"), "{r}");
+    // The reason is logged and forwarded: never the URL's credentials.
+    let r = rejected(&format!(
+        r#"{{"v":1,"id":"r1","state":{{}},"objects":{{"{s}":{{"url":"ftp://user:s3cret@h/o"}}}}}}"#
+    ));
+    assert!(
+        r.contains("(it starts \"ftp://\")") && !r.contains("s3cret"),
+        "{r}"
+    );
+    let r = rejected(r#"{"v":1,"id":"r1","state_url":"sftp://u:s3cret@h/s","state_sha256":"00"}"#);
+    assert!(!r.contains("s3cret"), "{r}");
     let r = rejected(&format!(
         r#"{{"v":1,"id":"r1","state":{{}},"objects":{{"{s}":{{"url":"https://x","size":"big"}}}}}}"#
     ));
