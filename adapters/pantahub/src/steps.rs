@@ -142,7 +142,7 @@ impl Hub {
             && a.sent
                 .as_ref()
                 .is_some_and(|(s, m)| *s == p.status && *m == p.status_msg);
-        if p.status.is_final() {
+        if p.status.is_final() && !self.memory().finals.contains_key(&rev) {
             // Decided: remembered before it is sent, so that it reaches the hub
             // even if the bridge stops first.
             let body =
