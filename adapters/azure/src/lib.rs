@@ -7,6 +7,7 @@
 //! drives one rumqttc event loop with them.
 
 pub mod adapter;
+pub mod adu;
 pub mod connstr;
 pub mod identity;
 pub mod logs;

@@ -1,0 +1,5 @@
+//! Device Update for IoT Hub (ADU): the signature chain of an update manifest
+//! (`shared/reference/azure-device-update.md` §5). The component, the workflow and
+//! the handlers build on it (#15).
+
+pub mod jws;
