@@ -3,3 +3,4 @@
 //! the handlers build on it (#15).
 
 pub mod jws;
+pub mod rootkeys;
