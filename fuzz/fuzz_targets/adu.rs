@@ -1,11 +1,11 @@
-//! What Device Update sends: an `updateManifestSignature` with its manifest, and
-//! root key packages. Never panics, and the fuzzer cannot forge RSA: whatever
+//! What Device Update sends: an `updateManifestSignature` with its manifest, root
+//! key packages and update manifests. Never panics, and the fuzzer cannot forge RSA: whatever
 //! verifies must be what Microsoft signed (the seeds' golden manifest and
 //! production package).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pv_adapter_azure::adu::{jws, rootkeys};
+use pv_adapter_azure::adu::{jws, manifest, rootkeys};
 
 /// SHA-256 (hex) of what Microsoft signed in the seeds.
 const GOLDEN_MANIFEST: &str = "8c89afc6396c8e38282320676bc9def7ac035db5254accf16a1dc26e70332352";
@@ -21,7 +21,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let keys = jws::production_root_keys();
-    if which % 2 == 0 {
+    if which % 3 == 2 {
+        if let Ok(text) = std::str::from_utf8(rest) {
+            if let Ok(m) = manifest::Manifest::parse(text) {
+                let device = [("manufacturer".to_owned(), "contoso".to_owned())].into();
+                let _ = m.compatible(&device);
+                let _ = m.update_id.to_json_string();
+            }
+        }
+    } else if which % 3 == 0 {
         let text = String::from_utf8_lossy(rest);
         let (sig, manifest) = text.split_once('\n').unwrap_or((&text, ""));
         let trust = jws::Trust {

@@ -3,4 +3,5 @@
 //! the handlers build on it (#15).
 
 pub mod jws;
+pub mod manifest;
 pub mod rootkeys;
