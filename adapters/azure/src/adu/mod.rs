@@ -5,3 +5,4 @@
 pub mod jws;
 pub mod manifest;
 pub mod rootkeys;
+pub mod wire;
