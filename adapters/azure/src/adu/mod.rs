@@ -2,6 +2,7 @@
 //! (`shared/reference/azure-device-update.md` §5). The component, the workflow and
 //! the handlers build on it (#15).
 
+pub mod config;
 pub mod jws;
 pub mod manifest;
 pub mod rootkeys;
