@@ -5,5 +5,6 @@
 pub mod config;
 pub mod jws;
 pub mod manifest;
+pub mod overlay;
 pub mod rootkeys;
 pub mod wire;
