@@ -179,8 +179,10 @@ async fn write_status(path: &Path, s: &StatusFile) {
     }
 }
 
-/// Builds the offer for an unpacked export folder.
-async fn export_offer(folder: &Path, id: &str) -> Result<Offer, String> {
+/// Builds the offer for an unpacked export folder (`json` and `objects/<sha>`):
+/// the state byte for byte, every object from its file. Shared by the adapters
+/// that receive `pvr export` archives.
+pub async fn export_offer(folder: &Path, id: &str) -> Result<Offer, String> {
     let json = folder.join("json");
     let meta = tokio::fs::metadata(&json)
         .await

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod download;
 pub mod handlers;
+pub mod install;
 pub mod jws;
 pub mod manifest;
 pub mod overlay;
