@@ -11,3 +11,4 @@ pub mod manifest;
 pub mod overlay;
 pub mod rootkeys;
 pub mod wire;
+pub mod workflow;

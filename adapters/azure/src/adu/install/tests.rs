@@ -47,7 +47,11 @@ async fn a_pvr2adu_part_is_overlaid_on_the_running_state() {
         "awconnect/root.squashfs": sha,
         "awconnect/run.json": {"name": "awconnect", "type": "lxc"},
     });
-    tgz(&dir.path().join("pvadu.tgz"), &part, std::slice::from_ref(&root));
+    tgz(
+        &dir.path().join("pvadu.tgz"),
+        &part,
+        std::slice::from_ref(&root),
+    );
     let plan = Plan::Overlay {
         export: "f1".into(),
         script: "f2".into(),

@@ -1,0 +1,230 @@
+//! The deployment workflow (reference §7): what a desired `service` means given
+//! what the device already did. Nothing is reported before these checks say
+//! "process" (Microsoft's agent reports In progress first and flips Succeeded
+//! back after each token renewal; this does not).
+
+use serde::{Deserialize, Serialize};
+
+use super::wire::{Service, Workflow};
+
+/// Where a workflow stands, kept durably by the adapter (it survives bridge
+/// restarts and revision switches).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The workflow being or last processed.
+    #[serde(default)]
+    pub current: Option<Current>,
+    /// The last workflow that ended in success.
+    #[serde(default)]
+    pub last_completed: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Current {
+    pub id: String,
+    #[serde(default)]
+    pub retry: Option<String>,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Taken; downloading, verifying, staging.
+    Accepted,
+    /// The revision switch was requested: the outcome comes from the device.
+    Switching,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub fn running(self) -> bool {
+        matches!(self, Phase::Accepted | Phase::Switching)
+    }
+}
+
+/// What to do with a desired `service`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing: a re-delivery, a completed workflow, a legacy action.
+    Ignore,
+    /// Cancel with nothing running: go idle without a report.
+    Idle,
+    /// Cancel the running workflow; report it cancelled once it stopped.
+    Cancel,
+    /// Process this workflow (after the installed check on its verified
+    /// manifest). `replaces` names a running workflow dropped without a report;
+    /// `retry` keeps already verified files.
+    Process {
+        workflow: Workflow,
+        replaces: Option<String>,
+        retry: bool,
+    },
+}
+
+/// Decides, in the reference's order (§7.4).
+pub fn decide(service: &Service, record: &Record) -> Decision {
+    let running = record.current.as_ref().filter(|c| c.phase.running());
+    match service {
+        Service::Ignored { .. } => Decision::Ignore,
+        Service::Cancel { .. } => {
+            if running.is_some() {
+                Decision::Cancel
+            } else {
+                Decision::Idle
+            }
+        }
+        Service::Deploy { workflow, .. } => {
+            if let Some(c) = &record.current {
+                if c.id == workflow.id {
+                    let retry =
+                        workflow.retry_timestamp.is_some() && workflow.retry_timestamp != c.retry;
+                    return if retry {
+                        Decision::Process {
+                            workflow: workflow.clone(),
+                            replaces: None,
+                            retry: true,
+                        }
+                    } else {
+                        // The same deployment again (a reconnect's twin GET).
+                        Decision::Ignore
+                    };
+                }
+            }
+            if record.last_completed.as_deref() == Some(workflow.id.as_str()) {
+                return Decision::Ignore;
+            }
+            Decision::Process {
+                workflow: workflow.clone(),
+                replaces: running.map(|c| c.id.clone()),
+                retry: false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn deploy(id: &str, retry: Option<&str>) -> Service {
+        Service::Deploy {
+            workflow: Workflow {
+                action: 3,
+                id: id.into(),
+                retry_timestamp: retry.map(str::to_owned),
+            },
+            manifest: String::new(),
+            signature: String::new(),
+            file_urls: BTreeMap::new(),
+            root_key_package_url: None,
+        }
+    }
+
+    fn cancel() -> Service {
+        Service::Cancel {
+            workflow: Workflow {
+                action: 255,
+                id: "nodeployment".into(),
+                retry_timestamp: None,
+            },
+        }
+    }
+
+    fn at(id: &str, retry: Option<&str>, phase: Phase) -> Record {
+        Record {
+            current: Some(Current {
+                id: id.into(),
+                retry: retry.map(str::to_owned),
+                phase,
+            }),
+            last_completed: (phase == Phase::Succeeded).then(|| id.to_owned()),
+        }
+    }
+
+    fn process(d: Decision) -> (Option<String>, bool) {
+        match d {
+            Decision::Process {
+                replaces, retry, ..
+            } => (replaces, retry),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_redelivered_or_completed_workflow_is_never_reported_again() {
+        // Every token renewal GETs the twin: the same service comes back.
+        for phase in [
+            Phase::Accepted,
+            Phase::Switching,
+            Phase::Succeeded,
+            Phase::Failed,
+        ] {
+            assert_eq!(
+                decide(&deploy("w1", None), &at("w1", None, phase)),
+                Decision::Ignore
+            );
+        }
+        let done = Record {
+            current: None,
+            last_completed: Some("w1".into()),
+        };
+        assert_eq!(decide(&deploy("w1", None), &done), Decision::Ignore);
+        assert_eq!(
+            decide(&Service::Ignored { action: 1 }, &Record::default()),
+            Decision::Ignore
+        );
+    }
+
+    #[test]
+    fn a_retry_is_the_same_workflow_with_a_new_timestamp() {
+        let failed = at("w1", None, Phase::Failed);
+        assert_eq!(
+            process(decide(&deploy("w1", Some("t1")), &failed)),
+            (None, true)
+        );
+        let retried = at("w1", Some("t1"), Phase::Failed);
+        assert_eq!(
+            decide(&deploy("w1", Some("t1")), &retried),
+            Decision::Ignore
+        );
+        assert_eq!(
+            process(decide(&deploy("w1", Some("t2")), &retried)),
+            (None, true)
+        );
+    }
+
+    #[test]
+    fn a_new_workflow_replaces_a_running_one_and_cancel_depends_on_running() {
+        let running = at("w1", None, Phase::Accepted);
+        assert_eq!(
+            process(decide(&deploy("w2", None), &running)),
+            (Some("w1".into()), false)
+        );
+        assert_eq!(
+            process(decide(&deploy("w2", None), &at("w1", None, Phase::Failed))),
+            (None, false)
+        );
+        assert_eq!(decide(&cancel(), &running), Decision::Cancel);
+        assert_eq!(
+            decide(&cancel(), &at("w1", None, Phase::Failed)),
+            Decision::Idle
+        );
+        assert_eq!(decide(&cancel(), &Record::default()), Decision::Idle);
+    }
+
+    #[test]
+    fn the_record_survives_a_restart_as_json() {
+        let r = at("w1", Some("t"), Phase::Switching);
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains("\"switching\""), "{text}");
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Record>("{}").unwrap(),
+            Record::default()
+        );
+    }
+}
