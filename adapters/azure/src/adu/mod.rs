@@ -3,6 +3,7 @@
 //! the handlers build on it (#15).
 
 pub mod config;
+pub mod diagnostics;
 pub mod download;
 pub mod handlers;
 pub mod install;
