@@ -139,10 +139,46 @@ pub fn plan(step: &Step, files: &BTreeMap<String, FileEntry>) -> Plan {
     }
 }
 
+/// The installed check (reference §7.6, §10.4): a deployment is installed when
+/// the device runs the revision of its last step (`locals/<installedCriteria>`,
+/// from Pantavisor's `pantavisor.revision`). Unsupported steps are never installed.
+pub fn installed(plans: &[Plan], running: Option<&str>) -> bool {
+    let Some(last) = plans.last() else {
+        return false;
+    };
+    let revision = match last {
+        Plan::Overlay { revision, .. } | Plan::Whole { revision, .. } => revision,
+        Plan::Unsupported { .. } => return false,
+    };
+    !plans.iter().any(|p| matches!(p, Plan::Unsupported { .. }))
+        && running.and_then(|r| r.strip_prefix("locals/")) == Some(revision.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn installed_means_the_last_steps_revision_runs() {
+        let p = Plan::Whole {
+            export: "f".into(),
+            revision: "1.0.3".into(),
+        };
+        assert!(installed(std::slice::from_ref(&p), Some("locals/1.0.3")));
+        assert!(!installed(std::slice::from_ref(&p), Some("locals/1.0.2")));
+        assert!(
+            !installed(std::slice::from_ref(&p), Some("1.0.3")),
+            "a hub revision is not it"
+        );
+        assert!(!installed(std::slice::from_ref(&p), None));
+        assert!(!installed(&[], Some("locals/1.0.3")));
+        let u = Plan::Unsupported {
+            erc: erc::UNSUPPORTED_HANDLER,
+            reason: String::new(),
+        };
+        assert!(!installed(&[u, p], Some("locals/1.0.3")));
+    }
 
     fn files() -> BTreeMap<String, FileEntry> {
         [
