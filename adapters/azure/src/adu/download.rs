@@ -84,10 +84,16 @@ pub async fn fetch(
         let mut written = if append { have } else { 0 };
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = resp
-                .chunk(&mut buf)
-                .await
-                .map_err(|e| fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", entry.name)))?;
+            let n = match resp.chunk(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // What arrived is kept for the next attempt: finish writing it
+                    // (tokio hands writes to a thread; dropping the file would not
+                    // wait for them).
+                    let _ = f.flush().await;
+                    return Err(fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", entry.name)));
+                }
+            };
             if n == 0 {
                 break;
             }
