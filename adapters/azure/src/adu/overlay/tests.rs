@@ -101,3 +101,42 @@ fn a_running_signature_that_cannot_be_read_stops_the_overlay() {
     let e = overlay(&r, &BTreeMap::new()).unwrap_err();
     assert!(e.contains("_sigs/broken.json"), "{e}");
 }
+
+/// Pantavisor's own pvtx test vectors (`tests/fixtures/pvtx`, README there): the
+/// overlay gives exactly the states the real `pvtx add` gives.
+#[test]
+fn the_overlay_matches_the_real_pvtx_on_its_own_tests() {
+    let load = |n: &str| -> BTreeMap<String, Value> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/pvtx")
+            .join(n);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    for (base, add, want) in [
+        (
+            "initial_state.json",
+            "awconnect.json",
+            "state_after_adding_existing.json",
+        ),
+        (
+            "initial_state.json",
+            "vaultwarden.json",
+            "state_after_new_package.json",
+        ),
+        ("bsp_init.json", "bsp_update.json", "state_bsp_update.json"),
+    ] {
+        let (got, both) = overlay(&load(base), &load(add)).unwrap();
+        assert!(both.is_empty(), "{add}: {both:?}");
+        let want = load(want);
+        let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+        let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+        let differ: Vec<_> = want
+            .keys()
+            .filter(|k| got.get(*k).is_some_and(|v| v != &want[*k]))
+            .collect();
+        assert!(
+            extra.is_empty() && missing.is_empty() && differ.is_empty(),
+            "{base} + {add}: extra {extra:?}, missing {missing:?}, different {differ:?}"
+        );
+    }
+}
