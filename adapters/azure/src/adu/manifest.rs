@@ -287,6 +287,26 @@ impl Manifest {
         })
     }
 
+    /// A child manifest from its downloaded file `{"updateManifest": "<manifest>"}`
+    /// (a reference step's or a mini manifest's). The file was checked against
+    /// the parent's signed size and hash, which is what authenticates it; a child
+    /// cannot itself refer to further children.
+    pub fn parse_child(file: &[u8]) -> Result<Manifest, ManifestError> {
+        let v: Value = serde_json::from_slice(file)
+            .map_err(|e| ManifestError(format!("child manifest file: not JSON: {e}")))?;
+        let text = v
+            .get("updateManifest")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ManifestError("child manifest file has no updateManifest string".into())
+            })?;
+        let m = Manifest::parse(text)?;
+        if m.detached.is_some() || m.steps.iter().any(|s| matches!(s, Step::Reference { .. })) {
+            return err("a child manifest refers to another manifest");
+        }
+        Ok(m)
+    }
+
     /// Whether one `compatibility` entry matches the device: every key of the entry
     /// names a device property (`deviceManufacturer` or `manufacturer`, …) whose
     /// value is the same (ASCII case ignored).

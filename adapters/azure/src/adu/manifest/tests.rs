@@ -150,3 +150,29 @@ fn a_mini_manifest_points_at_the_detached_one() {
     assert_eq!(m.detached.as_deref(), Some("d1"));
     assert!(m.steps.is_empty());
 }
+
+#[test]
+fn a_child_manifest_comes_from_its_file_and_cannot_nest() {
+    let child = json!({"manifestVersion": "5",
+        "updateId": {"provider": "P", "name": "child", "version": "1"},
+        "compatibility": [{"deviceManufacturer": "m", "deviceModel": "x"}],
+        "instructions": {"steps": [{"handler": "pantacor/pvrevision:1", "files": ["c1"],
+                                    "handlerProperties": {"installedCriteria": "1"}}]},
+        "files": {"c1": {"fileName": "rev.tgz", "sizeInBytes": 3,
+                          "hashes": {"sha256": STANDARD.encode([1u8; 32])}}}});
+    let file = json!({"updateManifest": child.to_string()}).to_string();
+    let m = Manifest::parse_child(file.as_bytes()).unwrap();
+    assert_eq!(m.update_id.name, "child");
+    let mut nested = child.clone();
+    nested["instructions"]["steps"] =
+        json!([{"type": "reference", "detachedManifestFileId": "c1"}]);
+    let file = json!({"updateManifest": nested.to_string()}).to_string();
+    assert!(
+        Manifest::parse_child(file.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("refers to another manifest")
+    );
+    assert!(Manifest::parse_child(b"{}").is_err());
+    assert!(Manifest::parse_child(b"not json").is_err());
+}
