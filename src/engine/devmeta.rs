@@ -72,7 +72,6 @@ impl Policy {
 pub struct Forwarder {
     sent: Option<BTreeMap<String, Value>>,
     sent_at: Option<Instant>,
-    volatile_at: Option<Instant>,
 }
 
 impl Forwarder {
@@ -89,12 +88,13 @@ impl Forwarder {
         if sent == current {
             return false;
         }
-        let since =
-            |t: Option<Instant>| t.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        let since = self
+            .sent_at
+            .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
         let due = if policy.differs_in_what_matters(sent, current) {
-            since(self.sent_at) >= policy.min_interval
+            since >= policy.min_interval
         } else {
-            since(self.volatile_at) >= policy.volatile_interval
+            since >= policy.volatile_interval
         };
         due && self.record(current, now)
     }
@@ -102,7 +102,6 @@ impl Forwarder {
     fn record(&mut self, current: &BTreeMap<String, Value>, now: Instant) -> bool {
         self.sent = Some(current.clone());
         self.sent_at = Some(now);
-        self.volatile_at = Some(now);
         true
     }
 

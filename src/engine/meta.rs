@@ -380,8 +380,9 @@ impl MetaSync {
         // Each backend gets device-meta at its own rate (devmeta.rs): a change held
         // back now is looked at again on the next read.
         let now = std::time::Instant::now();
+        let default = Policy::default();
         for (backend, view) in self.views.iter() {
-            let policy = self.policies.get(backend).cloned().unwrap_or_default();
+            let policy = self.policies.get(backend).unwrap_or(&default);
             if !policy.device_meta {
                 continue;
             }

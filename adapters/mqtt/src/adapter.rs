@@ -190,12 +190,9 @@ impl MqttAdapter {
     }
 }
 
+/// `d` plus up to a quarter of it.
 fn jitter(d: Duration) -> Duration {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    d + Duration::from_millis(u64::from(n) % (d.as_millis() as u64 / 4 + 1))
+    d + pv_adapter_api::timing::jittered(d / 8, 1.0)
 }
 
 /// The wait after a failed connection: `previous` doubled, from 1 s up to 5 min.
@@ -447,8 +444,9 @@ impl MqttAdapter {
         let cap = self.cfg.max_payload_bytes;
         let topic = m.topic.as_str();
         let payload = &m.payload[..];
-        let is_offer = matches!(topics.classify(topic), Inbound::RevisionSet);
-        let parsed = match topics.classify(topic) {
+        let inbound = topics.classify(topic);
+        let is_offer = matches!(inbound, Inbound::RevisionSet);
+        let parsed = match inbound {
             Inbound::RevisionSet => {
                 let fetcher: Arc<dyn pv_adapter_api::ObjectFetcher> = Arc::new(pull.clone());
                 protocol::parse_revision_set(topic, payload, cap, Some(fetcher)).map(|r| match r {

@@ -343,20 +343,8 @@ impl Hub {
                     // The hub still lists it: our final report was lost or overwritten.
                     info!(backend = %self.link.backend(), rev, "sending the final status again");
                     resend.attempted(rev, self.poll());
-                    let p = format!("/trails/{device}/steps/{rev}/progress");
-                    match self
-                        .client
-                        .call(Method::PUT, &p, Some(body.to_string().into_bytes()))
-                        .await
-                    {
-                        Ok(r) if r.status == 200 => {}
-                        Ok(r) => {
-                            warn!(backend = %self.link.backend(), rev, error = %status_error(&format!("PUT {p}"), &r), "the hub did not take the final status; later steps go on")
-                        }
-                        Err(e) => {
-                            warn!(backend = %self.link.backend(), rev, error = %e, "cannot send the final status; later steps go on")
-                        }
-                    }
+                    self.put_final(device, rev, &body, "later steps go on")
+                        .await;
                 }
                 continue;
             }
@@ -391,6 +379,17 @@ impl Hub {
         let retries = self.memory().retries.get(&rev).copied().unwrap_or(0);
         let body = wire::final_body("WONTGO", why, retries);
         self.remember(|m| m.close(rev, body.clone()));
+        self.put_final(
+            device,
+            rev,
+            &body,
+            "it is sent again while the hub lists the step",
+        )
+        .await;
+    }
+
+    /// PUTs a remembered final status; a failure is logged with what happens next.
+    async fn put_final(&self, device: &str, rev: i64, body: &Value, next: &str) {
         let p = format!("/trails/{device}/steps/{rev}/progress");
         match self
             .client
@@ -399,10 +398,10 @@ impl Hub {
         {
             Ok(r) if r.status == 200 => {}
             Ok(r) => {
-                warn!(backend = %self.link.backend(), error = %status_error(&format!("PUT {p}"), &r), "WONTGO not accepted; it is sent again while the hub lists the step")
+                warn!(backend = %self.link.backend(), rev, error = %status_error(&format!("PUT {p}"), &r), "the hub did not take the final status; {next}")
             }
             Err(e) => {
-                warn!(backend = %self.link.backend(), error = %e, "cannot report WONTGO; it is sent again while the hub lists the step")
+                warn!(backend = %self.link.backend(), rev, error = %e, "cannot send the final status; {next}")
             }
         }
     }

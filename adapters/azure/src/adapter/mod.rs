@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use pv_adapter_api::{Adapter, AdapterError, BackendEvent, BoxFuture, Capabilities, EngineLink};
 use rumqttc::{
@@ -79,12 +79,9 @@ impl AzureAdapter {
     }
 }
 
+/// A number of milliseconds below `max`.
 fn jitter_ms(max: u64) -> u64 {
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    u64::from(n ^ std::process::id()) % max.max(1)
+    pv_adapter_api::timing::random_u64() % max.max(1)
 }
 
 /// The wait after a failed connection: `previous` doubled, from 1 s up to 5 min.

@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::jws::RootKey;
+use super::rootkeys::{exponent, modulus};
 
 /// Settings of the Device Update component.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -68,25 +67,20 @@ pub fn parse_test_keys(bytes: &[u8]) -> Result<Vec<RootKey>, String> {
     for (kid, k) in map {
         let n = k
             .get("n")
-            .and_then(Value::as_str)
-            .and_then(|n| URL_SAFE_NO_PAD.decode(n.trim_end_matches('=')).ok())
+            .and_then(modulus)
             .filter(|n| n.len() >= 256)
             .ok_or_else(|| {
                 format!("{kid}: n must be a base64url RSA modulus of 2048 bits or more")
             })?;
-        let e = match k.get("e") {
-            Some(Value::Number(e)) => e.as_u64(),
-            Some(Value::String(s)) => s.parse().ok(),
-            _ => None,
-        }
-        .filter(|e| *e >= 3)
-        .ok_or_else(|| format!("{kid}: e must be a number"))?;
-        let b = e.to_be_bytes();
-        let start = b.iter().position(|x| *x != 0).unwrap_or(7);
+        let e = k
+            .get("e")
+            .and_then(exponent)
+            .filter(|e| e.len() > 1 || e.first().is_some_and(|b| *b >= 3))
+            .ok_or_else(|| format!("{kid}: e must be a number"))?;
         keys.push(RootKey {
             kid: kid.clone(),
             n,
-            e: b[start..].to_vec(),
+            e,
         });
     }
     if keys.is_empty() {
@@ -98,6 +92,8 @@ pub fn parse_test_keys(bytes: &[u8]) -> Result<Vec<RootKey>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

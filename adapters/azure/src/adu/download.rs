@@ -12,10 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::manifest::FileEntry;
 
-/// pv-bridge's ERC for a file that is not what the manifest signed, or that
-/// could not be fetched.
-pub const ERC_FILE_MISMATCH: u32 = 0x3B00_0007;
-pub const ERC_DOWNLOAD_FAILED: u32 = 0x3B00_0008;
+pub use super::manifest::erc::{
+    DOWNLOAD_FAILED as ERC_DOWNLOAD_FAILED, FILE_MISMATCH as ERC_FILE_MISMATCH,
+};
 
 /// Why a file could not be used; the text never carries the URL's secret parts.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,6 +21,10 @@ pub mod erc {
     pub const ROLLED_BACK: u32 = 0x3B00_0005;
     /// No `compatibility` entry matches this device's manufacturer and model.
     pub const INCOMPATIBLE: u32 = 0x3B00_0006;
+    /// A file is not what the manifest signs (size or SHA-256).
+    pub const FILE_MISMATCH: u32 = 0x3B00_0007;
+    /// A file could not be downloaded.
+    pub const DOWNLOAD_FAILED: u32 = 0x3B00_0008;
 }
 
 /// `updateId`: it becomes `installedUpdateId` once installed.

@@ -134,7 +134,14 @@ struct Protected {
     root_keys: Ordered,
 }
 
-fn exponent(v: &Value) -> Option<Vec<u8>> {
+/// A key's modulus from base64url (padding tolerated).
+pub(crate) fn modulus(v: &Value) -> Option<Vec<u8>> {
+    v.as_str()
+        .and_then(|n| URL_SAFE_NO_PAD.decode(n.trim_end_matches('=')).ok())
+}
+
+/// A key's exponent, a JSON number or a numeric string, as big-endian bytes.
+pub(crate) fn exponent(v: &Value) -> Option<Vec<u8>> {
     let n = match v {
         Value::Number(n) => n.as_u64()?,
         Value::String(s) => s.parse().ok()?,
@@ -160,8 +167,7 @@ impl Package {
             }
             let n = k
                 .get("n")
-                .and_then(Value::as_str)
-                .and_then(|n| URL_SAFE_NO_PAD.decode(n.trim_end_matches('=')).ok())
+                .and_then(modulus)
                 .ok_or_else(|| bad(format!("root key {kid}: n is not base64url")))?;
             let e = k
                 .get("e")
