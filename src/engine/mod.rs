@@ -52,7 +52,8 @@ pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineErr
         .map(|b| {
             let name = b.name.get_ref().clone();
             let work = cfg.bridge.state_dir.join("adapters").join(&name);
-            factory(&name, b.kind.get_ref(), &b.settings, work).map(|f| (name, f))
+            let logs = cfg.pantavisor.logs.clone();
+            factory(&name, b.kind.get_ref(), &b.settings, work, logs).map(|f| (name, f))
         })
         .collect()
 }
@@ -71,7 +72,10 @@ fn factory(
     kind: &str,
     settings: &toml::Table,
     work_dir: std::path::PathBuf,
+    pv_logs: std::path::PathBuf,
 ) -> Result<AdapterFactory, EngineError> {
+    #[cfg(not(feature = "azure"))]
+    let _ = pv_logs;
     match kind {
         #[cfg(feature = "local")]
         "local" => {
@@ -123,11 +127,10 @@ fn factory(
                 })?;
             let name = name.to_owned();
             Ok(Arc::new(move || {
-                Box::new(pv_adapter_azure::AzureAdapter::new(
-                    &name,
-                    ac.clone(),
-                    work_dir.clone(),
-                )) as Box<dyn Adapter>
+                Box::new(
+                    pv_adapter_azure::AzureAdapter::new(&name, ac.clone(), work_dir.clone())
+                        .with_log_dir(pv_logs.clone()),
+                ) as Box<dyn Adapter>
             }))
         }
         other => Err(EngineError::Config(format!(

@@ -267,7 +267,7 @@ async fn register(
         Arc::clone(&tls),
     )));
     let (client, mut ev) = AsyncClient::new(opts, 8);
-    let body = match &cfg.model_id {
+    let body = match cfg.announced_model() {
         Some(m) => {
             serde_json::json!({"registrationId": d.registration_id, "payload": {"modelId": m}})
         }

@@ -113,6 +113,10 @@ pub struct AzureConfig {
     /// How long a direct method waits for the engine before answering 202.
     #[serde(default = "default_method_wait")]
     pub method_wait_secs: u64,
+    /// Device Update for IoT Hub: `{ manufacturer, model }` turns the
+    /// `deviceUpdate` component on (see `docs/azure.md`).
+    #[serde(default)]
+    pub device_update: Option<adu::config::DeviceUpdateConfig>,
 }
 
 fn default_lifetime() -> u64 {
@@ -206,7 +210,28 @@ impl AzureConfig {
         if let Some(ca) = &self.ca_file {
             tls::client_config(Some(ca), "check.invalid", None)?;
         }
+        if let Some(du) = &self.device_update {
+            du.validate()?;
+            if self
+                .model_id
+                .as_deref()
+                .is_some_and(|m| m != adu::wire::MODEL_ID)
+            {
+                return Err(format!(
+                    "device_update announces the model {}; model_id must be unset or the same",
+                    adu::wire::MODEL_ID
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The model id announced at CONNECT.
+    pub fn announced_model(&self) -> Option<&str> {
+        match &self.device_update {
+            Some(_) => Some(adu::wire::MODEL_ID),
+            None => self.model_id.as_deref(),
+        }
     }
 }
 

@@ -90,6 +90,9 @@ pub(super) struct Desired {
     pub(super) version: u64,
     pub(super) user_meta: Option<Value>,
     pub(super) revision: Option<Value>,
+    /// `deviceUpdate.service` and `diagnosticInformation.service` as last seen.
+    pub(super) adu_service: Option<Value>,
+    pub(super) diag_service: Option<Value>,
 }
 
 impl Desired {
@@ -97,6 +100,30 @@ impl Desired {
     pub(super) fn process(&mut self, sh: &Arc<Shared>) {
         let Some(doc) = &self.doc else { return };
         let av = self.version;
+        if let Some(agent) = &sh.adu {
+            // Each component's `service`, acted on when it changed (a reconnect's
+            // GET brings the same value again: the record decides what it means).
+            let s = doc
+                .pointer("/deviceUpdate/service")
+                .cloned()
+                .filter(|v| !v.is_null());
+            if s != self.adu_service {
+                self.adu_service = s.clone();
+                if let Some(s) = s {
+                    agent.service(av, &s);
+                }
+            }
+            let s = doc
+                .pointer("/diagnosticInformation/service")
+                .cloned()
+                .filter(|v| !v.is_null());
+            if s != self.diag_service {
+                self.diag_service = s.clone();
+                if let Some(s) = s {
+                    agent.diagnostics(av, &s);
+                }
+            }
+        }
         let um = doc.get("userMeta").cloned();
         if um != self.user_meta {
             self.user_meta = um.clone();

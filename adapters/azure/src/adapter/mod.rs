@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::adu::agent::Agent;
 use crate::identity::{self, Auth, Identity};
 use crate::report::Extra;
 use crate::topics::{self, Inbound, Topics};
@@ -52,6 +53,8 @@ pub struct AzureAdapter {
     log_state: Arc<Mutex<LogState>>,
     /// When the DPS assignment was last dropped after a refusal.
     reprovisioned: Mutex<Option<Instant>>,
+    /// Pantavisor's log tree, for Device Update log uploads.
+    log_dir: Option<PathBuf>,
 }
 
 impl AzureAdapter {
@@ -63,7 +66,15 @@ impl AzureAdapter {
             carry: Mutex::new(Extra::default()),
             log_state: Arc::default(),
             reprovisioned: Mutex::new(None),
+            log_dir: None,
         }
+    }
+
+    /// With Pantavisor's log tree (`[pantavisor] logs`), which Device Update
+    /// log uploads read.
+    pub fn with_log_dir(mut self, dir: PathBuf) -> Self {
+        self.log_dir = Some(dir);
+        self
     }
 
     /// Whether a refused identity may go through DPS again now: at most once an
@@ -112,6 +123,8 @@ struct Shared {
     pubacks: watch::Sender<u64>,
     http: pv_http::Client,
     log_state: Arc<Mutex<LogState>>,
+    /// The Device Update agent, when `device_update` is set.
+    adu: Option<Arc<Agent>>,
 }
 
 impl Shared {
@@ -195,7 +208,7 @@ impl AzureAdapter {
             .map_err(AdapterError::Config)?;
         let mut o = MqttOptions::new(client_id, host, port);
         o.set_credentials(
-            topics.username(&id.host, self.cfg.model_id.as_deref()),
+            topics.username(&id.host, self.cfg.announced_model()),
             id.password(lifetime)?,
         );
         o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs));
@@ -211,6 +224,7 @@ impl AzureAdapter {
         id: &Identity,
         desired: &mut Desired,
         http: &pv_http::Client,
+        adu: Option<&Arc<Agent>>,
     ) -> Result<End, AdapterError> {
         let (opts, lifetime) = self.options(id)?;
         let renew = match id.auth {
@@ -232,7 +246,14 @@ impl AzureAdapter {
             pubacks: watch::channel(0).0,
             http: http.clone(),
             log_state: self.log_state.clone(),
+            adu: adu.cloned(),
         });
+        if let Some(a) = adu {
+            a.set_device_name(match &id.module_id {
+                Some(m) => format!("{}/{m}", id.device_id),
+                None => id.device_id.clone(),
+            });
+        }
         // Acks survive reconnects: carry them over.
         sh.extra
             .send_modify(|x| *x = self.carry.lock().map(|c| c.clone()).unwrap_or_default());
@@ -462,6 +483,20 @@ impl AzureAdapter {
         // One HTTP client (system roots read once, connections pooled) for every
         // connection of this run.
         let http = http_client(&self.cfg)?;
+        let adu = match &self.cfg.device_update {
+            Some(du) => Some(
+                Agent::new(
+                    &self.name,
+                    du.clone(),
+                    self.work.clone(),
+                    http.clone(),
+                    link.clone(),
+                    self.log_dir.clone(),
+                )
+                .map_err(AdapterError::Config)?,
+            ),
+            None => None,
+        };
         let mut backoff = Duration::from_secs(1);
         loop {
             let started = Instant::now();
@@ -470,7 +505,10 @@ impl AzureAdapter {
                 _ = link.stopping() => return Ok(()),
             };
             let end = match id {
-                Ok(id) => self.connection(&link, &id, &mut desired, &http).await,
+                Ok(id) => {
+                    self.connection(&link, &id, &mut desired, &http, adu.as_ref())
+                        .await
+                }
                 // Unreachable DPS, unreadable or bad files: retried with the
                 // backoff (a fixed file or a network coming back is picked up).
                 Err(e) => Ok(End::Failed(e.to_string())),

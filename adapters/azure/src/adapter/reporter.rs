@@ -18,11 +18,15 @@ use crate::{report, twin};
 /// taken over these only.
 const OWNED_REPORTED: [&str; 3] = ["pantavisor", "revision", "userMeta"];
 
+/// The components the Device Update agent owns (when it is on).
+const ADU_COMPONENTS: [&str; 2] = ["deviceUpdate", "diagnosticInformation"];
+
 /// The part of a reported section the bridge owns.
-pub(super) fn owned(reported: &Value) -> Value {
+pub(super) fn owned(reported: &Value, adu: bool) -> Value {
     let mut out = serde_json::Map::new();
+    let adu_keys: &[&str] = if adu { &ADU_COMPONENTS } else { &[] };
     if let Value::Object(m) = reported {
-        for k in OWNED_REPORTED {
+        for &k in OWNED_REPORTED.iter().chain(adu_keys) {
             if let Some(v) = m.get(k) {
                 out.insert(k.to_owned(), v.clone());
             }
@@ -34,13 +38,15 @@ pub(super) fn owned(reported: &Value) -> Value {
 /// Keeps the reported section equal to [`report::reported`], starting from what
 /// the hub holds (`baseline`, from the twin GET).
 pub(super) async fn reporter(sh: Arc<Shared>, mut baseline: watch::Receiver<Option<Value>>) {
+    let adu = sh.adu.is_some();
     let Ok(mut have) = baseline
         .wait_for(Option::is_some)
         .await
-        .map(|b| owned(&b.clone().unwrap_or_else(|| json!({}))))
+        .map(|b| owned(&b.clone().unwrap_or_else(|| json!({})), adu))
     else {
         return;
     };
+    let mut components = sh.adu.as_ref().map(|a| a.subscribe());
     // A difference the hub refused (400): not sent again until it changes.
     let mut refused: Option<Value> = None;
     let mut view = sh.link.view();
@@ -54,10 +60,18 @@ pub(super) async fn reporter(sh: Arc<Shared>, mut baseline: watch::Receiver<Opti
         let doc = {
             let v = view.borrow_and_update();
             let x = extra.borrow_and_update();
-            report::reported(&sh.name, &v, &x, &sh.cfg.device_meta_keys)
+            let mut doc = report::reported(&sh.name, &v, &x, &sh.cfg.device_meta_keys);
+            if let (Some(c), Value::Object(d)) = (components.as_mut(), &mut doc) {
+                if let Value::Object(comps) = &*c.borrow_and_update() {
+                    d.extend(comps.clone());
+                }
+            }
+            doc
         };
         let mut sleep_for = None;
-        let patch = twin::diff(&have, &doc).filter(|p| refused.as_ref() != Some(p));
+        let patch = twin::diff(&have, &doc)
+            .map(mark_components)
+            .filter(|p| refused.as_ref() != Some(p));
         if let Some(patch) = patch {
             let urgent = last_urgent.as_ref() != Some(&report::urgency(&doc));
             if urgent || last_sent.elapsed() >= interval {
@@ -128,7 +142,26 @@ pub(super) async fn reporter(sh: Arc<Shared>, mut baseline: watch::Receiver<Opti
         tokio::select! {
             r = view.changed() => if r.is_err() { return },
             r = extra.changed() => if r.is_err() { return },
+            r = async {
+                match components.as_mut() {
+                    Some(c) => c.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if r.is_err() { return },
             _ = sleep => {}
         }
     }
+}
+
+/// Every component object a patch touches carries the PnP marker `"__t": "c"`
+/// (IoT Plug and Play convention), not only the first patch that made it.
+fn mark_components(mut patch: Value) -> Value {
+    if let Value::Object(m) = &mut patch {
+        for k in ADU_COMPONENTS {
+            if let Some(Value::Object(c)) = m.get_mut(k) {
+                c.insert("__t".into(), json!("c"));
+            }
+        }
+    }
+    patch
 }

@@ -17,6 +17,7 @@ pub mod result {
     pub const NO_LOGS: i64 = -1;
     pub const UPLOAD_FAILED: i64 = -2;
     pub const BAD_CREDENTIAL: i64 = -4;
+    pub const NO_COMPONENTS: i64 = -5;
     pub const NO_OPERATION_ID: i64 = -6;
     pub const NO_SAS_URL: i64 = -7;
 }

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use super::manifest::UpdateId;
-
 /// The model id announced at CONNECT when Device Update is on.
 pub const MODEL_ID: &str = "dtmi:azure:iot:deviceUpdateModel;3";
 /// `deviceProperties.contractModelId`.
@@ -174,10 +172,11 @@ pub fn in_progress(w: &Workflow) -> Value {
                                  "resultDetails": null, "stepResults": null}})
 }
 
-/// Shape C (and G, already installed): installed, with the deployed update's id.
-pub fn succeeded(w: &Workflow, installed: &UpdateId, steps: &[StepResult]) -> Value {
+/// Shape C (and G, already installed): installed, with the deployed update's id
+/// ([`super::manifest::UpdateId::to_json_string`]).
+pub fn succeeded(w: &Workflow, installed: &str, steps: &[StepResult]) -> Value {
     json!({"state": state::IDLE, "workflow": w.json(),
-           "installedUpdateId": installed.to_json_string(),
+           "installedUpdateId": installed,
            "lastInstallResult": {"resultCode": result::APPLY_SUCCESS, "extendedResultCodes": "00000000",
                                  "resultDetails": "", "stepResults": steps_json(steps)}})
 }

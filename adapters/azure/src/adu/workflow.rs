@@ -17,6 +17,14 @@ pub struct Record {
     /// The last workflow that ended in success.
     #[serde(default)]
     pub last_completed: Option<String>,
+    /// `installedUpdateId` (its JSON string) of the last update installed.
+    #[serde(default)]
+    pub installed: Option<String>,
+    /// The workflow part of the reported `agent` (shapes B to G), as decided:
+    /// reported until the twin holds it, and kept across restarts so a final
+    /// report is decided once.
+    #[serde(default)]
+    pub report: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +33,12 @@ pub struct Current {
     #[serde(default)]
     pub retry: Option<String>,
     pub phase: Phase,
+    /// The revision offered to the engine (`Switching`), without `locals/`.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// The `installedUpdateId` the deployment installs (`Switching`).
+    #[serde(default)]
+    pub update: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +51,31 @@ pub enum Phase {
     Succeeded,
     Failed,
     Cancelled,
+}
+
+impl Record {
+    /// The record kept at `path`; none yet is the empty record. A record that
+    /// cannot be read is reported and replaced (it is written durably, so this
+    /// takes a damaged disk).
+    pub fn load(path: &std::path::Path) -> Result<Record, String> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes the record durably (old or new after a power cut, never torn).
+    pub fn save(&self, path: &std::path::Path) -> Result<(), String> {
+        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        pv_adapter_api::durable::write_durable(path, &bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The running workflow, if any.
+    pub fn running(&self) -> Option<&Current> {
+        self.current.as_ref().filter(|c| c.phase.running())
+    }
 }
 
 impl Phase {
@@ -140,8 +179,11 @@ mod tests {
                 id: id.into(),
                 retry: retry.map(str::to_owned),
                 phase,
+                revision: None,
+                update: None,
             }),
             last_completed: (phase == Phase::Succeeded).then(|| id.to_owned()),
+            ..Record::default()
         }
     }
 
@@ -171,6 +213,7 @@ mod tests {
         let done = Record {
             current: None,
             last_completed: Some("w1".into()),
+            ..Record::default()
         };
         assert_eq!(decide(&deploy("w1", None), &done), Decision::Ignore);
         assert_eq!(

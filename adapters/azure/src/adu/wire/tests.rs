@@ -1,6 +1,7 @@
 //! The shapes of the reference (§2.3, §3.3, §4), with the golden desired value.
 
 use super::*;
+use crate::adu::manifest::UpdateId;
 
 fn golden() -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -103,7 +104,7 @@ fn reported_shapes_are_adus() {
         ercs: vec![],
         details: String::new(),
     };
-    let c = succeeded(&wf(None), &id, &[ok]);
+    let c = succeeded(&wf(None), &id.to_json_string(), &[ok]);
     assert_eq!(
         c["installedUpdateId"],
         r#"{"provider":"Contoso","name":"Virtual-Vacuum","version":"20.0"}"#
