@@ -158,12 +158,12 @@ impl Agent {
         if inner.diag_ack.is_some() || inner.diag_report.is_some() {
             let mut di = json!({"__t": "c"});
             if let Some((av, op)) = &inner.diag_ack {
-                di["service"] = diagnostics::ack(*av, op.as_deref())[diagnostics::COMPONENT]
-                    ["service"]
-                    .take();
+                di["service"] =
+                    diagnostics::ack(*av, op.as_deref())[diagnostics::COMPONENT]["service"].take();
             }
             if let Some((code, op)) = &inner.diag_report {
-                di["agent"] = diagnostics::report(*code, op)[diagnostics::COMPONENT]["agent"].take();
+                di["agent"] =
+                    diagnostics::report(*code, op)[diagnostics::COMPONENT]["agent"].take();
             }
             doc.insert(diagnostics::COMPONENT.into(), di);
         }
@@ -320,7 +320,13 @@ impl Agent {
                 });
             }
             _ => {
-                self.decided(inner, &w, Phase::Cancelled, wire::cancelled(&w, "cancelled"), None);
+                self.decided(
+                    inner,
+                    &w,
+                    Phase::Cancelled,
+                    wire::cancelled(&w, "cancelled"),
+                    None,
+                );
             }
         }
     }
@@ -349,14 +355,13 @@ impl Agent {
             inner.record.installed = Some(i);
         }
         inner.record.report = Some(report);
-        if !phase.running() {
-            if inner
+        if !phase.running()
+            && inner
                 .task
                 .as_ref()
                 .is_some_and(|t| t.id == w.id && t.retry == w.retry_timestamp)
-            {
-                inner.task = None;
-            }
+        {
+            inner.task = None;
         }
         self.save(inner);
         self.publish(inner);
@@ -384,7 +389,12 @@ impl Agent {
     pub(crate) fn fail(&self, w: &Workflow, erc: u32, details: &str, steps: &[StepResult]) {
         warn!(backend = %self.backend, workflow = %w.id, erc = %format!("{erc:08X}"), reason = %details, "Device Update deployment failed");
         let details = truncate(details, 1024);
-        self.report(w, Phase::Failed, wire::failed(w, &[erc], &details, steps), None);
+        self.report(
+            w,
+            Phase::Failed,
+            wire::failed(w, &[erc], &details, steps),
+            None,
+        );
     }
 
     /// Notes the revision offered for `w` (before the offer goes).

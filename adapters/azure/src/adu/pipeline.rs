@@ -239,7 +239,8 @@ async fn follow(
 /// compatibility and the plan. Downloads only the package and child manifests.
 async fn check(agent: &Agent, d: &Deploy, dir: &Path) -> Result<Checked, Fail> {
     let trust = trust(agent, d.root_key_package_url.as_deref()).await?;
-    super::jws::verify(&d.signature, &d.manifest, &trust).map_err(|r| fail(r.erc(), r.to_string()))?;
+    super::jws::verify(&d.signature, &d.manifest, &trust)
+        .map_err(|r| fail(r.erc(), r.to_string()))?;
     let mut m = Manifest::parse(&d.manifest).map_err(|e| fail(erc::MANIFEST_INVALID, e.0))?;
     if let Some(id) = m.detached.clone() {
         let bytes = small_file(agent, d, &m.files, &id, dir).await?;
@@ -307,23 +308,26 @@ async fn trust(agent: &Agent, url: Option<&str>) -> Result<Trust, Fail> {
     let bytes = match url {
         Some(url) => {
             let shown = pv_http::redact(url);
-            let resp = agent
-                .http
-                .get(url)
-                .send()
-                .await
-                .map_err(|e| fail(erc::DOWNLOAD_FAILED, format!("root key package {shown}: {e}")))?;
+            let resp = agent.http.get(url).send().await.map_err(|e| {
+                fail(
+                    erc::DOWNLOAD_FAILED,
+                    format!("root key package {shown}: {e}"),
+                )
+            })?;
             if resp.status != 200 {
                 return Err(fail(
                     erc::DOWNLOAD_FAILED,
                     format!("root key package {shown}: HTTP {}", resp.status),
                 ));
             }
-            let b = resp
-                .bytes(MAX_SMALL_FILE)
-                .await
-                .map_err(|e| fail(erc::DOWNLOAD_FAILED, format!("root key package {shown}: {e}")))?;
-            let pkg = Package::parse(&b).map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
+            let b = resp.bytes(MAX_SMALL_FILE).await.map_err(|e| {
+                fail(
+                    erc::DOWNLOAD_FAILED,
+                    format!("root key package {shown}: {e}"),
+                )
+            })?;
+            let pkg =
+                Package::parse(&b).map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
             pkg.validate(&agent.roots, production)
                 .map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
             if std::fs::read(&stored).ok().as_deref() != Some(&b[..]) {
@@ -360,7 +364,10 @@ fn safe(id: &str) -> Result<&str, Fail> {
     if ok {
         Ok(id)
     } else {
-        Err(fail(erc::MANIFEST_INVALID, format!("file id {id:?} is not usable")))
+        Err(fail(
+            erc::MANIFEST_INVALID,
+            format!("file id {id:?} is not usable"),
+        ))
     }
 }
 
@@ -372,9 +379,12 @@ async fn fetch(
     id: &str,
     dir: &Path,
 ) -> Result<PathBuf, Fail> {
-    let entry = files
-        .get(id)
-        .ok_or_else(|| fail(erc::MANIFEST_INVALID, format!("file id {id} is not in the manifest")))?;
+    let entry = files.get(id).ok_or_else(|| {
+        fail(
+            erc::MANIFEST_INVALID,
+            format!("file id {id} is not in the manifest"),
+        )
+    })?;
     let url = d.file_urls.get(id).ok_or_else(|| {
         fail(
             erc::DOWNLOAD_FAILED,
@@ -398,7 +408,10 @@ async fn small_file(
     id: &str,
     dir: &Path,
 ) -> Result<Vec<u8>, Fail> {
-    if files.get(id).is_some_and(|f| f.size > MAX_SMALL_FILE as u64) {
+    if files
+        .get(id)
+        .is_some_and(|f| f.size > MAX_SMALL_FILE as u64)
+    {
         return Err(fail(
             erc::MANIFEST_INVALID,
             format!("the child manifest {id} is larger than {MAX_SMALL_FILE} bytes"),
@@ -454,8 +467,10 @@ async fn running_state(agent: &Agent) -> Result<Vec<u8>, Fail> {
         .link
         .device()
         .ok_or_else(|| fail(erc::OVERLAY_FAILED, "the device store is not available"))?;
-    store
-        .state(&running)
-        .await
-        .map_err(|e| fail(erc::OVERLAY_FAILED, format!("the running revision {running}: {e}")))
+    store.state(&running).await.map_err(|e| {
+        fail(
+            erc::OVERLAY_FAILED,
+            format!("the running revision {running}: {e}"),
+        )
+    })
 }

@@ -49,9 +49,12 @@ pub fn select(revision_dir: &Path, now: SystemTime) -> Vec<Part> {
         let mut files = Vec::new();
         collect(&src.path(), "", &mut files);
         files.retain(|(_, _, len, modified)| {
-            *len > 0 && now.duration_since(*modified).map_or(true, |age| age <= WINDOW)
+            *len > 0
+                && now
+                    .duration_since(*modified)
+                    .map_or(true, |age| age <= WINDOW)
         });
-        files.sort_by(|a, b| b.3.cmp(&a.3));
+        files.sort_by_key(|f| std::cmp::Reverse(f.3));
         let mut left = BUDGET;
         for (name, path, len, _) in files {
             if left == 0 {

@@ -26,6 +26,7 @@
 //! [`FakeIotHub::outage`] (a restart: every connection dropped and new ones
 //! refused for a while).
 
+pub mod adu;
 mod mqtt;
 pub mod sas;
 mod service;
