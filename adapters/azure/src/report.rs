@@ -68,7 +68,8 @@ fn update_json(p: &pv_adapter_api::Progress) -> Value {
     })
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

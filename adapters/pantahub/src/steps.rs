@@ -201,19 +201,13 @@ impl Hub {
                 return false;
             }
         }
-        let body = if p.status.is_final() {
-            // The body remembered when the final was decided, sent as it was.
-            let known = self.memory().finals.get(&a.rev).cloned();
-            known.unwrap_or_else(|| {
-                wire::progress_body(
-                    &p,
-                    a.owner_cancel,
-                    a.download_started,
-                    unix_now(),
-                    a.retries,
-                )
-            })
+        // A final goes with the body remembered when it was decided, as it was.
+        let known = if p.status.is_final() {
+            self.memory().finals.get(&a.rev).cloned()
         } else {
+            None
+        };
+        let body = known.unwrap_or_else(|| {
             wire::progress_body(
                 &p,
                 a.owner_cancel,
@@ -221,7 +215,7 @@ impl Hub {
                 unix_now(),
                 a.retries,
             )
-        };
+        });
         let path = format!("/trails/{device}/steps/{}/progress", a.rev);
         a.last_put = Some(Instant::now());
         match self

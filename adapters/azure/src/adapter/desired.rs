@@ -95,6 +95,16 @@ pub(super) struct Desired {
     pub(super) diag_service: Option<Value>,
 }
 
+/// The non-null value at `pointer` when it differs from `seen` (which takes it).
+fn changed(seen: &mut Option<Value>, doc: &Value, pointer: &str) -> Option<Value> {
+    let now = doc.pointer(pointer).filter(|v| !v.is_null());
+    if now == seen.as_ref() {
+        return None;
+    }
+    *seen = now.cloned();
+    now.cloned()
+}
+
 impl Desired {
     /// Acts on what changed in the desired section.
     pub(super) fn process(&mut self, sh: &Arc<Shared>) {
@@ -103,25 +113,15 @@ impl Desired {
         if let Some(agent) = &sh.adu {
             // Each component's `service`, acted on when it changed (a reconnect's
             // GET brings the same value again: the record decides what it means).
-            let s = doc
-                .pointer("/deviceUpdate/service")
-                .cloned()
-                .filter(|v| !v.is_null());
-            if s != self.adu_service {
-                self.adu_service = s.clone();
-                if let Some(s) = s {
-                    agent.service(av, &s);
-                }
+            if let Some(s) = changed(&mut self.adu_service, doc, "/deviceUpdate/service") {
+                agent.service(av, &s);
             }
-            let s = doc
-                .pointer("/diagnosticInformation/service")
-                .cloned()
-                .filter(|v| !v.is_null());
-            if s != self.diag_service {
-                self.diag_service = s.clone();
-                if let Some(s) = s {
-                    agent.diagnostics(av, &s);
-                }
+            if let Some(s) = changed(
+                &mut self.diag_service,
+                doc,
+                "/diagnosticInformation/service",
+            ) {
+                agent.diagnostics(av, &s);
             }
         }
         let um = doc.get("userMeta").cloned();

@@ -249,10 +249,7 @@ impl AzureAdapter {
             adu: adu.cloned(),
         });
         if let Some(a) = adu {
-            a.set_device_name(match &id.module_id {
-                Some(m) => format!("{}/{m}", id.device_id),
-                None => id.device_id.clone(),
-            });
+            a.set_device_name(topics.client_id());
         }
         // Acks survive reconnects: carry them over.
         sh.extra

@@ -22,6 +22,7 @@ use super::jws::{self, RootKey};
 use super::wire::{self, Service, StepResult, Workflow};
 use super::workflow::{Current, Decision, Phase, Record, decide};
 use super::{pipeline, upload};
+use crate::report::truncate;
 
 /// A deployment running in its task.
 struct Task {
@@ -341,12 +342,9 @@ impl Agent {
         report: Value,
         installed: Option<String>,
     ) -> bool {
-        let Some(c) = inner.record.current.as_mut() else {
+        let Some(c) = inner.record.current_of(w) else {
             return false;
         };
-        if c.id != w.id || c.retry != w.retry_timestamp {
-            return false;
-        }
         c.phase = phase;
         if phase == Phase::Succeeded {
             inner.record.last_completed = Some(w.id.clone());
@@ -400,12 +398,9 @@ impl Agent {
     /// Notes the revision offered for `w` (before the offer goes).
     pub(crate) fn switching(&self, w: &Workflow, revision: &str, update: &str) -> bool {
         let mut inner = self.lock();
-        let Some(c) = inner.record.current.as_mut() else {
+        let Some(c) = inner.record.current_of(w) else {
             return false;
         };
-        if c.id != w.id || c.retry != w.retry_timestamp {
-            return false;
-        }
         c.phase = Phase::Switching;
         c.revision = Some(revision.to_owned());
         c.update = Some(update.to_owned());
@@ -463,16 +458,4 @@ fn svc_id(s: &Service) -> String {
         Service::Deploy { workflow, .. } | Service::Cancel { workflow } => workflow.id.clone(),
         Service::Ignored { action } => format!("action {action}"),
     }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }

@@ -177,7 +177,7 @@ async fn finish(
             details.push_str("; logs: ");
             details.push_str(logs);
         }
-        let r = step_results(steps, 0, &[code], &super::agent::truncate(&details, 512));
+        let r = step_results(steps, 0, &[code], &crate::report::truncate(&details, 512));
         agent.fail(w, code, &details, &r);
     }
 }
@@ -305,41 +305,38 @@ async fn check(agent: &Agent, d: &Deploy, dir: &Path) -> Result<Checked, Fail> {
 async fn trust(agent: &Agent, url: Option<&str>) -> Result<Trust, Fail> {
     let stored = agent.dir.join(STORED_PACKAGE);
     let production = !agent.testing();
-    let bytes = match url {
-        Some(url) => {
-            let shown = pv_http::redact(url);
-            let resp = agent.http.get(url).send().await.map_err(|e| {
-                fail(
-                    erc::DOWNLOAD_FAILED,
-                    format!("root key package {shown}: {e}"),
-                )
-            })?;
-            if resp.status != 200 {
-                return Err(fail(
-                    erc::DOWNLOAD_FAILED,
-                    format!("root key package {shown}: HTTP {}", resp.status),
-                ));
-            }
-            let b = resp.bytes(MAX_SMALL_FILE).await.map_err(|e| {
-                fail(
-                    erc::DOWNLOAD_FAILED,
-                    format!("root key package {shown}: {e}"),
-                )
-            })?;
-            let pkg =
-                Package::parse(&b).map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
-            pkg.validate(&agent.roots, production)
-                .map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
-            if std::fs::read(&stored).ok().as_deref() != Some(&b[..]) {
-                if let Err(e) = pv_adapter_api::durable::write_durable(&stored, &b) {
-                    warn!(backend = %agent.backend, error = %e, "the root key package was not stored");
-                }
-            }
-            Some(b)
+    if let Some(url) = url {
+        let shown = pv_http::redact(url);
+        let resp = agent.http.get(url).send().await.map_err(|e| {
+            fail(
+                erc::DOWNLOAD_FAILED,
+                format!("root key package {shown}: {e}"),
+            )
+        })?;
+        if resp.status != 200 {
+            return Err(fail(
+                erc::DOWNLOAD_FAILED,
+                format!("root key package {shown}: HTTP {}", resp.status),
+            ));
         }
-        None => std::fs::read(&stored).ok(),
-    };
-    if let Some(b) = bytes {
+        let b = resp.bytes(MAX_SMALL_FILE).await.map_err(|e| {
+            fail(
+                erc::DOWNLOAD_FAILED,
+                format!("root key package {shown}: {e}"),
+            )
+        })?;
+        let pkg =
+            Package::parse(&b).map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
+        pkg.validate(&agent.roots, production)
+            .map_err(|e| fail(e.erc(), format!("root key package: {e}")))?;
+        if std::fs::read(&stored).ok().as_deref() != Some(&b[..]) {
+            if let Err(e) = pv_adapter_api::durable::write_durable(&stored, &b) {
+                warn!(backend = %agent.backend, error = %e, "the root key package was not stored");
+            }
+        }
+        return Ok(pkg.trust(&agent.roots));
+    }
+    if let Ok(b) = std::fs::read(&stored) {
         match Package::parse(&b).and_then(|p| p.validate(&agent.roots, production).map(|_| p)) {
             Ok(p) => return Ok(p.trust(&agent.roots)),
             Err(e) => {

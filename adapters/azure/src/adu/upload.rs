@@ -47,7 +47,7 @@ pub fn select(revision_dir: &Path, now: SystemTime) -> Vec<Part> {
             continue;
         }
         let mut files = Vec::new();
-        collect(&src.path(), "", &mut files);
+        collect(&src.path(), "", 0, &mut files);
         files.retain(|(_, _, len, modified)| {
             *len > 0
                 && now
@@ -73,7 +73,15 @@ pub fn select(revision_dir: &Path, now: SystemTime) -> Vec<Part> {
     out
 }
 
-fn collect(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf, u64, SystemTime)>) {
+/// Sub-directories of a source followed this deep (their names join with `.`).
+const DEPTH: usize = 4;
+
+fn collect(
+    dir: &Path,
+    prefix: &str,
+    depth: usize,
+    out: &mut Vec<(String, PathBuf, u64, SystemTime)>,
+) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -81,8 +89,8 @@ fn collect(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf, u64, System
         let name = format!("{prefix}{}", e.file_name().to_string_lossy());
         let Ok(meta) = e.metadata() else { continue };
         if meta.is_dir() {
-            if prefix.matches('.').count() < 4 {
-                collect(&e.path(), &format!("{name}."), out);
+            if depth < DEPTH {
+                collect(&e.path(), &format!("{name}."), depth + 1, out);
             }
         } else if meta.is_file() {
             let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);

@@ -72,6 +72,14 @@ impl Record {
             .map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// The current workflow when it is `w` (same id and retry): `None` once
+    /// another replaced it.
+    pub fn current_of(&mut self, w: &Workflow) -> Option<&mut Current> {
+        self.current
+            .as_mut()
+            .filter(|c| c.id == w.id && c.retry == w.retry_timestamp)
+    }
+
     /// The running workflow, if any.
     pub fn running(&self) -> Option<&Current> {
         self.current.as_ref().filter(|c| c.phase.running())
