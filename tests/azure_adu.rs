@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use azurekit::{Bridge, Env, env_with, wait};
+use azurekit::{Bridge, Env, KEY, env_with, wait};
 use base64::Engine;
 use pv_testkit::iothub::adu::{AduService, Update};
 use serde_json::{Value, json};
@@ -323,7 +323,7 @@ async fn a_failing_revision_is_reported_failed_and_rolled_back() {
         &a,
         "1.0.2",
         b"bad app",
-        json!({"_sim/behaviour.json": {"outcome": "error", "container": "app"}}),
+        json!({"_sim/behaviour.json": {"outcome": "error", "container": "app", "unless": "network-up"}}),
     );
     a.svc
         .deploy(&a.e.hub, &["dev-1"], &u, "wf-bad", None)
@@ -341,6 +341,44 @@ async fn a_failing_revision_is_reported_failed_and_rolled_back() {
     );
     assert!(r.get("installedUpdateId").is_none(), "{r}");
     assert_eq!(a.e.d.sim.as_ref().unwrap().running(), "0");
+
+    // The fault was transient: a retry of the same update runs it again, under
+    // a new revision name (the failed one keeps its final status on the device).
+    std::fs::write(a.e.d.storage().join("network-up"), b"").unwrap();
+    let retry = "2026-11-30T12:00:00.0000000Z";
+    a.svc
+        .deploy(&a.e.hub, &["dev-1"], &u, "wf-bad", Some(retry))
+        .unwrap();
+    let r = wait(&b, "the retry's success", Duration::from_secs(90), || {
+        let r = a.agent();
+        (r["workflow"]["retryTimestamp"] == retry && r["state"] == 0).then_some(r)
+    })
+    .await;
+    assert_eq!(r["lastInstallResult"]["resultCode"], 700, "{r}");
+    assert!(
+        r["installedUpdateId"].as_str().unwrap().contains("1.0.2"),
+        "{r}"
+    );
+    assert_eq!(a.e.d.sim.as_ref().unwrap().running(), "locals/1.0.2-retry2");
+    // A new deployment of the same update finds it installed: no download.
+    let seen = a.downloads();
+    a.svc
+        .deploy(&a.e.hub, &["dev-1"], &u, "wf-again", None)
+        .unwrap();
+    let r = a
+        .final_report(&b, "wf-again", Duration::from_secs(30))
+        .await;
+    assert_eq!(r["lastInstallResult"]["resultCode"], 700, "{r}");
+    assert_eq!(
+        a.downloads(),
+        seen,
+        "an installed update is not downloaded again"
+    );
+    assert_eq!(
+        a.reports("wf-again", 6),
+        0,
+        "no In progress for an installed update"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -567,4 +605,97 @@ async fn diagnostics_upload_the_log_tree_once_without_the_sas() {
     let sig = sig.split("sig=").nth(1).unwrap();
     assert!(!a.e.reported().to_string().contains(sig));
     assert!(!b.log_text().contains(sig));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_deployment_reaches_the_compatible_members_only() {
+    let a = setup().await;
+    // A second device with its own pv-sim and bridge, in the same group.
+    let d2 = common::start_with(pv_testkit::sim::Generation::Gen2, |_| {}).await;
+    let conn2 = a.e.hub.add_device("dev-2", KEY);
+    let conn2_file = d2.dir.path().join("azure.conn");
+    std::fs::write(&conn2_file, format!("{conn2}\n")).unwrap();
+    let b1 = a.bridge();
+    let b2 = Bridge::start(
+        &d2,
+        &a.e.hub,
+        &a.e.pki,
+        &format!(
+            "report_interval_secs = 1\nlog_interval_secs = 0\nconnection_string_file = \"{}\"\n\
+             device_update = {{ manufacturer = \"pantacor\", model = \"pv-sim\", test_root_keys_file = \"{}\" }}\n",
+            conn2_file.display(),
+            a.keys.display()
+        ),
+        "",
+    );
+    // dev-3 is in the group but another model; dev-4 is the right model
+    // outside the group; dev-5 never reported an agent.
+    for (id, model, group) in [
+        ("dev-3", Some("other-board"), Some("field")),
+        ("dev-4", Some("pv-sim"), None),
+        ("dev-5", None, Some("field")),
+    ] {
+        a.e.hub.add_device(id, KEY);
+        if let Some(model) = model {
+            a.e.hub.set_reported(
+                id,
+                json!({"deviceUpdate": {"__t": "c", "agent": {"state": 0,
+                    "compatPropertyNames": "manufacturer,model",
+                    "deviceProperties": {"manufacturer": "pantacor", "model": model}}}}),
+            );
+        }
+        if let Some(g) = group {
+            a.e.hub.update_tags(id, json!({"ADUGroup": g})).unwrap();
+        }
+    }
+    for id in ["dev-1", "dev-2"] {
+        a.e.hub
+            .update_tags(id, json!({"ADUGroup": "field"}))
+            .unwrap();
+    }
+    // Both bridges announce their agent before the group is deployed to.
+    wait(&b1, "both agents reported", Duration::from_secs(30), || {
+        ["dev-1", "dev-2"]
+            .iter()
+            .all(|id| {
+                a.e.hub.reported(id)["deviceUpdate"]["agent"]["deviceProperties"]["model"]
+                    == "pv-sim"
+            })
+            .then_some(())
+    })
+    .await;
+    let u = app_package(&a, "2.0.0", b"group app", json!({}));
+    let targeted = a
+        .svc
+        .deploy_group(&a.e.hub, "field", &u, "wf-group", None)
+        .unwrap();
+    assert_eq!(targeted, ["dev-1", "dev-2"]);
+    for (id, b) in [("dev-1", &b1), ("dev-2", &b2)] {
+        let r = wait(
+            b,
+            &format!("{id}'s success"),
+            Duration::from_secs(90),
+            || {
+                let r = a.e.hub.reported(id)["deviceUpdate"]["agent"].clone();
+                (r["workflow"]["id"] == "wf-group" && r["state"] == 0).then_some(r)
+            },
+        )
+        .await;
+        assert_eq!(r["lastInstallResult"]["resultCode"], 700, "{id}: {r}");
+        assert!(
+            r["installedUpdateId"].as_str().unwrap().contains("2.0.0"),
+            "{id}: {r}"
+        );
+    }
+    assert_eq!(a.e.d.sim.as_ref().unwrap().running(), "locals/2.0.0");
+    assert_eq!(d2.sim.as_ref().unwrap().running(), "locals/2.0.0");
+    for id in ["dev-3", "dev-4", "dev-5"] {
+        assert!(
+            a.e.hub.twin(id)["desired"].get("deviceUpdate").is_none(),
+            "{id} was not targeted"
+        );
+    }
+    // The object of each file was fetched once per device, not more.
+    let per_file = a.svc.files.seen().len();
+    assert_eq!(per_file, 4, "{:?}", a.svc.files.seen());
 }

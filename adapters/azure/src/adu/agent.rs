@@ -250,6 +250,8 @@ impl Agent {
         }
         if withdraw {
             if let Some(rev) = inner.record.running().and_then(|c| c.revision.clone()) {
+                // Withdrawn, its name has a final status in the engine.
+                inner.record.ended(&rev, false);
                 let link = self.link.clone();
                 tokio::spawn(async move {
                     let _ = link.send(BackendEvent::Cancel { id: rev }).await;
@@ -346,6 +348,12 @@ impl Agent {
             return false;
         };
         c.phase = phase;
+        let offered = c.revision.clone();
+        if !phase.running() {
+            if let Some(rev) = &offered {
+                inner.record.ended(rev, phase == Phase::Succeeded);
+            }
+        }
         if phase == Phase::Succeeded {
             inner.record.last_completed = Some(w.id.clone());
         }
@@ -393,6 +401,17 @@ impl Agent {
             wire::failed(w, &[erc], &details, steps),
             None,
         );
+    }
+
+    /// The revision name for the next attempt at `revision` (see
+    /// [`Record::attempt`]).
+    pub(crate) fn attempt(&self, revision: &str) -> String {
+        self.lock().record.attempt(revision)
+    }
+
+    /// Whether the running revision installed `update` under a retry's name.
+    pub(crate) fn installed_as(&self, update: &str, running: Option<&str>) -> bool {
+        self.lock().record.installed_as(update, running)
     }
 
     /// Notes the revision offered for `w` (before the offer goes).

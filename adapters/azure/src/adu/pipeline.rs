@@ -94,7 +94,9 @@ pub(crate) async fn run(agent: Arc<Agent>, d: Deploy, mut cancel: watch::Receive
     };
     let update = c.update.to_json_string();
     let running = agent.link.view().borrow().running.clone();
-    if handlers::installed(std::slice::from_ref(&c.plan), running.as_deref()) {
+    if handlers::installed(std::slice::from_ref(&c.plan), running.as_deref())
+        || agent.installed_as(&update, running.as_deref())
+    {
         info!(backend = %agent.backend, workflow = %w.id, update = %update, "the update is already installed");
         let steps = step_results(c.steps, 700, &[], "");
         agent.report(
@@ -116,13 +118,16 @@ pub(crate) async fn run(agent: Arc<Agent>, d: Deploy, mut cancel: watch::Receive
             return;
         }
     };
-    let offer = match offer {
+    let mut offer = match offer {
         Ok(o) => o,
         Err(f) => {
             let steps = step_results(c.steps, 0, &[f.erc], &f.reason);
             return agent.fail(&w, f.erc, &f.reason, &steps);
         }
     };
+    // A name whose offer already ended has its final status in the engine's
+    // journal and in Pantavisor's trail: another attempt needs another name.
+    offer.id = agent.attempt(&offer.id);
     let rev = offer.id.clone();
     if !agent.switching(&w, &rev, &update) {
         return;

@@ -25,7 +25,19 @@ pub struct Record {
     /// report is decided once.
     #[serde(default)]
     pub report: Option<serde_json::Value>,
+    /// The revision (without `locals/`) that installed `installed`, when it is
+    /// not the plain `installedCriteria` (a retry's revision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_revision: Option<String>,
+    /// Revisions offered to the engine that ended without success (newest
+    /// last). The engine's journal and Pantavisor's trail keep their final
+    /// status, so the next attempt at the same update needs another name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spent: Vec<String>,
 }
+
+/// How many spent revision names the record keeps.
+const KEEP_SPENT: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Current {
@@ -83,6 +95,50 @@ impl Record {
     /// The running workflow, if any.
     pub fn running(&self) -> Option<&Current> {
         self.current.as_ref().filter(|c| c.phase.running())
+    }
+
+    /// The revision name for the next attempt at installing `revision`: the
+    /// name itself while no offer of it ended, else `<revision>-retry<n>` with
+    /// the first `n` from 2 not spent (shortened at the front to stay within
+    /// the engine's 64 characters).
+    pub fn attempt(&self, revision: &str) -> String {
+        if !self.spent.iter().any(|s| s == revision) {
+            return revision.to_owned();
+        }
+        (2u32..)
+            .map(|n| {
+                let suffix = format!("-retry{n}");
+                let keep = revision.len().min(64 - suffix.len());
+                let mut cut = keep;
+                while !revision.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                format!("{}{suffix}", &revision[..cut])
+            })
+            .find(|name| !self.spent.iter().any(|s| s == name))
+            .unwrap_or_else(|| revision.to_owned())
+    }
+
+    /// Notes the end of an offered revision: a success installs it, anything
+    /// else spends its name.
+    pub fn ended(&mut self, revision: &str, success: bool) {
+        if success {
+            self.installed_revision = Some(revision.to_owned());
+            self.spent.retain(|s| s != revision);
+        } else if !self.spent.iter().any(|s| s == revision) {
+            self.spent.push(revision.to_owned());
+            let over = self.spent.len().saturating_sub(KEEP_SPENT);
+            self.spent.drain(..over);
+        }
+    }
+
+    /// Whether `running` (a Pantavisor revision) is the revision that
+    /// installed `update` (an `installedUpdateId`).
+    pub fn installed_as(&self, update: &str, running: Option<&str>) -> bool {
+        let Some(rev) = running.and_then(|r| r.strip_prefix("locals/")) else {
+            return false;
+        };
+        self.installed.as_deref() == Some(update) && self.installed_revision.as_deref() == Some(rev)
     }
 }
 
@@ -265,6 +321,49 @@ mod tests {
             Decision::Idle
         );
         assert_eq!(decide(&cancel(), &Record::default()), Decision::Idle);
+    }
+
+    #[test]
+    fn an_attempt_after_a_failed_one_gets_a_new_revision_name() {
+        let mut r = Record::default();
+        assert_eq!(r.attempt("1.0.1"), "1.0.1");
+        r.ended("1.0.1", false);
+        assert_eq!(r.attempt("1.0.1"), "1.0.1-retry2");
+        r.ended("1.0.1-retry2", false);
+        assert_eq!(r.attempt("1.0.1"), "1.0.1-retry3");
+        assert_eq!(r.attempt("1.0.2"), "1.0.2", "other updates are untouched");
+        r.ended("1.0.1-retry3", true);
+        assert_eq!(r.installed_revision.as_deref(), Some("1.0.1-retry3"));
+        r.installed = Some("u1".into());
+        assert!(r.installed_as("u1", Some("locals/1.0.1-retry3")));
+        assert!(!r.installed_as("u2", Some("locals/1.0.1-retry3")));
+        assert!(!r.installed_as("u1", Some("locals/1.0.1")));
+        assert!(
+            !r.installed_as("u1", Some("1.0.1-retry3")),
+            "a hub revision is not it"
+        );
+        assert!(!r.installed_as("u1", None));
+        // A failure spends a name once; the list stays bounded.
+        r.ended("1.0.1", false);
+        assert_eq!(r.spent.iter().filter(|s| *s == "1.0.1").count(), 1);
+        for i in 0..200 {
+            r.ended(&format!("x{i}"), false);
+        }
+        assert_eq!(r.spent.len(), KEEP_SPENT);
+        assert_eq!(r.spent.last().map(String::as_str), Some("x199"));
+    }
+
+    #[test]
+    fn a_long_revision_name_is_shortened_to_fit_the_engine() {
+        let long = "v".repeat(64);
+        let mut r = Record::default();
+        r.ended(&long, false);
+        let next = r.attempt(&long);
+        assert_eq!(next.len(), 64);
+        assert!(next.ends_with("-retry2"), "{next}");
+        r.ended(&next, false);
+        let third = r.attempt(&long);
+        assert!(third.ends_with("-retry3") && third.len() == 64, "{third}");
     }
 
     #[test]

@@ -29,6 +29,34 @@ use crate::objects::ObjectServer;
 pub const ROOT_KID: &str = "PVB.TEST.R";
 pub const SIGNING_KID: &str = "PVB.TEST.S";
 
+/// Whether a device's reported Device Update agent belongs to a device class
+/// one of the `compatibility` entries matches.
+fn device_class_matches(reported: &Value, compat: &[Value]) -> bool {
+    let du = &reported["deviceUpdate"];
+    let agent = &du["agent"];
+    if du["__t"] != "c" || !agent.is_object() {
+        return false;
+    }
+    let props = &agent["deviceProperties"];
+    let names: Vec<&str> = agent["compatPropertyNames"]
+        .as_str()
+        .unwrap_or("manufacturer,model")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    compat.iter().any(|entry| {
+        names.iter().all(|name| {
+            let mut chars = name.chars();
+            let aliased = chars
+                .next()
+                .map(|c| format!("device{}{}", c.to_ascii_uppercase(), chars.as_str()))
+                .unwrap_or_default();
+            let want = entry.get(*name).or_else(|| entry.get(&aliased));
+            want.is_some() && want == props.get(*name)
+        })
+    })
+}
+
 /// An imported update as the service delivers it.
 #[derive(Debug, Clone)]
 pub struct Update {
@@ -285,6 +313,40 @@ impl AduService {
             hub.update_desired(d, json!({"deviceUpdate": self.service(u, workflow, retry)}))?;
         }
         Ok(())
+    }
+
+    /// Deploys `u` to a device group as the service does (reference §6.1): the
+    /// group is the devices whose twin tag `ADUGroup` is `group` (those
+    /// without the tag are `$default`); of those, only devices that reported
+    /// the Device Update agent (`deviceUpdate` component with `agent`) and
+    /// whose compatibility properties (`compatPropertyNames` of their
+    /// `deviceProperties`, default `manufacturer,model`) match one of the
+    /// update's `compatibility` entries get the deployment. An entry's key
+    /// `deviceManufacturer` stands for `manufacturer`, as imports spell it.
+    /// Returns the devices deployed to, sorted.
+    pub fn deploy_group(
+        &self,
+        hub: &FakeIotHub,
+        group: &str,
+        u: &Update,
+        workflow: &str,
+        retry: Option<&str>,
+    ) -> Result<Vec<String>, String> {
+        let manifest: Value = serde_json::from_str(&u.manifest).map_err(|e| e.to_string())?;
+        let compat = manifest["compatibility"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let members: Vec<String> = hub
+            .device_ids()
+            .into_iter()
+            .filter(|id| !id.contains('/'))
+            .filter(|id| hub.tags(id)["ADUGroup"].as_str().unwrap_or("$default") == group)
+            .filter(|id| device_class_matches(&hub.reported(id), &compat))
+            .collect();
+        let ids: Vec<&str> = members.iter().map(String::as_str).collect();
+        self.deploy(hub, &ids, u, workflow, retry)?;
+        Ok(members)
     }
 
     /// Cancels the deployment on each device ("nodeployment", null members).

@@ -129,6 +129,8 @@ pub(crate) struct DeviceRec {
     pub methods: HashMap<String, oneshot::Sender<(u16, Value)>>,
     /// What the hub bills for this device.
     pub meter: Meter,
+    /// The twin's tags: set by the back end only, never seen by the device.
+    pub tags: Map<String, Value>,
 }
 
 /// What IoT Hub bills a device's traffic against the daily message quota: every
@@ -177,6 +179,7 @@ impl Default for DeviceRec {
             patches: Vec::new(),
             methods: HashMap::new(),
             meter: Meter::default(),
+            tags: Map::new(),
         }
     }
 }
@@ -539,6 +542,35 @@ impl FakeIotHub {
 
     pub fn reported(&self, id: &str) -> Value {
         self.twin(id)["reported"].clone()
+    }
+
+    /// Merges `patch` into a device's twin tags (a back-end twin update; the
+    /// device is not told: tags are not part of the device's twin view).
+    pub fn update_tags(&self, id: &str, patch: Value) -> Result<(), String> {
+        let Value::Object(p) = &patch else {
+            return Err("the tags patch must be a JSON object".into());
+        };
+        let mut st = self.inner.lock();
+        let d = st
+            .devices
+            .get_mut(id)
+            .ok_or_else(|| format!("no device {id:?}"))?;
+        merge(&mut d.tags, p);
+        Ok(())
+    }
+
+    /// A device's twin tags.
+    pub fn tags(&self, id: &str) -> Value {
+        self.inner
+            .lock()
+            .devices
+            .get(id)
+            .map_or(Value::Null, |d| Value::Object(d.tags.clone()))
+    }
+
+    /// Every registered identity (devices and `{device}/{module}`).
+    pub fn device_ids(&self) -> Vec<String> {
+        self.inner.lock().devices.keys().cloned().collect()
     }
 
     /// A back-end desired update: merged, versioned, and pushed to the device

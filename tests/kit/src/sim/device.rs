@@ -254,7 +254,7 @@ impl Device {
                     msg: "Object validation went wrong".into(),
                 }
             } else {
-                dev.phase_for(&dev.rev.outcome(), now, true)
+                dev.phase_for(&dev.rev.outcome(&dev.cfg.storage), now, true)
             };
             dev.update = Some(Update {
                 rev: t,

@@ -120,10 +120,21 @@ impl Rev {
             .collect()
     }
 
-    pub fn outcome(&self) -> Outcome {
+    /// The revision's fate on a device whose storage is `storage`: a
+    /// behaviour with `"unless": "<path>"` does not apply once
+    /// `<storage>/<path>` exists (a transient fault that went away).
+    pub fn outcome(&self, storage: &std::path::Path) -> Outcome {
         let Some(b) = self.doc.get("_sim/behaviour.json") else {
             return Outcome::Normal;
         };
+        let cured = b
+            .get("unless")
+            .and_then(Value::as_str)
+            .filter(|p| !p.starts_with('/') && !p.split('/').any(|c| c == ".."))
+            .is_some_and(|p| storage.join(p).exists());
+        if cured {
+            return Outcome::Normal;
+        }
         let msg = b.get("message").and_then(Value::as_str);
         match b.get("outcome").and_then(Value::as_str) {
             Some("error") => Outcome::Error(

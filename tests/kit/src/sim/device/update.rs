@@ -99,7 +99,7 @@ impl Device {
     /// like Pantavisor's (golden output of `lifecycle/reboot-nonreboot-rollback`).
     fn fail(&mut self, rev: &str, msg: &str) -> io::Result<Power> {
         let tsec = self.tsec();
-        let named = match self.rev.outcome() {
+        let named = match self.rev.outcome(&self.cfg.storage) {
             Outcome::Error(Some(c)) => Some(c),
             _ => None,
         };
@@ -167,7 +167,7 @@ impl Device {
                 return Ok(None);
             }
         };
-        if let Outcome::Wontgo(msg) = new.outcome() {
+        if let Outcome::Wontgo(msg) = new.outcome(&self.cfg.storage) {
             self.set_progress(rev, "WONTGO", &msg)?;
             return Ok(None);
         }
@@ -240,7 +240,7 @@ impl Device {
                         msg: "A container could not be started".into(),
                     }
                 } else {
-                    self.phase_for(&new.outcome(), now, false)
+                    self.phase_for(&new.outcome(&self.cfg.storage), now, false)
                 };
                 self.rev = new;
                 self.update = Some(Update {
