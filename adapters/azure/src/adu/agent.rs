@@ -478,3 +478,6 @@ fn svc_id(s: &Service) -> String {
         Service::Ignored { action } => format!("action {action}"),
     }
 }
+
+#[cfg(test)]
+mod tests;
