@@ -9,7 +9,9 @@
 
 pub mod client;
 pub mod codec;
+mod fetch;
 mod url;
 
 pub use client::{Body, Client, ClientBuilder, Error, Response};
+pub use fetch::{FetchError, resume_to_file};
 pub use url::{Url, redact};

@@ -8,7 +8,7 @@ use std::path::Path;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::Digest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::manifest::FileEntry;
 
@@ -49,87 +49,30 @@ pub async fn fetch(
     dest: &Path,
 ) -> Result<(), DownloadError> {
     let shown = pv_http::redact(url);
-    let have = tokio::fs::metadata(dest)
+    let name = &entry.name;
+    pv_http::resume_to_file(client, url, &[], dest, entry.size)
         .await
-        .map(|m| m.len())
-        .unwrap_or(0);
-    if have < entry.size {
-        let mut req = client.get(url);
-        if have > 0 {
-            req = req.header("Range", &format!("bytes={have}-"));
-        }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", entry.name)))?;
-        let append = match resp.status {
-            206 if have > 0 => true,
-            200 => false,
-            s => {
-                return Err(fail(
-                    ERC_DOWNLOAD_FAILED,
-                    format!("{} from {shown}: HTTP {s}", entry.name),
-                ));
-            }
-        };
-        let mut f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(dest)
-            .await
-            .map_err(|e| fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", dest.display())))?;
-        let mut written = if append { have } else { 0 };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match resp.chunk(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    // What arrived is kept for the next attempt: finish writing it
-                    // (tokio hands writes to a thread; dropping the file would not
-                    // wait for them).
-                    let _ = f.flush().await;
-                    return Err(fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", entry.name)));
-                }
-            };
-            if n == 0 {
-                break;
-            }
-            if written + n as u64 > entry.size {
-                drop(f);
-                let _ = tokio::fs::remove_file(dest).await;
-                return Err(fail(
-                    ERC_FILE_MISMATCH,
-                    format!(
-                        "{} is larger than the {} bytes the manifest signs",
-                        entry.name, entry.size
-                    ),
-                ));
-            }
-            f.write_all(&buf[..n])
-                .await
-                .map_err(|e| fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", dest.display())))?;
-            written += n as u64;
-        }
-        f.sync_all()
-            .await
-            .map_err(|e| fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", dest.display())))?;
-        if written < entry.size {
-            // Kept: the next attempt resumes it.
-            return Err(fail(
-                ERC_DOWNLOAD_FAILED,
+        .map_err(|e| match e {
+            pv_http::FetchError::TooLong => fail(
+                ERC_FILE_MISMATCH,
                 format!(
-                    "{} ended after {written} of {} bytes",
-                    entry.name, entry.size
+                    "{name} is larger than the {} bytes the manifest signs",
+                    entry.size
                 ),
-            ));
-        }
-    }
+            ),
+            pv_http::FetchError::Status(s) => {
+                fail(ERC_DOWNLOAD_FAILED, format!("{name} from {shown}: HTTP {s}"))
+            }
+            pv_http::FetchError::Short { have } => fail(
+                ERC_DOWNLOAD_FAILED,
+                format!("{name} ended after {have} of {} bytes", entry.size),
+            ),
+            other => fail(ERC_DOWNLOAD_FAILED, format!("{name}: {other}")),
+        })?;
     let got = sha256_file(dest)
         .await
         .map_err(|e| fail(ERC_DOWNLOAD_FAILED, format!("{}: {e}", dest.display())))?;
-    if got != entry.sha256 || have > entry.size {
+    if got != entry.sha256 {
         let _ = tokio::fs::remove_file(dest).await;
         return Err(fail(
             ERC_FILE_MISMATCH,
