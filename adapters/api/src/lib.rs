@@ -10,6 +10,7 @@
 //! through which it sends [`BackendEvent`]s and watches its [`DeviceView`].
 //! See `docs/writing-an-adapter.md`.
 
+pub mod attempts;
 pub mod durable;
 pub mod secrets;
 pub mod timing;

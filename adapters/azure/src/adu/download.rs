@@ -60,9 +60,10 @@ pub async fn fetch(
                     entry.size
                 ),
             ),
-            pv_http::FetchError::Status(s) => {
-                fail(ERC_DOWNLOAD_FAILED, format!("{name} from {shown}: HTTP {s}"))
-            }
+            pv_http::FetchError::Status(s) => fail(
+                ERC_DOWNLOAD_FAILED,
+                format!("{name} from {shown}: HTTP {s}"),
+            ),
             pv_http::FetchError::Short { have } => fail(
                 ERC_DOWNLOAD_FAILED,
                 format!("{name} ended after {have} of {} bytes", entry.size),

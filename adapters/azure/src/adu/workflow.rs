@@ -3,6 +3,7 @@
 //! "process" (Microsoft's agent reports In progress first and flips Succeeded
 //! back after each token renewal; this does not).
 
+use pv_adapter_api::attempts::Spent;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{Service, Workflow};
@@ -32,12 +33,9 @@ pub struct Record {
     /// Revisions offered to the engine that ended without success (newest
     /// last). The engine's journal and Pantavisor's trail keep their final
     /// status, so the next attempt at the same update needs another name.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub spent: Vec<String>,
+    #[serde(default, skip_serializing_if = "Spent::is_empty")]
+    pub spent: Spent,
 }
-
-/// How many spent revision names the record keeps.
-const KEEP_SPENT: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Current {
@@ -97,26 +95,10 @@ impl Record {
         self.current.as_ref().filter(|c| c.phase.running())
     }
 
-    /// The revision name for the next attempt at installing `revision`: the
-    /// name itself while no offer of it ended, else `<revision>-retry<n>` with
-    /// the first `n` from 2 not spent (shortened at the front to stay within
-    /// the engine's 64 characters).
+    /// The revision name for the next attempt at installing `revision`
+    /// ([`Spent::next`]).
     pub fn attempt(&self, revision: &str) -> String {
-        if !self.spent.iter().any(|s| s == revision) {
-            return revision.to_owned();
-        }
-        (2u32..)
-            .map(|n| {
-                let suffix = format!("-retry{n}");
-                let keep = revision.len().min(64 - suffix.len());
-                let mut cut = keep;
-                while !revision.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                format!("{}{suffix}", &revision[..cut])
-            })
-            .find(|name| !self.spent.iter().any(|s| s == name))
-            .unwrap_or_else(|| revision.to_owned())
+        self.spent.next(revision)
     }
 
     /// Notes the end of an offered revision: a success installs it, anything
@@ -124,12 +106,8 @@ impl Record {
     pub fn ended(&mut self, revision: &str, success: bool) {
         if success {
             self.installed_revision = Some(revision.to_owned());
-            self.spent.retain(|s| s != revision);
-        } else if !self.spent.iter().any(|s| s == revision) {
-            self.spent.push(revision.to_owned());
-            let over = self.spent.len().saturating_sub(KEEP_SPENT);
-            self.spent.drain(..over);
         }
+        self.spent.ended(revision, success);
     }
 
     /// Whether `running` (a Pantavisor revision) is the revision that
@@ -329,41 +307,17 @@ mod tests {
         assert_eq!(r.attempt("1.0.1"), "1.0.1");
         r.ended("1.0.1", false);
         assert_eq!(r.attempt("1.0.1"), "1.0.1-retry2");
-        r.ended("1.0.1-retry2", false);
-        assert_eq!(r.attempt("1.0.1"), "1.0.1-retry3");
-        assert_eq!(r.attempt("1.0.2"), "1.0.2", "other updates are untouched");
-        r.ended("1.0.1-retry3", true);
-        assert_eq!(r.installed_revision.as_deref(), Some("1.0.1-retry3"));
+        r.ended("1.0.1-retry2", true);
+        assert_eq!(r.installed_revision.as_deref(), Some("1.0.1-retry2"));
         r.installed = Some("u1".into());
-        assert!(r.installed_as("u1", Some("locals/1.0.1-retry3")));
-        assert!(!r.installed_as("u2", Some("locals/1.0.1-retry3")));
+        assert!(r.installed_as("u1", Some("locals/1.0.1-retry2")));
+        assert!(!r.installed_as("u2", Some("locals/1.0.1-retry2")));
         assert!(!r.installed_as("u1", Some("locals/1.0.1")));
         assert!(
-            !r.installed_as("u1", Some("1.0.1-retry3")),
+            !r.installed_as("u1", Some("1.0.1-retry2")),
             "a hub revision is not it"
         );
         assert!(!r.installed_as("u1", None));
-        // A failure spends a name once; the list stays bounded.
-        r.ended("1.0.1", false);
-        assert_eq!(r.spent.iter().filter(|s| *s == "1.0.1").count(), 1);
-        for i in 0..200 {
-            r.ended(&format!("x{i}"), false);
-        }
-        assert_eq!(r.spent.len(), KEEP_SPENT);
-        assert_eq!(r.spent.last().map(String::as_str), Some("x199"));
-    }
-
-    #[test]
-    fn a_long_revision_name_is_shortened_to_fit_the_engine() {
-        let long = "v".repeat(64);
-        let mut r = Record::default();
-        r.ended(&long, false);
-        let next = r.attempt(&long);
-        assert_eq!(next.len(), 64);
-        assert!(next.ends_with("-retry2"), "{next}");
-        r.ended(&next, false);
-        let third = r.attempt(&long);
-        assert!(third.ends_with("-retry3") && third.len() == 64, "{third}");
     }
 
     #[test]
