@@ -18,7 +18,7 @@ pub const DEFAULT_PATH: &str = "/etc/pv-bridge/config.toml";
 /// Environment variable that overrides the default path.
 pub const ENV_PATH: &str = "PV_BRIDGE_CONFIG";
 /// Backend types pv-bridge knows.
-pub const BACKEND_TYPES: [&str; 4] = ["mqtt", "pantahub", "azure", "local"];
+pub const BACKEND_TYPES: [&str; 5] = ["mqtt", "pantahub", "azure", "hawkbit", "local"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,6 +279,8 @@ pub const AVAILABLE_TYPES: &[&str] = &[
     "pantahub",
     #[cfg(feature = "azure")]
     "azure",
+    #[cfg(feature = "hawkbit")]
+    "hawkbit",
 ];
 
 /// Checks a backend's own settings by parsing them as its adapter does.
@@ -287,7 +289,8 @@ pub const AVAILABLE_TYPES: &[&str] = &[
         feature = "local",
         feature = "mqtt",
         feature = "pantahub",
-        feature = "azure"
+        feature = "azure",
+        feature = "hawkbit"
     )),
     allow(unused_variables)
 )]
@@ -315,6 +318,12 @@ fn check_settings(kind: &str, settings: &toml::Table) -> Result<(), String> {
         "azure" => settings
             .clone()
             .try_into::<pv_adapter_azure::AzureConfig>()
+            .map_err(|e| e.message().trim().to_owned())
+            .and_then(|c| c.validate()),
+        #[cfg(feature = "hawkbit")]
+        "hawkbit" => settings
+            .clone()
+            .try_into::<pv_adapter_hawkbit::HawkbitConfig>()
             .map_err(|e| e.message().trim().to_owned())
             .and_then(|c| c.validate()),
         _ => Ok(()),
@@ -659,7 +668,7 @@ dir = "/media/updates"
         assert_eq!(
             parse("[[backend]]\ntype = \"local\"\nname = \"a\"\ndir = \"/x\"\n[[backend]]\ntype = \"http\"\nname = \"b\"\n")
                 .unwrap_err(),
-            "config.toml:6: backend type must be one of mqtt, pantahub, azure, local, got \"http\""
+            "config.toml:6: backend type must be one of mqtt, pantahub, azure, hawkbit, local, got \"http\""
         );
         assert_eq!(
             parse("[[backend]]\ntype = \"local\"\nname = \"a\"\ndir = \"/x\"\n[[backend]]\ntype = \"local\"\nname = \"a\"\ndir = \"/y\"\n")

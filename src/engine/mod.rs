@@ -63,7 +63,8 @@ pub fn adapters(cfg: &Config) -> Result<Vec<(String, AdapterFactory)>, EngineErr
         feature = "local",
         feature = "mqtt",
         feature = "pantahub",
-        feature = "azure"
+        feature = "azure",
+        feature = "hawkbit"
     )),
     allow(unused_variables)
 )]
@@ -131,6 +132,21 @@ fn factory(
                     pv_adapter_azure::AzureAdapter::new(&name, ac.clone(), work_dir.clone())
                         .with_log_dir(pv_logs.clone()),
                 ) as Box<dyn Adapter>
+            }))
+        }
+        #[cfg(feature = "hawkbit")]
+        "hawkbit" => {
+            let hc: pv_adapter_hawkbit::HawkbitConfig =
+                settings.clone().try_into().map_err(|e: toml::de::Error| {
+                    EngineError::Config(format!("backend {name:?}: {}", e.message().trim()))
+                })?;
+            let name = name.to_owned();
+            Ok(Arc::new(move || {
+                Box::new(pv_adapter_hawkbit::HawkbitAdapter::new(
+                    &name,
+                    hc.clone(),
+                    work_dir.clone(),
+                )) as Box<dyn Adapter>
             }))
         }
         other => Err(EngineError::Config(format!(

@@ -62,13 +62,19 @@ fn export_path(path: &Path) -> Option<String> {
 /// Unpacks `archive` into `dest` (created; emptied first). Returns an error that
 /// says what is wrong with the archive.
 pub fn unpack(archive: &Path, compression: Compression, dest: &Path) -> Result<(), String> {
+    let file = File::open(archive).map_err(|e| format!("cannot open: {e}"))?;
+    unpack_from(file, compression, dest)
+}
+
+/// Unpacks the archive `source` reads (a file, or a member inside another
+/// container such as a `.swu`) into `dest`, as [`unpack`].
+pub fn unpack_from(source: impl Read, compression: Compression, dest: &Path) -> Result<(), String> {
     let _ = fs::remove_dir_all(dest);
     fs::create_dir_all(dest.join("objects"))
         .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-    let file = File::open(archive).map_err(|e| format!("cannot open: {e}"))?;
-    let reader: Box<dyn Read> = match compression {
-        Compression::None => Box::new(BufReader::new(file)),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::new(file))),
+    let reader: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(BufReader::new(source)),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(BufReader::new(source))),
     };
     let mut tar = tar::Archive::new(reader);
     let mut saw_json = false;
