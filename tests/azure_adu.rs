@@ -12,7 +12,6 @@ mod common;
 mod azurekit;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use azurekit::{Bridge, Env, KEY, env_with, wait};
@@ -90,26 +89,9 @@ impl Adu {
     }
 }
 
-/// A `pvr export` archive (`json` then `objects/<sha>`), packed with `tar` as
-/// pvr2adu does.
+/// A `pvr export` archive, packed with `tar` as pvr2adu does.
 fn export(dir: &Path, name: &str, state: &Value, objects: &[&[u8]]) -> Vec<u8> {
-    let staging = dir.join(format!(".pack-{name}"));
-    std::fs::create_dir_all(staging.join("objects")).unwrap();
-    std::fs::write(staging.join("json"), serde_json::to_vec(state).unwrap()).unwrap();
-    for o in objects {
-        std::fs::write(staging.join("objects").join(common::sha256_hex(o)), o).unwrap();
-    }
-    let out = dir.join(name);
-    let ok = Command::new("tar")
-        .arg("-C")
-        .arg(&staging)
-        .arg("-czf")
-        .arg(&out)
-        .args(["json", "objects"])
-        .status()
-        .expect("tar is needed to build pvr export archives");
-    assert!(ok.success());
-    std::fs::read(&out).unwrap()
+    common::pack_export(dir, name, state, objects)
 }
 
 /// `n` bytes that do not compress (the archive stays as large as they are).

@@ -395,3 +395,30 @@ pub fn bridge_command(cfg: &Path, log: &Path) -> std::process::Command {
         );
     cmd
 }
+
+/// A `pvr export` archive (`json`, then `objects/<sha>`), packed with the
+/// system `tar` as `pvr export` users do; returns its bytes.
+pub fn pack_export(
+    dir: &Path,
+    name: &str,
+    state: &serde_json::Value,
+    objects: &[&[u8]],
+) -> Vec<u8> {
+    let staging = dir.join(format!(".pack-{name}"));
+    std::fs::create_dir_all(staging.join("objects")).unwrap();
+    std::fs::write(staging.join("json"), serde_json::to_vec(state).unwrap()).unwrap();
+    for o in objects {
+        std::fs::write(staging.join("objects").join(sha256_hex(o)), o).unwrap();
+    }
+    let out = dir.join(name);
+    let ok = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&staging)
+        .arg("-czf")
+        .arg(&out)
+        .args(["json", "objects"])
+        .status()
+        .expect("tar is needed to build pvr export archives");
+    assert!(ok.success());
+    std::fs::read(&out).unwrap()
+}

