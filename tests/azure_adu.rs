@@ -94,19 +94,6 @@ fn export(dir: &Path, name: &str, state: &Value, objects: &[&[u8]]) -> Vec<u8> {
     common::pack_export(dir, name, state, objects)
 }
 
-/// `n` bytes that do not compress (the archive stays as large as they are).
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn b64sha(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(data))
 }
@@ -433,7 +420,7 @@ async fn cancel_retry_and_replacement() {
     let a = setup().await;
     let b = a.bridge();
     a.e.connected(&b).await;
-    let big = noise(3 * 1024 * 1024, 7);
+    let big = common::noise(3 * 1024 * 1024, 7);
     let slow = app_package(&a, "1.1.0", &big, json!({}));
     a.svc.files.set_rate(Some(256 * 1024));
     // Cancel mid-download: reported cancelled (-1), nothing installed.
@@ -507,7 +494,7 @@ async fn a_bridge_killed_mid_deployment_reports_the_outcome_once() {
     let a = setup().await;
     let mut b = a.bridge();
     a.e.connected(&b).await;
-    let big = noise(2 * 1024 * 1024, 9);
+    let big = common::noise(2 * 1024 * 1024, 9);
     let u = app_package(&a, "1.4.0", &big, json!({}));
     a.svc.files.set_rate(Some(512 * 1024));
     a.svc

@@ -216,6 +216,19 @@ impl Goosebit {
         v["id"].as_u64().unwrap_or_else(|| panic!("upload: {v}"))
     }
 
+    /// Registers software kept elsewhere (goosebit fetches and parses it;
+    /// devices download it from `url`); returns its id.
+    pub fn register_url(&self, url: &str) -> u64 {
+        let v = self.curl(&[
+            "-X",
+            "PUT",
+            "-F",
+            &format!("url={url}"),
+            &format!("{}/api/v1/software", self.url()),
+        ]);
+        v["id"].as_u64().unwrap_or_else(|| panic!("register: {v}"))
+    }
+
     /// A rollout of software `id` to the default feed.
     pub fn rollout(&self, name: &str, software: u64) {
         let v = self.json(

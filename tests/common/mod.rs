@@ -422,3 +422,16 @@ pub fn pack_export(
     assert!(ok.success());
     std::fs::read(&out).unwrap()
 }
+
+/// `n` bytes that do not compress (an archive of them stays as large).
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

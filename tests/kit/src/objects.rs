@@ -32,6 +32,9 @@ pub struct Seen {
     pub range_start: Option<u64>,
     pub if_range: Option<String>,
     pub status: u16,
+    /// Whether the request carried an `Authorization` header (a credential
+    /// sent to a host it was not meant for).
+    pub authorization: bool,
 }
 
 #[derive(Default)]
@@ -185,6 +188,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .and_then(|r| r.strip_prefix("bytes=").map(str::to_owned))
         .and_then(|r| r.strip_suffix('-').and_then(|n| n.parse().ok()));
     let if_range = header("if-range");
+    let authorization = header("authorization").is_some();
     let (fault, file) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         let fault = s.faults.pop_front().or(s.rate.map(Fault::Slow));
@@ -200,6 +204,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 range_start,
                 if_range: if_range.clone(),
                 status,
+                authorization,
             });
     };
     if method != "GET" {
