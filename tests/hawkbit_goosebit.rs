@@ -3,6 +3,10 @@
 //! DONE with the feedback on the server, a failing revision and its forced
 //! retry, a server restart mid-download, and a wrong token.
 
+#![cfg(feature = "hawkbit")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
 mod common;
 #[path = "common/goosebit.rs"]
 mod goosebit;
