@@ -10,95 +10,39 @@
 mod common;
 #[path = "common/goosebit.rs"]
 mod goosebit;
+#[path = "common/hawkbit.rs"]
+mod hawkbit;
 
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::Duration;
 
 use goosebit::Goosebit;
+use hawkbit::Bridge;
 use serde_json::{Value, json};
-
-struct Bridge {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Bridge {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// pv-bridge with one `hawkbit` backend (`more`: extra settings).
-fn bridge(d: &common::Device, url: &str, more: &str) -> Bridge {
-    let dir = d.dir.path();
-    let cfg = dir.join("bridge.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n\n\
-             [[backend]]\ntype = \"hawkbit\"\nname = \"hawkbit\"\nurl = \"{url}\"\n\
-             controller_id = \"dev-1\"\nhw_boardname = \"pv-sim\"\nhw_revision = \"1.0\"\n\
-             min_poll_interval_secs = 1\n{more}",
-            d.cfg().socket.display(),
-            d.storage().join("logs").display(),
-            dir.join("state").display(),
-        ),
-    )
-    .unwrap();
-    let log = dir.join("bridge.log");
-    let child = common::bridge_command(&cfg, &log).spawn().unwrap();
-    Bridge { child, log }
-}
 
 async fn wait<T>(
     b: &Bridge,
     g: &Goosebit,
     what: &str,
     within: Duration,
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
 ) -> T {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}\n--- bridge log:\n{}\n--- goosebit log (tail):\n{}",
-            b.log_text(),
-            g.log()
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hawkbit::wait(b, what, within, || tail(&g.log()), f).await
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn bridge(d: &common::Device, url: &str, more: &str) -> Bridge {
+    Bridge::start(d, url, more)
 }
 
 /// A `.swu` of the running state with `app/root.squashfs` replaced by `root`
 /// (and `extra` keys), written beside the device; returns its path.
 async fn release(d: &common::Device, version: &str, root: &[u8], extra: Value) -> PathBuf {
-    let mut state: Value = serde_json::from_slice(&d.pv.step("current").await.unwrap()).unwrap();
-    state["app/root.squashfs"] = json!(common::sha256_hex(root));
-    if let Value::Object(m) = extra {
-        for (k, v) in m {
-            state[k] = v;
-        }
-    }
-    let tgz = common::pack_export(d.dir.path(), &format!("rev-{version}.tgz"), &state, &[root]);
+    let tgz = hawkbit::export(d, version, root, extra).await;
     let path = d.dir.path().join(format!("pv-sim-{version}.swu"));
     std::fs::write(&path, goosebit::swu(version, "pv-sim", "1.0", &tgz)).unwrap();
     path

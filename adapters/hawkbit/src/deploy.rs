@@ -344,6 +344,7 @@ async fn follow(ctx: &Ctx, id: &str, offer: Offer, cancel: &mut watch::Receiver<
     }
     let mut asked = false;
     let mut answered = false;
+    let mut started = false;
     let mut last_progress: Option<(Instant, u32)> = None;
     loop {
         let p: Option<Progress> = view
@@ -352,6 +353,7 @@ async fn follow(ctx: &Ctx, id: &str, offer: Offer, cancel: &mut watch::Receiver<
             .clone()
             .filter(|p| p.id == rev);
         if let Some(p) = p {
+            started |= matches!(p.status, UpdateStatus::Inprogress | UpdateStatus::Testing);
             if p.status.is_final() {
                 if asked && p.status == UpdateStatus::Cancelled {
                     return Stop::Cancelled;
@@ -406,9 +408,16 @@ async fn follow(ctx: &Ctx, id: &str, offer: Offer, cancel: &mut watch::Receiver<
             },
             _ = cancel_asked(cancel), if !asked => {
                 asked = true;
-                info!(backend = %ctx.name, action = %id, "the server asks to cancel; withdrawing the offer");
-                if ctx.link.send(BackendEvent::Cancel { id: rev.clone() }).await.is_err() {
-                    return Stop::Later("the engine stopped".into());
+                if started {
+                    // Past the point of no return: Pantavisor owns it.
+                    answered = true;
+                    ctx.cancel_rejected(id, "revision switch in progress: Pantavisor started installing the revision")
+                        .await;
+                } else {
+                    info!(backend = %ctx.name, action = %id, "the server asks to cancel; withdrawing the offer");
+                    if ctx.link.send(BackendEvent::Cancel { id: rev.clone() }).await.is_err() {
+                        return Stop::Later("the engine stopped".into());
+                    }
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! - [`objects`]: an HTTP object server with Range, ETags and fault injection.
 //! - [`hub`]: a fake Pantacor Hub (device API, the user calls of `pvr`, faults).
 
+pub mod ddi;
 pub mod hub;
 pub mod iothub;
 pub mod objects;
