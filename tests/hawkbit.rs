@@ -11,6 +11,8 @@
 mod common;
 #[path = "common/hawkbit.rs"]
 mod hawkbit;
+#[path = "common/tinyproxy.rs"]
+mod tinyproxy;
 
 use std::time::Duration;
 
@@ -332,4 +334,47 @@ async fn an_action_closed_by_the_server_meanwhile_ends_quietly() {
         "the final feedback is not sent again after a 410"
     );
     assert_eq!(e.running(), "locals/1.8.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_feedback_and_artifacts_go_through_the_configured_proxy() {
+    let e = env(|_| {}).await;
+    let proxy = tinyproxy::Tinyproxy::start(e.d.dir.path());
+    let token = e.d.dir.path().join("gateway.token");
+    std::fs::write(&token, GATEWAY).unwrap();
+    let url = e.srv.url().replace("127.0.0.1", "localhost");
+    let b = Bridge::start(
+        &e.d,
+        &url,
+        &format!(
+            "gateway_token_file = \"{}\"\nproxy = \"http://127.0.0.1:{}\"\n",
+            token.display(),
+            proxy.port
+        ),
+    );
+    let id = e.srv.deploy(
+        "dev-1",
+        e.deployment("1.9.0", b"app 1.9.0", json!({})).await,
+    );
+    let a = e
+        .wait_for(
+            &b,
+            id,
+            "the action to close",
+            Duration::from_secs(60),
+            |a| a.status.closed(),
+        )
+        .await;
+    assert_eq!(a.status, Status::Finished, "{:?}", a.executions());
+    let log = proxy.log_text();
+    for want in [
+        "/DEFAULT/controller/v1/dev-1 ",
+        &format!("/deploymentBase/{id}/feedback"),
+        "/artifacts/rev-1.9.0.tgz",
+    ] {
+        assert!(
+            log.contains(want),
+            "{want:?} did not go through the proxy:\n{log}"
+        );
+    }
 }

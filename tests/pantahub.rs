@@ -12,16 +12,18 @@ mod common;
 mod hubkit;
 #[path = "common/mosquitto.rs"]
 mod mosquitto;
+#[path = "common/tinyproxy.rs"]
+mod tinyproxy;
 
 use hubkit::{Bridge, claimed, final_on_hub, hub_status, next_state, wait};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pv_testkit::hub::{Action, FakeHub, Fault, HubConfig};
 use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
+use tinyproxy::Tinyproxy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_claim_sync_update_and_rollback_as_the_hub_sees_them() {
@@ -581,61 +583,6 @@ async fn logs_arrive_complete_and_in_order_after_a_hub_outage() {
     );
     // Batches stay within the hub's limits.
     assert!(hub.seen().iter().filter(|s| s.path == "/logs/").count() >= 2);
-}
-
-/// tinyproxy (Debian's package) on a free loopback port, in the foreground.
-struct Tinyproxy {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Tinyproxy {
-    fn start(dir: &Path) -> Tinyproxy {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = dir.join("tinyproxy.log");
-        let conf = dir.join("tinyproxy.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Connect\nLogFile \"{}\"\nMaxClients 20\nAllow 127.0.0.1\n",
-                log.display()
-            ),
-        )
-        .unwrap();
-        let bin = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("tinyproxy is needed for the proxy test: apt-get install -y tinyproxy");
-        let child = Command::new(bin)
-            .args(["-d", "-c"])
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tinyproxy did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Tinyproxy { child, port, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,9 +181,28 @@ impl Ddi {
         ddi::parse_poll(&body).map_err(DdiError::Protocol)
     }
 
-    /// `GET` a link the server gave.
+    /// `GET` a link the server gave, on the configured origin.
     pub async fn get(&self, href: &str) -> Result<Vec<u8>, DdiError> {
-        self.call("GET", href, None).await
+        self.call("GET", &self.resource(href), None).await
+    }
+
+    /// A DDI link (`…/controller/v1/<controller>/<rest>`) on the configured
+    /// origin. hawkBit names its links after the host a request reached it
+    /// by, which behind a load balancer or a proxy is not always the name the
+    /// device was configured with: the path and query are followed, but the
+    /// device's token only ever goes to the configured server.
+    pub fn resource(&self, href: &str) -> String {
+        if self.same_origin(href) {
+            return href.to_owned();
+        }
+        let Some(at) = href.find("/controller/v1/") else {
+            return href.to_owned();
+        };
+        let after = &href[at + "/controller/v1/".len()..];
+        match after.find(['/', '?']) {
+            Some(i) => format!("{}{}", self.base, &after[i..]),
+            None => self.base.clone(),
+        }
     }
 
     /// `POST` feedback on a deployment (`cancel`: on a cancel request).
@@ -212,4 +231,62 @@ fn excerpt(body: &[u8]) -> String {
         &line.chars().filter(|c| !c.is_control()).collect::<String>(),
         200,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ddi(url: &str) -> Ddi {
+        let cfg: HawkbitConfig =
+            serde_json::from_value(serde_json::json!({"url": url, "insecure": true})).unwrap();
+        Ddi::new(&cfg, "dev-1").unwrap()
+    }
+
+    #[test]
+    fn links_are_followed_on_the_configured_origin() {
+        let d = ddi("https://hawkbit.example.com/");
+        assert_eq!(
+            d.base(),
+            "https://hawkbit.example.com/DEFAULT/controller/v1/dev-1"
+        );
+        let same = "https://hawkbit.example.com/DEFAULT/controller/v1/dev-1/deploymentBase/5?c=-2";
+        assert_eq!(d.resource(same), same);
+        assert_eq!(
+            d.resource("http://10.0.0.7:8080/DEFAULT/controller/v1/dev-1/deploymentBase/5?c=-2"),
+            "https://hawkbit.example.com/DEFAULT/controller/v1/dev-1/deploymentBase/5?c=-2"
+        );
+        assert_eq!(
+            d.resource("http://lb/DEFAULT/controller/v1/dev-1"),
+            "https://hawkbit.example.com/DEFAULT/controller/v1/dev-1"
+        );
+        let cdn = "https://cdn.example.net/artifacts/a.tgz";
+        assert_eq!(d.resource(cdn), cdn);
+        assert!(d.same_origin("https://HAWKBIT.example.com:443/x"));
+        assert!(!d.same_origin("http://hawkbit.example.com/x"));
+        assert!(!d.same_origin(cdn));
+    }
+
+    #[test]
+    fn the_token_goes_only_to_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("token");
+        std::fs::write(&t, "secret-target-token\n").unwrap();
+        let cfg: HawkbitConfig = serde_json::from_value(serde_json::json!({
+            "url": "https://hawkbit.example.com", "target_token_file": t}))
+        .unwrap();
+        let d = Ddi::new(&cfg, "dev-1").unwrap();
+        assert_eq!(
+            d.authorization("https://hawkbit.example.com/a")
+                .unwrap()
+                .as_deref(),
+            Some("TargetToken secret-target-token")
+        );
+        assert_eq!(d.authorization("https://cdn.example.net/a").unwrap(), None);
+        std::fs::remove_file(&t).unwrap();
+        let e = d
+            .authorization("https://hawkbit.example.com/a")
+            .unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
 }

@@ -126,6 +126,8 @@ pub struct Chunk {
     pub part: String,
     pub version: String,
     pub name: String,
+    /// hawkBit's artifact encryption: the bytes are not a plain archive.
+    pub encrypted: bool,
     pub artifacts: Vec<Artifact>,
 }
 
@@ -213,6 +215,7 @@ pub fn parse_deployment(body: &[u8]) -> Result<Option<Deployment>, String> {
             part: text(c, "part"),
             version: text(c, "version"),
             name: text(c, "name"),
+            encrypted: c.get("encrypted").and_then(Value::as_bool).unwrap_or(false),
             artifacts,
         });
     }

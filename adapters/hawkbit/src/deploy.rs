@@ -181,6 +181,12 @@ fn choose(d: &Deployment) -> Result<(&ddi::Chunk, Artifact), String> {
         .collect();
     match found.as_slice() {
         [(c, a)] => {
+            if c.encrypted {
+                return Err(format!(
+                    "artifact {} is encrypted (hawkBit artifact encryption), which pv-bridge does not decrypt",
+                    a.filename
+                ));
+            }
             if a.href.is_none() {
                 return Err(format!("artifact {} has no download link", a.filename));
             }
@@ -467,6 +473,7 @@ mod tests {
             window_open: None,
             chunks: vec![ddi::Chunk {
                 part: "os".into(),
+                encrypted: false,
                 version: "1.2.3".into(),
                 name: "rev".into(),
                 artifacts: artifacts
@@ -502,6 +509,9 @@ mod tests {
         let mut unhashed = dep(&["r.tgz"]);
         unhashed.chunks[0].artifacts[0].hashes = ddi::Hashes::default();
         assert!(choose(&unhashed).unwrap_err().contains("without a hash"));
+        let mut encrypted = dep(&["r.tgz"]);
+        encrypted.chunks[0].encrypted = true;
+        assert!(choose(&encrypted).unwrap_err().contains("encrypted"));
         assert_eq!(new_action(&dep(&["r.tgz"])).version, "1.2.3");
         let mut unnamed = dep(&["r.tgz"]);
         unnamed.chunks[0].version.clear();

@@ -426,7 +426,12 @@ fn route(s: &mut State, req: &Request, host: SocketAddr) -> (Response, Option<Ve
         }
         return (Response::new(401), None);
     }
-    let base = format!("http://{host}{prefix}{target}");
+    // Links name the host the request came by, as hawkBit does.
+    let authority = req
+        .header("host")
+        .map(str::to_owned)
+        .unwrap_or_else(|| host.to_string());
+    let base = format!("http://{authority}{prefix}{target}");
     let json = |v: Value| (Response::json(200, v.to_string()), None);
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
     match (req.method.as_str(), tail.as_slice()) {
