@@ -314,6 +314,7 @@ async fn poll_loop(cfg: &HawkbitConfig, ctx: &Arc<Ctx>) -> Result<(), AdapterErr
     let mut sent_attrs: Option<BTreeMap<String, String>> = None;
     let mut task: Option<Task> = None;
     let mut quick = false;
+    let mut consent: Option<String> = None;
     let mut view = link.view();
     loop {
         ctx.flush().await;
@@ -363,9 +364,10 @@ async fn poll_loop(cfg: &HawkbitConfig, ctx: &Arc<Ctx>) -> Result<(), AdapterErr
                             handle,
                         });
                     }
-                } else if p.confirmation.is_some() {
+                } else if p.confirmation.is_some() && p.confirmation != consent {
                     info!(backend = %ctx.name, "an action waits for consent on the server (confirmationBase); confirm it there");
                 }
+                consent = p.confirmation.clone();
                 sleep
             }
             Err(e) => {
