@@ -378,3 +378,43 @@ async fn polls_feedback_and_artifacts_go_through_the_configured_proxy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_update_with_the_bridge_killed_in_the_reboot_is_closed_once_as_done() {
+    let e = env(|c| c.reboot = Duration::from_secs(2)).await;
+    let mut b = e.bridge();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&e.d.pv.step("current").await.unwrap()).unwrap();
+    let kernel = b"a new kernel for hawkbit".as_slice();
+    state["bsp/kernel.img"] = json!(common::sha256_hex(kernel));
+    let tgz = common::pack_export(e.d.dir.path(), "rev-3.0.0.tgz", &state, &[kernel]);
+    let id = e.srv.deploy(
+        "dev-1",
+        Deployment::forced("3.0.0", vec![Artifact::new("rev-3.0.0.tgz", tgz)]),
+    );
+    hawkbit::wait(
+        &b,
+        "the reboot",
+        Duration::from_secs(30),
+        String::new,
+        || {
+            (e.d.sim.as_ref().unwrap().power() == pv_testkit::sim::PowerState::Rebooting)
+                .then_some(())
+        },
+    )
+    .await;
+    b.kill9_and_restart();
+    let a = e
+        .wait_for(
+            &b,
+            id,
+            "the action to close",
+            Duration::from_secs(90),
+            |a| a.status.closed(),
+        )
+        .await;
+    assert_eq!(a.status, Status::Finished, "{:?}", a.executions());
+    assert_eq!(e.running(), "locals/3.0.0");
+    assert_eq!(count(&a, "closed:success"), 1, "{:?}", a.executions());
+    assert!(a.details().contains("Pantavisor: DONE"), "{}", a.details());
+}
