@@ -2,7 +2,8 @@
 //!
 //! What one idle device costs each backend per hour (issue #14): MQTT messages
 //! and bytes the broker receives from it, Pantacor Hub requests, and the 4 KB
-//! units IoT Hub bills. Idle: no update, no container writing logs.
+//! units IoT Hub bills, hawkBit DDI requests. Idle: no update, no container
+//! writing logs.
 //!
 //! An hour is scaled down `PV_BENCH_SCALE` times (default 60: a minute stands for
 //! an hour), with every timer of the defaults divided alike, and each backend runs
@@ -23,6 +24,8 @@ mod common;
 mod azurekit;
 #[path = "../tests/common/pantahub.rs"]
 mod hubkit;
+#[path = "../tests/common/hawkbit.rs"]
+mod hawkbitkit;
 #[path = "../tests/common/mosquitto.rs"]
 mod mosquitto;
 
@@ -129,6 +132,23 @@ async fn azure(baseline: bool) -> (u64, u64) {
     (m.messages, m.units)
 }
 
+/// hawkBit: (requests, of them configData) in an hour, the server asking for a
+/// poll every 5 minutes (hawkBit's default).
+async fn hawkbit(baseline: bool) -> (u64, u64) {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 0.0).await;
+    let srv = pv_testkit::ddi::FakeHawkbit::start().await.unwrap();
+    srv.add_target("dev-1", None);
+    srv.set_anonymous(true);
+    let sleep = (300 / scale()).max(1);
+    srv.set_sleep(&format!("00:{:02}:{:02}", sleep / 60, sleep % 60));
+    let _b = hawkbitkit::Bridge::start(&d, &srv.url(), &metadata(600, baseline));
+    tokio::time::sleep(SETTLE).await;
+    let (p0, c0) = (srv.polls("dev-1"), srv.attribute_puts("dev-1"));
+    tokio::time::sleep(hour()).await;
+    let (p, c) = (srv.polls("dev-1") - p0, srv.attribute_puts("dev-1") - c0);
+    (u64::from(p + c), u64::from(c))
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,14 +162,16 @@ fn main() {
         std::env::consts::ARCH,
         hour().as_secs()
     );
-    let (m_p, m_b, h_p, h_b, a_p, a_b) = rt.block_on(async {
+    let (m_p, m_b, h_p, h_b, a_p, a_b, k_p, k_b) = rt.block_on(async {
         tokio::join!(
             mqtt(false),
             mqtt(true),
             pantahub(false),
             pantahub(true),
             azure(false),
-            azure(true)
+            azure(true),
+            hawkbit(false),
+            hawkbit(true)
         )
     });
     println!("== idle cost per device and hour (and per day = 24 x)");
@@ -182,5 +204,13 @@ fn main() {
         "azure      units per day           {:>8}    {:>8}",
         a_p.1 * 24,
         a_b.1 * 24
+    );
+    println!(
+        "hawkbit    requests                {:>8}    {:>8}   (polls at the server's 5 min)",
+        k_p.0, k_b.0
+    );
+    println!(
+        "hawkbit    of them configData      {:>8}    {:>8}",
+        k_p.1, k_b.1
     );
 }

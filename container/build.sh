@@ -8,7 +8,8 @@
 #   fragment.json           the state-JSON keys to merge into a device revision
 #   objects/<sha256>        the objects the fragment names
 #   pvr/pv-bridge/          the same files by name, to copy into a `pvr` checkout
-# Environment: FEATURES (default local,mqtt,pantahub,azure,dbus), SOURCE_DATE_EPOCH (default 0).
+# Environment: FEATURES (default local,mqtt,pantahub,azure,dbus; add hawkbit for the
+# hawkBit backend, about 250 KB more: docs/performance.md), SOURCE_DATE_EPOCH (default 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -143,6 +143,8 @@ struct Target {
     request_attributes: bool,
     polls: u32,
     refused: u32,
+    /// configData requests taken.
+    attribute_puts: u32,
 }
 
 #[derive(Default)]
@@ -307,6 +309,11 @@ impl FakeHawkbit {
 
     pub fn polls(&self, target: &str) -> u32 {
         self.lock().targets.get(target).map_or(0, |t| t.polls)
+    }
+
+    /// configData requests the target made that were taken.
+    pub fn attribute_puts(&self, target: &str) -> u32 {
+        self.lock().targets.get(target).map_or(0, |t| t.attribute_puts)
     }
 
     /// Requests refused for authentication.
@@ -590,6 +597,7 @@ fn route(s: &mut State, req: &Request, host: SocketAddr) -> (Response, Option<Ve
             }
             t.attributes = next;
             t.request_attributes = false;
+            t.attribute_puts += 1;
             (Response::new(200), None)
         }
         ("GET", ["softwaremodules", sm, "artifacts", file]) => {
