@@ -22,10 +22,10 @@
 mod common;
 #[path = "../tests/common/azure.rs"]
 mod azurekit;
-#[path = "../tests/common/pantahub.rs"]
-mod hubkit;
 #[path = "../tests/common/hawkbit.rs"]
 mod hawkbitkit;
+#[path = "../tests/common/pantahub.rs"]
+mod hubkit;
 #[path = "../tests/common/mosquitto.rs"]
 mod mosquitto;
 

@@ -313,7 +313,10 @@ impl FakeHawkbit {
 
     /// configData requests the target made that were taken.
     pub fn attribute_puts(&self, target: &str) -> u32 {
-        self.lock().targets.get(target).map_or(0, |t| t.attribute_puts)
+        self.lock()
+            .targets
+            .get(target)
+            .map_or(0, |t| t.attribute_puts)
     }
 
     /// Requests refused for authentication.
