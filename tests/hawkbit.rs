@@ -418,3 +418,37 @@ async fn a_reboot_update_with_the_bridge_killed_in_the_reboot_is_closed_once_as_
     assert_eq!(count(&a, "closed:success"), 1, "{:?}", a.executions());
     assert!(a.details().contains("Pantavisor: DONE"), "{}", a.details());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_on_the_deployment_is_retried_at_the_poll_rate() {
+    let e = env(|_| {}).await;
+    e.srv.set_sleep("00:00:02");
+    let b = e.bridge();
+    e.srv.fail_deployment(&[500, 500, 500]);
+    let id = e.srv.deploy(
+        "dev-1",
+        e.deployment("1.9.5", b"app 1.9.5", json!({})).await,
+    );
+    let t0 = std::time::Instant::now();
+    let a = e
+        .wait_for(
+            &b,
+            id,
+            "the action to close",
+            Duration::from_secs(60),
+            |a| a.status.closed(),
+        )
+        .await;
+    assert_eq!(a.status, Status::Finished, "{:?}", a.executions());
+    // Three refused reads, then the one that worked (and none in a storm):
+    // each retry waited for a poll.
+    assert_eq!(e.srv.deployment_reads(), 4);
+    let paused = b.log_text().matches("deployment paused").count();
+    assert_eq!(paused, 3, "{}", b.log_text());
+    // Three failed reads cost three poll intervals of 2 s (±10 %), at least.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(5200),
+        "{:?}",
+        t0.elapsed()
+    );
+}

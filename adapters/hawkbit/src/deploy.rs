@@ -47,8 +47,8 @@ async fn cancel_asked(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Runs the deployment at `href`; `cancel` turns true when the server asks to
-/// cancel it.
-pub async fn run(ctx: Arc<Ctx>, href: String, mut cancel: watch::Receiver<bool>) {
+/// cancel it. True when the action ended (its final feedback is decided).
+pub async fn run(ctx: Arc<Ctx>, href: String, mut cancel: watch::Receiver<bool>) -> bool {
     let id = ddi::action_id(&href).unwrap_or_default();
     let prepared = tokio::select! {
         r = prepare(&ctx, &href) => r,
@@ -56,11 +56,14 @@ pub async fn run(ctx: Arc<Ctx>, href: String, mut cancel: watch::Receiver<bool>)
     };
     let stop = match prepared {
         Ok(Some(offer)) => follow(&ctx, &id, offer, &mut cancel).await,
-        Ok(None) => return,
+        Ok(None) => return true,
         Err(s) => s,
     };
     match stop {
-        Stop::Final(success, details) => ctx.finish(&id, success, false, details).await,
+        Stop::Final(success, details) => {
+            ctx.finish(&id, success, false, details).await;
+            true
+        }
         Stop::Cancelled => {
             info!(backend = %ctx.name, action = %id, "cancel accepted before anything was installed");
             ctx.finish(
@@ -70,9 +73,11 @@ pub async fn run(ctx: Arc<Ctx>, href: String, mut cancel: watch::Receiver<bool>)
                 vec!["cancelled before installation started".into()],
             )
             .await;
+            true
         }
         Stop::Later(why) => {
             info!(backend = %ctx.name, action = %id, reason = %why, "deployment paused; the next poll takes it up again");
+            false
         }
     }
 }

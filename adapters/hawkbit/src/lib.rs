@@ -257,7 +257,7 @@ impl Ctx {
 struct Task {
     action: String,
     cancel: watch::Sender<bool>,
-    handle: tokio::task::JoinHandle<()>,
+    handle: tokio::task::JoinHandle<bool>,
 }
 
 impl Adapter for HawkbitAdapter {
@@ -388,19 +388,21 @@ async fn poll_loop(cfg: &HawkbitConfig, ctx: &Arc<Ctx>) -> Result<(), AdapterErr
         loop {
             let finished = async {
                 match &mut task {
-                    Some(t) if !t.handle.is_finished() => {
-                        let _ = (&mut t.handle).await;
-                    }
-                    _ => std::future::pending::<()>().await,
+                    Some(t) if !t.handle.is_finished() => (&mut t.handle).await.unwrap_or(false),
+                    _ => std::future::pending::<bool>().await,
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
-                _ = finished => {
-                    // An action ended: poll again soon for what comes next.
+                ended = finished => {
                     task = None;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    break;
+                    if ended {
+                        // An action ended: poll again soon for what comes next.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                    // Paused by an error: the next poll, at its time, takes it
+                    // up again (no request storm while a server misbehaves).
                 }
                 r = view.changed() => {
                     if r.is_err() {

@@ -162,6 +162,9 @@ struct State {
     downloads: Vec<Download>,
     /// Statuses answered to the next feedbacks, in order (faults).
     feedback_faults: Vec<u16>,
+    /// Statuses answered to the next deploymentBase reads.
+    deployment_faults: Vec<u16>,
+    deployment_reads: u32,
 }
 
 /// The fake server.
@@ -239,6 +242,16 @@ impl FakeHawkbit {
     /// stored), whatever their body.
     pub fn fail_feedback(&self, statuses: &[u16]) {
         self.lock().feedback_faults.extend_from_slice(statuses);
+    }
+
+    /// The next deploymentBase reads are answered with these statuses.
+    pub fn fail_deployment(&self, statuses: &[u16]) {
+        self.lock().deployment_faults.extend_from_slice(statuses);
+    }
+
+    /// deploymentBase reads so far.
+    pub fn deployment_reads(&self) -> u32 {
+        self.lock().deployment_reads
     }
 
     /// Assigns `d` to `target`; returns the action id.
@@ -474,6 +487,11 @@ fn route(s: &mut State, req: &Request, host: SocketAddr) -> (Response, Option<Ve
             json(json!({"config": {"polling": {"sleep": sleep}}, "_links": links}))
         }
         ("GET", ["deploymentBase", id]) => {
+            s.deployment_reads += 1;
+            if !s.deployment_faults.is_empty() {
+                let code = s.deployment_faults.remove(0);
+                return (Response::new(code), None);
+            }
             let found = s.actions.iter().find(|a| {
                 a.target == target
                     && a.id.to_string() == *id
