@@ -684,6 +684,20 @@ dir = "/media/updates"
             parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
             "config.toml:3: backend \"cloud\": set one of connection_string_file, dps, or x509 with host_name and device_id"
         );
+        #[cfg(feature = "hawkbit")]
+        assert_eq!(
+            parse("[[backend]]\ntype = \"hawkbit\"\nname = \"hb\"\nurl = \"http://hawkbit.lan\"\n")
+                .unwrap_err(),
+            "config.toml:3: backend \"hb\": url \"http://hawkbit.lan\" is plain http: the target token would cross the network in the clear; use https, or set insecure = true"
+        );
+        #[cfg(feature = "hawkbit")]
+        assert!(
+            parse(
+                "[[backend]]\ntype = \"hawkbit\"\nname = \"hb\"\nurl = \"https://h\"\npoll = 5\n"
+            )
+            .unwrap_err()
+            .contains("unknown field `poll`")
+        );
         #[cfg(not(feature = "azure"))]
         assert_eq!(
             parse("[[backend]]\ntype = \"azure\"\nname = \"cloud\"\n").unwrap_err(),
