@@ -61,7 +61,7 @@ fn check_config_accepts_a_good_file_and_locates_errors() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         format!(
-            "{}:5: backend type must be one of mqtt, pantahub, azure, local, got \"http\"",
+            "{}:5: backend type must be one of mqtt, pantahub, azure, hawkbit, local, got \"http\"",
             bad.display()
         )
     );

@@ -145,7 +145,7 @@ impl Device {
         store.init()?;
         let mut boot = match store.boot()? {
             Some(b) => b,
-            None => factory::create(&store)?,
+            None => factory::create(&store, cfg.object_pool.as_deref())?,
         };
         let now = Instant::now();
         let mut dev = Device {

@@ -3,6 +3,7 @@
 //! container, each backed by real, deterministic blobs.
 
 use std::io;
+use std::path::Path;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -28,16 +29,36 @@ pub fn blob(name: &str, len: usize) -> Vec<u8> {
 
 /// Stores `data` as an object and returns its sha256.
 pub fn put_object(store: &Store, data: &[u8]) -> io::Result<String> {
+    put_shared(store, data, None)
+}
+
+/// Stores `data` as an object, hard-linked from `pool` when given (many
+/// simulated devices then share one copy of the factory's objects; objects
+/// are never written in place, so a link is as good as a copy).
+pub fn put_shared(store: &Store, data: &[u8], pool: Option<&Path>) -> io::Result<String> {
     let sha = hex(&Sha256::digest(data));
     let path = store.object(&sha);
-    if !path.exists() {
-        write_atomic(&path, data)?;
+    if path.exists() {
+        return Ok(sha);
     }
+    if let Some(pool) = pool {
+        let shared = pool.join(&sha);
+        if !shared.exists() {
+            std::fs::create_dir_all(pool)?;
+            write_atomic(&shared, data)?;
+        }
+        if std::fs::hard_link(&shared, &path).is_ok() {
+            return Ok(sha);
+        }
+    }
+    write_atomic(&path, data)?;
     Ok(sha)
 }
 
-/// The factory state JSON; objects are written to `store`.
-pub fn state(store: &Store) -> io::Result<Value> {
+/// The factory state JSON; objects are written to `store` (linked from
+/// `pool` when given).
+pub fn state(store: &Store, pool: Option<&Path>) -> io::Result<Value> {
+    let put_object = |store: &Store, data: &[u8]| put_shared(store, data, pool);
     let obj = |name: &str, len: usize| put_object(store, &blob(name, len));
     let text = |s: &str| s.as_bytes().to_vec();
     let lxc = |c: &str| {
@@ -72,8 +93,8 @@ pub fn state(store: &Store) -> io::Result<Value> {
 }
 
 /// Creates revision `0` (DONE, "Factory revision") and the boot record.
-pub fn create(store: &Store) -> io::Result<Boot> {
-    let state = state(store)?;
+pub fn create(store: &Store, pool: Option<&Path>) -> io::Result<Boot> {
+    let state = state(store, pool)?;
     let rev = super::revision::Rev::parse(state.to_string().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let pretty = serde_json::to_vec_pretty(&state).map_err(io::Error::other)?;

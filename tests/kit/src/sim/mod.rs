@@ -75,6 +75,9 @@ pub struct SimConfig {
     pub mgmt_caller: String,
     /// The container whose processes use the non-mgmt socket.
     pub nonmgmt_caller: String,
+    /// A directory the factory objects are hard-linked from (many devices on
+    /// one machine share one copy); `None`: each device writes its own.
+    pub object_pool: Option<PathBuf>,
 }
 
 impl SimConfig {
@@ -96,6 +99,7 @@ impl SimConfig {
             log_rotate_bytes: 0,
             mgmt_caller: "pv-bridge".into(),
             nonmgmt_caller: "app".into(),
+            object_pool: None,
         }
     }
 
