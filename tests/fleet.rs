@@ -191,3 +191,58 @@ async fn an_operator_deploys_watches_configures_and_commands_a_device() {
     let o = tokio::task::block_in_place(|| fleet(p, &["deploy", "/nonexistent", "-d", "dev-1"]));
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
+
+/// Fleets outgrow one broker through the brokers' own clustering (#17): the
+/// device on one mosquitto, the operator on another, the two bridged with
+/// `topic pv/# both`. Protocol v1 works across the boundary: retained status,
+/// a deploy whose objects are pulled in chunks over MQTT, and the final status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_v1_works_across_bridged_brokers() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 0.0).await;
+    let devices = Broker::start(d.dir.path(), "");
+    let ops = Broker::start(
+        d.dir.path(),
+        &format!(
+            "connection to-devices\naddress 127.0.0.1:{}\ntopic pv/# both 1\n\
+             bridge_protocol_version mqttv311\ncleansession true\nnotifications false\n",
+            devices.port
+        ),
+    );
+    let _bridge = Bridge::start(&d, d.dir.path(), devices.port, "", "chunk_timeout_secs = 5");
+    // The device's retained status reaches the operator's broker.
+    wait_for("online across the bridge", Duration::from_secs(20), || {
+        retained(ops.port, "pv/dev-1/status").filter(|s| s["online"] == true)
+    })
+    .await;
+    let o = tokio::task::block_in_place(|| fleet(ops.port, &["status"]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("dev-1"), "{}", text(&o));
+    // A deploy from the operator's side, objects pulled over MQTT through the
+    // bridge both ways.
+    let v2 = export(&d, "bridged-v2", &b"bridged v2".repeat(20_000), |_| {}).await;
+    let o = tokio::task::block_in_place(|| {
+        fleet(
+            ops.port,
+            &[
+                "deploy",
+                path(&v2),
+                "-d",
+                "dev-1",
+                "--serve",
+                "mqtt",
+                "--timeout",
+                "90",
+            ],
+        )
+    });
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("1 succeeded, 0 failed"), "{}", text(&o));
+    assert_eq!(
+        retained(ops.port, "pv/dev-1/revision/current").unwrap()["rev"],
+        "locals/bridged-v2"
+    );
+    assert_eq!(
+        retained(devices.port, "pv/dev-1/revision/current").unwrap()["rev"],
+        "locals/bridged-v2"
+    );
+}
