@@ -1,0 +1,62 @@
+//! Benchmark harness (not a test): `cargo bench --bench fleet`.
+//!
+//! One `pv-fleet deploy` to N devices (#17): N simulated devices sharing their
+//! factory objects, N pv-bridge processes with the MQTT backend, one mosquitto,
+//! side by side in one run for each N of `PV_FLEET_SIZES` (default `1,10,100`).
+//! Prints the time until every device reported its final status (the goal:
+//! N = 100 within 1.5x of N = 1), what each device sent the broker during the
+//! deploy, and the bridges' resident memory.
+//!
+//! Needs mosquitto and mosquitto-clients (Debian packages).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[macro_use]
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/common/fleet_harness.rs"]
+mod harness;
+#[path = "../tests/common/mosquitto.rs"]
+mod mosquitto;
+
+use std::time::Duration;
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("PV_FLEET_SIZES")
+        .unwrap_or_else(|_| "1,10,100".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .filter(|n| (1..=2000).contains(n))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::env::consts::ARCH
+    );
+    println!(
+        "devices  deploy(s)  vs N=1  succeeded  msgs/device  bytes/device  bridge RSS max/mean (kB)"
+    );
+    let mut first: Option<f64> = None;
+    for n in sizes {
+        let (_keep, dir) = harness::scratch();
+        let r = rt.block_on(harness::run(&dir, n, Duration::from_secs(600)));
+        let secs = r.deploy.as_secs_f64();
+        let base = *first.get_or_insert(secs);
+        println!(
+            "{:>7}  {:>9.2}  {:>5.2}x  {:>9}  {:>11.1}  {:>12.0}  {}/{}",
+            r.devices,
+            secs,
+            secs / base,
+            r.succeeded,
+            r.messages_per_device,
+            r.bytes_per_device,
+            r.rss_max_kb,
+            r.rss_mean_kb
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! The fleet harness (#17): N simulated devices (pv-sim, factory objects
+//! shared by hard link), N pv-bridge processes with the MQTT backend, one
+//! mosquitto, and one `pv-fleet deploy` to all of them. Measures the time
+//! until every device reported its final status, what the broker received
+//! from the devices, and the bridges' memory. Used by `benches/fleet.rs` and,
+//! with a small N, by `tests/fleet_harness.rs`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pv_testkit::sim::{Generation, Sim, SimConfig};
+use serde_json::{Value, json};
+
+use crate::common::sha256_hex;
+use crate::mosquitto::{Broker, retained};
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub devices: usize,
+    /// From the start of `pv-fleet deploy` to its exit (every final status in).
+    pub deploy: Duration,
+    pub succeeded: usize,
+    /// Messages and payload bytes the broker received on devices' topics
+    /// during the deploy, per device.
+    pub messages_per_device: f64,
+    pub bytes_per_device: f64,
+    /// Resident memory of the bridges (kB), largest and mean.
+    pub rss_max_kb: u64,
+    pub rss_mean_kb: u64,
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n\
+             [[backend]]\ntype = \"mqtt\"\nname = \"plant\"\ndevice_id = \"{id}\"\n\
+             broker = \"mqtt://127.0.0.1:{port}\"\n",
+            socket.display(),
+            logs.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("bridge.log")).unwrap();
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Runs one deploy to `n` devices; `dir` holds everything.
+pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
+    let broker = Broker::start(dir, "max_queued_messages 10000\n");
+    let pool = dir.join("factory-objects");
+    let mut sims = Vec::with_capacity(n);
+    let mut bridges = Vec::with_capacity(n);
+    for i in 1..=n {
+        let id = format!("dev-{i}");
+        let ddir = dir.join(&id);
+        let mut cfg = SimConfig::fast(ddir.join("storage"), ddir.join("pv-ctrl"));
+        cfg.generation = Generation::Gen2;
+        cfg.log_rate = 0.0;
+        cfg.object_pool = Some(pool.clone());
+        let sim = Sim::start(cfg.clone()).await.expect("pv-sim");
+        bridges.push(bridge(
+            &ddir.join("bridge"),
+            &id,
+            &cfg.socket,
+            &cfg.storage.join("logs"),
+            broker.port,
+        ));
+        sims.push(sim);
+    }
+    let ids: Vec<String> = (1..=n).map(|i| format!("dev-{i}")).collect();
+    let start = Instant::now();
+    for id in &ids {
+        loop {
+            let online = retained(broker.port, &format!("pv/{id}/status"))
+                .is_some_and(|s| s["online"] == true);
+            if online {
+                break;
+            }
+            assert!(start.elapsed() < deadline, "{id} did not come online");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The export: the factory state with a new app image.
+    let export = dir.join("export");
+    std::fs::create_dir_all(export.join("objects")).unwrap();
+    let mut state: Value = serde_json::from_slice(
+        &std::fs::read(sims[0].storage().join("trails/0/.pvr/json")).unwrap(),
+    )
+    .unwrap();
+    let app = b"the fleet's new app".repeat(10_000);
+    state["app/root.squashfs"] = json!(sha256_hex(&app));
+    std::fs::write(export.join("json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    std::fs::write(export.join("objects").join(sha256_hex(&app)), &app).unwrap();
+    // What the broker gets from the devices during the deploy.
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args([
+            "-t",
+            "pv/+/status",
+            "-t",
+            "pv/+/revision/progress",
+            "-t",
+            "pv/+/revision/current",
+        ])
+        .args([
+            "-t",
+            "pv/+/meta/device",
+            "-t",
+            "pv/+/events",
+            "-t",
+            "pv/+/blob/get",
+        ])
+        .args(["-R", "-F", "%l"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
+        .args(["--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
+        .arg("deploy")
+        .arg(&export)
+        .args(["-d", &ids.join(","), "--id", "fleet-v2", "--timeout"])
+        .arg(deadline.as_secs().to_string())
+        .output()
+        .expect("pv-fleet");
+    let deploy = t0.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rss: Vec<u64> = bridges.iter().map(|b| rss_kb(b.0.id())).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = sub.kill();
+    let lens: Vec<u64> = {
+        use std::io::BufRead;
+        let stdout = sub.stdout.take().expect("piped");
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let _ = sub.wait();
+    let succeeded = ids
+        .iter()
+        .filter(|id| {
+            retained(broker.port, &format!("pv/{id}/revision/current"))
+                .is_some_and(|c| c["rev"] == "locals/fleet-v2")
+        })
+        .count();
+    drop(bridges);
+    for s in sims {
+        s.stop().await;
+    }
+    let _ = text;
+    Report {
+        devices: n,
+        deploy,
+        succeeded,
+        messages_per_device: lens.len() as f64 / n as f64,
+        bytes_per_device: lens.iter().sum::<u64>() as f64 / n as f64,
+        rss_max_kb: rss.iter().copied().max().unwrap_or(0),
+        rss_mean_kb: rss.iter().sum::<u64>() / rss.len().max(1) as u64,
+    }
+}
+
+/// Where a run's files go.
+pub fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().to_path_buf();
+    (d, p)
+}
