@@ -246,3 +246,50 @@ async fn protocol_v1_works_across_bridged_brokers() {
         "locals/bridged-v2"
     );
 }
+
+/// `pv-fleet deploy` to more devices than its MQTT client queues requests
+/// (64): every device's progress must still be heard. The fleet harness found
+/// it waiting forever for the 65th. Devices 2 to 70 answer with a retained
+/// final progress of the same offer (as a device that finished it would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_to_seventy_devices_hears_all_of_them() {
+    let d = common::start_with(Generation::Gen2, |c| c.log_rate = 0.0).await;
+    let broker = Broker::start(d.dir.path(), "");
+    let p = broker.port;
+    let _bridge = Bridge::start(&d, d.dir.path(), p, "", "");
+    wait_for("online", Duration::from_secs(15), || {
+        retained(p, "pv/dev-1/status").filter(|s| s["online"] == true)
+    })
+    .await;
+    let many: Vec<String> = (1..=70).map(|i| format!("dev-{i}")).collect();
+    for dev in &many[1..] {
+        mosquitto::publish(
+            p,
+            &format!("pv/{dev}/revision/progress"),
+            &json!({"v": 1, "id": "many", "rev": "locals/many", "status": "UPDATED",
+                    "status_msg": "done elsewhere", "progress": 100, "bytes_done": 0,
+                    "bytes_total": 0, "objects_done": 0, "objects_total": 0,
+                    "ts": "2026-11-30T00:00:00Z"})
+            .to_string(),
+            true,
+        );
+    }
+    let v = export(&d, "many", &b"many".repeat(1000), |_| {}).await;
+    let o = tokio::task::block_in_place(|| {
+        fleet(
+            p,
+            &[
+                "deploy",
+                path(&v),
+                "-d",
+                &many.join(","),
+                "--id",
+                "many",
+                "--timeout",
+                "60",
+            ],
+        )
+    });
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("70 succeeded, 0 failed"), "{}", text(&o));
+}

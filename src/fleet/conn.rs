@@ -143,11 +143,16 @@ impl Fleet {
             loop {
                 match conn.poll().await {
                     Ok(Polled::Connected) => {
-                        for f in &filters {
-                            sub.try_subscribe(f.clone());
-                        }
+                        // One SUBSCRIBE per 64 filters: a subscription per
+                        // device would overflow the client's request queue
+                        // beyond 64 devices and silently miss the rest.
+                        let subscribed = sub.try_subscribe_all(&filters);
                         if let Some(f) = first.take() {
-                            let _ = f.send(Ok(()));
+                            let _ = f.send(if subscribed {
+                                Ok(())
+                            } else {
+                                Err(format!("cannot subscribe to {} topics", filters.len()))
+                            });
                         }
                     }
                     Ok(Polled::Message(m)) => {

@@ -162,6 +162,24 @@ impl Client {
         }
     }
 
+    /// Subscribes to `filters` in SUBSCRIBE packets of at most 64 filters, so
+    /// a fleet of any size needs few requests (the request queue holds 64).
+    /// False when a request could not be queued.
+    pub fn try_subscribe_all(&self, filters: &[String]) -> bool {
+        filters.chunks(64).all(|chunk| match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    chunk.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)
+                    }),
+                )
+                .is_ok(),
+            Client::V5(c) => c
+                .try_subscribe_many(chunk.iter().map(|f| p5::Filter::new(f.clone(), q5())))
+                .is_ok(),
+        })
+    }
+
     pub fn try_disconnect(&self) {
         match self {
             Client::V4(c) => {
