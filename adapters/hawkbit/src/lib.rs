@@ -123,14 +123,14 @@ impl Ctx {
     /// next unspent name for `version`. Recorded before the offer goes.
     pub async fn revision_for(&self, id: &str, version: &str) -> String {
         let mut s = self.store();
-        let spent = s.record.spent.clone();
+        let next = s.record.spent.next(&pv_adapter_local::offer_id(version));
         let Some(a) = s.record.action.as_mut().filter(|a| a.id == id) else {
-            return spent.next(&pv_adapter_local::offer_id(version));
+            return next;
         };
         if let Some(r) = &a.revision {
             return r.clone();
         }
-        let rev = spent.next(&pv_adapter_local::offer_id(version));
+        let rev = next;
         a.revision = Some(rev.clone());
         self.save(&s);
         rev
@@ -486,17 +486,11 @@ async fn cancel(ctx: &Arc<Ctx>, href: &str, task: &Option<Task>) {
         .record
         .action
         .as_ref()
-        .is_some_and(|a| a.id == stop && a.revision.is_some());
-    if offered {
+        .filter(|a| a.id == stop)
+        .and_then(|a| a.revision.clone());
+    if let Some(rev) = offered {
         // After a restart: the deployment link is gone, but Pantavisor may be
         // installing it. The engine decides: withdraw, and answer by outcome.
-        let rev = ctx
-            .store()
-            .record
-            .action
-            .as_ref()
-            .and_then(|a| a.revision.clone())
-            .unwrap_or_default();
         let _ = ctx.link.send(BackendEvent::Cancel { id: rev }).await;
         ctx.cancel_rejected(&id, "the revision was handed to Pantavisor before the restart; its outcome will be reported")
             .await;

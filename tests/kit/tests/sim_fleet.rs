@@ -95,38 +95,19 @@ impl Drop for Killed {
 
 #[test]
 fn fleet_mode_refuses_what_only_one_device_can_have() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pv-sim"))
-        .args([
-            "--storage",
-            "st",
-            "--socket",
-            "s",
-            "--devices",
-            "2",
-            "--nonmgmt-socket",
-            "x",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot go with --devices"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pv-sim"))
-        .args([
-            "--storage",
-            "st",
-            "--socket",
-            "s",
-            "--devices",
-            "2",
-            "--id-prefix",
-            "a/b",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let refused = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pv-sim"))
+            .args(["--storage", "st", "--socket", "s", "--devices", "2"])
+            .args(extra)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(refused(&["--nonmgmt-socket", "x"]).contains("cannot go with --devices"));
+    refused(&["--id-prefix", "a/b"]);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
