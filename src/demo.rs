@@ -108,14 +108,25 @@ async fn export(
 
 fn deploy_args(export: PathBuf, id: &str, serve: &str) -> DeployArgs {
     DeployArgs {
-        export,
-        devices: vec!["demo-1".into()],
+        export: Some(export),
+        select: crate::fleet::select::SelectArgs {
+            devices: vec!["demo-1".into()],
+            ..Default::default()
+        },
         id: Some(id.into()),
         serve: serve.into(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         advertise: None,
         object_url_template: None,
         timeout: 60,
+        canary: None,
+        wave_size: None,
+        max_failures: None,
+        device_timeout: None,
+        record: None,
+        resume: None,
+        json: false,
+        wait_ms: 700,
     }
 }
 

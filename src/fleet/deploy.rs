@@ -1,9 +1,12 @@
-//! `pv-fleet deploy`: offer an export to devices and follow them to the end.
+//! `pv-fleet deploy`: offer an export to the selected devices, in waves when
+//! asked, and follow each to its final status. A failure threshold halts the
+//! rollout; a per-device timeout bounds each device; `--record` keeps a record
+//! on disk so the rollout can be stopped and resumed (`rollout.rs`).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +15,18 @@ use sha2::Digest;
 
 use crate::fleet::conn::{BrokerArgs, Fleet};
 use crate::fleet::export::Export;
+use crate::fleet::render::{self, Outcome, Row};
+use crate::fleet::rollout::{self, Amount, Entry, Record, Serving, State};
+use crate::fleet::select::{self, SelectArgs};
 use crate::fleet::serve;
 
 #[derive(Debug, clap::Args)]
 pub struct DeployArgs {
     /// A `pvr export` folder or archive (.tar, .tgz, .tar.gz).
-    pub export: PathBuf,
-    /// Device ids (repeat, or comma-separated).
-    #[arg(long = "device", short = 'd', required = true, value_delimiter = ',')]
-    pub devices: Vec<String>,
+    #[arg(required_unless_present = "resume")]
+    pub export: Option<PathBuf>,
+    #[command(flatten)]
+    pub select: SelectArgs,
     /// Offer id (the revision becomes locals/<id>); default: the export's name.
     #[arg(long)]
     pub id: Option<String>,
@@ -37,17 +43,49 @@ pub struct DeployArgs {
     /// Where objects are hosted (with --serve url), containing {sha256}.
     #[arg(long)]
     pub object_url_template: Option<String>,
-    /// Give up after this many seconds.
+    /// Give up after this many seconds (the rollout can be resumed from its
+    /// record).
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
+    /// The first wave: a count (5) or a share of the selection (5%); the next
+    /// wave starts when every canary has its final status.
+    #[arg(long)]
+    pub canary: Option<Amount>,
+    /// The size of each later wave (default: all the rest at once).
+    #[arg(long)]
+    pub wave_size: Option<Amount>,
+    /// Halt the rollout when more devices than this failed (a count, or a share
+    /// of the selection rounded down: 2% of 10 tolerates none). A failure is
+    /// WONTGO, ERROR or a device timeout. Default: never halt.
+    #[arg(long)]
+    pub max_failures: Option<Amount>,
+    /// A device without a final status this long after its offer times out
+    /// (counted as a failure; the offer is withdrawn). E.g. 30m, 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub device_timeout: Option<Duration>,
+    /// Keep the rollout's record in this file (written after every outcome) so
+    /// it can be resumed.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Continue the rollout of this record (the export, devices and waves come
+    /// from it; --max-failures, --device-timeout and --timeout may change).
+    #[arg(long, conflicts_with_all = ["export", "devices", "all", "conditions", "id", "canary", "wave_size", "record"])]
+    pub resume: Option<PathBuf>,
+    /// Print a JSON summary on stdout (progress goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Milliseconds of quiet that end the collection of retained state when
+    /// devices are selected by glob, --all or --where.
+    #[arg(long, default_value_t = 700)]
+    pub wait_ms: u64,
 }
 
 /// Builds the `revision/set` payload.
-fn offer(a: &DeployArgs, id: &str, export: &Export, base: Option<&str>) -> Result<Value, String> {
+fn offer(s: &Serving, id: &str, export: &Export, base: Option<&str>) -> Result<Value, String> {
     let state: Value = serde_json::from_slice(&export.state).map_err(|e| e.to_string())?;
     let mut objects = serde_json::Map::new();
     for (sha, (_, size)) in &export.objects {
-        let o = match (a.serve.as_str(), base) {
+        let o = match (s.serve.as_str(), base) {
             ("http", Some(b)) => json!({"url": format!("{b}/objects/{sha}"), "size": size}),
             ("url", _) => continue,
             _ => json!({"size": size}),
@@ -63,8 +101,8 @@ fn offer(a: &DeployArgs, id: &str, export: &Export, base: Option<&str>) -> Resul
         }
         _ => v["state"] = state,
     }
-    if a.serve == "url" {
-        let t = a
+    if s.serve == "url" {
+        let t = s
             .object_url_template
             .as_deref()
             .ok_or("--serve url needs --object-url-template")?;
@@ -76,240 +114,351 @@ fn offer(a: &DeployArgs, id: &str, export: &Export, base: Option<&str>) -> Resul
     Ok(v)
 }
 
-#[derive(Default, Clone)]
-struct Row {
-    status: String,
-    msg: String,
-    progress: u64,
-    bytes: (u64, u64),
-    objects: (u64, u64),
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
-/// The percentage shown for a device: it never goes back within a deployment.
-/// After its download the engine passes through Pantavisor's QUEUED ("Update
-/// ready to be run", 0 %) and NEW: those sit above the download, not at its start.
-fn shown_progress(before: &Row, status: &str, reported: u64) -> u64 {
-    let staged = matches!(status, "QUEUED" | "NEW")
-        && (before.status == "DOWNLOADING"
-            || (before.bytes.1 > 0 && before.bytes.0 >= before.bytes.1));
-    let p = if staged {
-        reported.max(before.progress).max(40)
-    } else {
-        reported
+/// A new rollout from the command line: the selection resolved, the waves planned.
+async fn plan(b: &BrokerArgs, a: &DeployArgs) -> Result<Record, String> {
+    let Some(path) = &a.export else {
+        return Err("give an export to deploy".into());
     };
-    p.max(before.progress).min(100)
-}
-
-fn final_status(s: &str) -> bool {
-    matches!(s, "DONE" | "UPDATED" | "WONTGO" | "ERROR" | "CANCELLED")
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1}", b as f64 / (1024.0 * 1024.0))
-}
-
-fn line(dev: &str, r: &Row, width: usize) -> String {
-    let filled = (r.progress.min(100) as usize * 20) / 100;
-    let bar = format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled));
-    let status = if r.status.is_empty() {
-        "waiting"
+    if a.select.is_empty() {
+        return Err("choose the devices: --device (ids or globs), --all or --where".into());
+    }
+    let inv = if a.select.needs_inventory() {
+        Some(select::inventory(b, None, Duration::from_millis(a.wait_ms)).await?)
     } else {
-        &r.status
+        None
     };
-    let mut s = format!("{dev:width$}  {bar} {:>3}%  {status:<11}", r.progress);
-    if r.bytes.1 > 0 {
-        s += &format!(
-            "  {}/{} MiB  {}/{} objects",
-            mib(r.bytes.0),
-            mib(r.bytes.1),
-            r.objects.0,
-            r.objects.1
-        );
+    let devices = a.select.resolve(inv.as_ref())?;
+    if devices.is_empty() {
+        return Err("the selection matches no device".into());
     }
-    if !r.msg.is_empty() {
-        s += &format!("  {}", r.msg);
-    }
-    s
+    let export = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let waves = rollout::plan(devices.len(), a.canary, a.wave_size);
+    Ok(Record {
+        v: 1,
+        id: String::new(),
+        export,
+        serving: Serving {
+            serve: a.serve.clone(),
+            listen: Some(a.listen),
+            advertise: a.advertise.clone(),
+            object_url_template: a.object_url_template.clone(),
+        },
+        max_failures: a.max_failures,
+        device_timeout_secs: a.device_timeout.map(|d| d.as_secs().max(1)),
+        state: State::Running,
+        devices: devices
+            .into_iter()
+            .zip(waves)
+            .map(|(device, wave)| Entry {
+                device,
+                wave,
+                offered_at: None,
+                status: String::new(),
+                msg: String::new(),
+                timed_out: false,
+                withdrawn: false,
+            })
+            .collect(),
+    })
 }
 
-/// Runs a deployment; the exit code is 0 when every device succeeded, 1 when any
-/// failed, 3 on timeout.
+/// Runs a deployment; the exit code is 0 when every device succeeded, 1 when
+/// any failed or the rollout halted, 3 on timeout, 4 when stopped (Ctrl-C).
 pub async fn run(b: &BrokerArgs, a: DeployArgs) -> Result<i32, String> {
-    let export = Arc::new(Export::open(&a.export)?);
-    let id =
-        a.id.clone()
-            .unwrap_or_else(|| pv_adapter_local::offer_id(&export.name));
+    let (mut rec, record_path) = match &a.resume {
+        Some(p) => {
+            let mut r = Record::load(p)?;
+            if a.max_failures.is_some() {
+                r.max_failures = a.max_failures;
+            }
+            if let Some(t) = a.device_timeout {
+                r.device_timeout_secs = Some(t.as_secs().max(1));
+            }
+            (r, Some(p.clone()))
+        }
+        None => (plan(b, &a).await?, a.record.clone()),
+    };
+    let export = Arc::new(Export::open(&rec.export)?);
+    if rec.id.is_empty() {
+        rec.id =
+            a.id.clone()
+                .unwrap_or_else(|| pv_adapter_local::offer_id(&export.name));
+    }
+    let id = rec.id.clone();
     if !pv_adapter_api::valid_offer_id(&id) {
         return Err(format!("--id {id:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
     }
-    let base = match a.serve.as_str() {
+    let record_path = record_path.as_deref();
+    if rec.state == State::Halted {
+        if rec.over_threshold() {
+            return Ok(finish(&rec, Outcome::Halted, record_path, a.json));
+        }
+        eprintln!(
+            "{id}: the threshold now tolerates {} failures: continuing",
+            rec.failures()
+        );
+        rec.state = State::Running;
+    }
+    if rec.state == State::Finished {
+        let outcome = Outcome::of(&rec, false, false);
+        return Ok(finish(&rec, outcome, record_path, a.json));
+    }
+    let base = match rec.serving.serve.as_str() {
         "http" => {
-            let addr = serve::http(a.listen, export.clone()).await?;
+            let listen = rec.serving.listen.unwrap_or(a.listen);
+            let addr = serve::http(listen, export.clone()).await?;
+            rec.serving.listen = Some(addr);
             Some(
-                a.advertise
+                rec.serving
+                    .advertise
                     .clone()
                     .unwrap_or_else(|| format!("http://{addr}")),
             )
         }
         _ => None,
     };
-    let offer = offer(&a, &id, &export, base.as_deref())?;
+    let payload = serde_json::to_vec(&offer(&rec.serving, &id, &export, base.as_deref())?)
+        .map_err(|e| e.to_string())?;
+    let save = |rec: &Record| match record_path {
+        Some(p) => rec.save(p),
+        None => Ok(()),
+    };
+    save(&rec)?;
     let root = crate::fleet::conn::Root::new(&b.topic_root)?;
-    let mut filters: Vec<String> = a
-        .devices
-        .iter()
-        .map(|d| root.topic(d, "revision/progress"))
-        .collect();
-    if a.serve == "mqtt" {
-        filters.extend(a.devices.iter().map(|d| root.topic(d, "blob/get")));
+    let names: Vec<String> = rec.devices.iter().map(|e| e.device.clone()).collect();
+    let mut rests = vec!["revision/progress"];
+    if rec.serving.serve == "mqtt" {
+        rests.push("blob/get");
     }
+    // Beyond a few hundred devices one wildcard per topic is cheaper for the
+    // broker than a filter per device; other devices' messages are dropped here.
+    let filters: Vec<String> = rests
+        .iter()
+        .flat_map(|r| {
+            if names.len() > 256 {
+                vec![root.filter(r)]
+            } else {
+                names.iter().map(|d| root.topic(d, r)).collect()
+            }
+        })
+        .collect();
     let mut fleet = Fleet::connect(b, filters).await?;
-    let payload = serde_json::to_vec(&offer).map_err(|e| e.to_string())?;
-    for d in &a.devices {
-        fleet
-            .publish(fleet.root.topic(d, "revision/set"), true, payload.clone())
-            .await?;
-    }
     eprintln!(
-        "offered {id} ({} objects, {} MiB) to {} device(s); objects via {}",
+        "{id}: {} objects, {} MiB, to {} device(s) in {} wave(s); objects via {}",
         export.objects.len(),
-        mib(export.objects.values().map(|(_, s)| s).sum()),
-        a.devices.len(),
-        base.as_deref().unwrap_or(&a.serve)
+        render::mib(export.objects.values().map(|(_, s)| s).sum()),
+        names.len(),
+        rec.waves(),
+        base.as_deref().unwrap_or(&rec.serving.serve)
     );
-    let tty = std::io::stdout().is_terminal();
-    let width = a.devices.iter().map(String::len).max().unwrap_or(6);
-    let mut rows: BTreeMap<String, Row> = a
-        .devices
-        .iter()
-        .map(|d| (d.clone(), Row::default()))
-        .collect();
+    let view = View::new(&names, a.json);
+    let mut rows: BTreeMap<String, Row> =
+        names.iter().map(|d| (d.clone(), Row::default())).collect();
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
-    let mut drawn = 0;
-    let mut out = std::io::stdout();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let (mut stopped, mut timed_out) = (false, false);
+    let mut last_counts = Instant::now();
     loop {
-        if rows.values().all(|r| final_status(&r.status)) {
+        let step = rec.step(unix_now());
+        let mut changed = !step.offer.is_empty() || !step.withdraw.is_empty();
+        if let Some(w) = step.wave_started {
+            view.note(&format!(
+                "{id}: wave {}/{} offered to {} device(s)",
+                w + 1,
+                rec.waves(),
+                step.offer.len()
+            ));
+        }
+        for d in &step.offer {
+            fleet
+                .publish(root.topic(d, "revision/set"), true, payload.clone())
+                .await?;
+        }
+        for d in &step.timed_out {
+            view.note(&format!("{d}: no final status within the device timeout"));
+        }
+        if step.halted {
+            view.note(&format!(
+                "{id}: halted: {} failures, more than the {} tolerated",
+                rec.failures(),
+                rec.allowance().unwrap_or(0)
+            ));
+        }
+        for d in &step.withdraw {
+            fleet
+                .publish(root.topic(d, "revision/set"), true, Vec::new())
+                .await?;
+        }
+        // A device offered now may have answered this id before (a retained
+        // final status from an earlier run): it will not run it again.
+        for d in &step.offer {
+            if let Some(r) = rows.get(d) {
+                if rollout::is_final(&r.status) {
+                    changed |= rec.report(d, &r.status, &r.msg);
+                }
+            }
+        }
+        if changed {
+            save(&rec)?;
+        }
+        if rec.done() {
             break;
         }
-        let Ok(Some(m)) = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            fleet.rx.recv(),
+        tokio::select! {
+            m = fleet.rx.recv() => {
+                let Some(m) = m else {
+                    return Err("the broker connection ended".into());
+                };
+                if let Some(dev) = fleet.root.device_of(&m.topic, "blob/get") {
+                    if rows.contains_key(&dev) {
+                        answer_pull(&fleet, &export, &dev, &m.payload).await?;
+                    }
+                    continue;
+                }
+                let Some(dev) = fleet.root.device_of(&m.topic, "revision/progress") else {
+                    continue;
+                };
+                let Ok(p) = serde_json::from_slice::<Value>(&m.payload) else {
+                    continue;
+                };
+                if p["id"] != id.as_str() {
+                    continue; // an earlier update's retained progress
+                }
+                let Some(row) = rows.get_mut(&dev) else {
+                    continue;
+                };
+                let before = row.status.clone();
+                *row = render::row_from(row, &p);
+                if rec.report(&dev, &row.status, &row.msg) {
+                    save(&rec)?;
+                }
+                view.progress(&rows, &dev, &before);
+            }
+            _ = tick.tick() => {
+                if view.many && !view.tty && last_counts.elapsed() >= Duration::from_secs(10) {
+                    view.note(&render::counts_line(&rec, &rows));
+                    last_counts = Instant::now();
+                } else if view.many && view.tty {
+                    view.status_line(&render::counts_line(&rec, &rows));
+                }
+            }
+            _ = &mut ctrl_c => { stopped = true; break; }
+            _ = tokio::time::sleep_until(deadline.into()) => { timed_out = true; break; }
+        }
+    }
+    fleet.close().await;
+    save(&rec)?;
+    let outcome = Outcome::of(&rec, stopped, timed_out);
+    Ok(finish(&rec, outcome, record_path, a.json))
+}
+
+/// Prints the summary; returns the exit code.
+fn finish(rec: &Record, outcome: Outcome, record: Option<&Path>, json: bool) -> i32 {
+    eprintln!("{}", render::summary(rec, outcome, record));
+    if json {
+        println!("{}", render::json_summary(rec, outcome, record));
+    }
+    outcome.code()
+}
+
+/// Answers one chunk pull (`blob/get`).
+async fn answer_pull(
+    fleet: &Fleet,
+    export: &Export,
+    dev: &str,
+    payload: &[u8],
+) -> Result<(), String> {
+    let Ok(req) = serde_json::from_slice::<Value>(payload) else {
+        return Ok(());
+    };
+    let (Some(sha), Some(off), Some(len)) = (
+        req["sha256"].as_str(),
+        req["offset"].as_u64(),
+        req["length"].as_u64(),
+    ) else {
+        return Ok(());
+    };
+    let bytes = serve::chunk(export, sha, off, len).await;
+    fleet
+        .publish(
+            fleet.root.topic(dev, &format!("blob/{sha}/{off}")),
+            false,
+            bytes,
         )
         .await
-        else {
-            break;
-        };
-        if let Some(dev) = fleet.root.device_of(&m.topic, "blob/get") {
-            let Ok(req) = serde_json::from_slice::<Value>(&m.payload) else {
-                continue;
-            };
-            let (Some(sha), Some(off), Some(len)) = (
-                req["sha256"].as_str(),
-                req["offset"].as_u64(),
-                req["length"].as_u64(),
-            ) else {
-                continue;
-            };
-            let bytes = serve::chunk(&export, sha, off, len).await;
-            fleet
-                .publish(
-                    fleet.root.topic(&dev, &format!("blob/{sha}/{off}")),
-                    false,
-                    bytes,
-                )
-                .await?;
-            continue;
+}
+
+/// Where progress goes: a redrawn table for up to 20 devices on a terminal, a
+/// line per status change for up to 50 elsewhere, counts beyond.
+struct View {
+    tty: bool,
+    many: bool,
+    json: bool,
+    width: usize,
+    drawn: std::cell::Cell<usize>,
+}
+
+impl View {
+    fn new(names: &[String], json: bool) -> View {
+        let tty = !json && std::io::stdout().is_terminal();
+        View {
+            tty,
+            many: names.len() > if tty { 20 } else { 50 },
+            json,
+            width: names.iter().map(String::len).max().unwrap_or(6),
+            drawn: std::cell::Cell::new(0),
         }
-        let Some(dev) = fleet.root.device_of(&m.topic, "revision/progress") else {
-            continue;
-        };
-        let Ok(p) = serde_json::from_slice::<Value>(&m.payload) else {
-            continue;
-        };
-        if p["id"] != id.as_str() {
-            continue; // an earlier update's retained progress
+    }
+
+    /// A message for the operator (stderr, so stdout stays the table or JSON).
+    fn note(&self, s: &str) {
+        if self.tty && !self.many {
+            self.drawn.set(0);
         }
-        let Some(row) = rows.get_mut(&dev) else {
-            continue;
-        };
-        let before = row.status.clone();
-        let status = p["status"].as_str().unwrap_or("?").to_owned();
-        let progress = shown_progress(row, &status, p["progress"].as_u64().unwrap_or(0));
-        *row = Row {
-            status,
-            msg: p["status_msg"].as_str().unwrap_or("").to_owned(),
-            progress,
-            bytes: (
-                p["bytes_done"].as_u64().unwrap_or(0),
-                p["bytes_total"].as_u64().unwrap_or(0),
-            ),
-            objects: (
-                p["objects_done"].as_u64().unwrap_or(0),
-                p["objects_total"].as_u64().unwrap_or(0),
-            ),
-        };
-        if tty {
+        eprintln!("{s}");
+    }
+
+    fn status_line(&self, s: &str) {
+        eprint!("\r\x1b[2K{s}");
+        let _ = std::io::stderr().flush();
+    }
+
+    fn progress(&self, rows: &BTreeMap<String, Row>, dev: &str, before: &str) {
+        let Some(row) = rows.get(dev) else { return };
+        let mut out = std::io::stdout();
+        if self.json || (self.many && !rollout::is_final(&row.status)) {
+            return;
+        }
+        if self.many {
+            if row.status != before {
+                if self.tty {
+                    eprint!("\r\x1b[2K");
+                }
+                eprintln!("{}", render::line(dev, row, self.width));
+            }
+            return;
+        }
+        if self.tty {
+            let drawn = self.drawn.get();
             if drawn > 0 {
                 let _ = write!(out, "\x1b[{drawn}A");
             }
-            for (d, r) in &rows {
-                let _ = writeln!(out, "\x1b[2K{}", line(d, r, width));
+            for (d, r) in rows {
+                let _ = writeln!(out, "\x1b[2K{}", render::line(d, r, self.width));
             }
-            drawn = rows.len();
+            self.drawn.set(rows.len());
         } else if row.status != before {
-            let _ = writeln!(out, "{}", line(&dev, row, width));
+            let _ = writeln!(out, "{}", render::line(dev, row, self.width));
         }
         let _ = out.flush();
-    }
-    fleet.close().await;
-    let failed: Vec<&String> = rows
-        .iter()
-        .filter(|(_, r)| {
-            final_status(&r.status) && !matches!(r.status.as_str(), "DONE" | "UPDATED")
-        })
-        .map(|(d, _)| d)
-        .collect();
-    let pending: Vec<&String> = rows
-        .iter()
-        .filter(|(_, r)| !final_status(&r.status))
-        .map(|(d, _)| d)
-        .collect();
-    let ok = rows.len() - failed.len() - pending.len();
-    eprintln!(
-        "{id}: {ok} succeeded, {} failed, {} unfinished",
-        failed.len(),
-        pending.len()
-    );
-    Ok(if !pending.is_empty() {
-        3
-    } else if !failed.is_empty() {
-        1
-    } else {
-        0
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bar_never_goes_back_through_staging() {
-        let mut row = Row::default();
-        for (status, reported, want) in [
-            ("QUEUED", 5, 5),
-            ("DOWNLOADING", 25, 25),
-            ("DOWNLOADING", 38, 38),
-            ("QUEUED", 0, 40),
-            ("INPROGRESS", 50, 50),
-            ("TESTING", 75, 75),
-            ("INPROGRESS", 50, 75),
-            ("DONE", 100, 100),
-        ] {
-            let shown = shown_progress(&row, status, reported);
-            assert_eq!(shown, want, "{status} {reported}");
-            row.status = status.to_owned();
-            row.progress = shown;
-        }
     }
 }

@@ -2,13 +2,16 @@
 //! (docs/mqtt-protocol.md). Deploy a `pvr export` to devices and watch it land,
 //! see the fleet, edit user-meta, run commands, follow logs.
 //!
-//! Exit codes: 0 success, 1 a device reported failure, 2 usage or connection
-//! error, 3 timeout.
+//! Exit codes: 0 success, 1 a device reported failure (or a rollout halted),
+//! 2 usage or connection error, 3 timeout, 4 stopped by the operator.
 
 pub mod conn;
 pub mod deploy;
 pub mod export;
 pub mod ops;
+pub mod render;
+pub mod rollout;
+pub mod select;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
