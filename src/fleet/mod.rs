@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Offer a pvr export to devices and follow each to its final status.
-    Deploy(deploy::DeployArgs),
+    Deploy(Box<deploy::DeployArgs>),
     /// A table of the fleet from the retained status and revision messages.
     Status {
         /// Only these devices (default: every device under the topic root).
@@ -110,7 +110,7 @@ pub fn main() -> i32 {
     let b = &cli.broker;
     let result = rt.block_on(async move {
         match cli.cmd {
-            Command::Deploy(a) => deploy::run(b, a).await,
+            Command::Deploy(a) => deploy::run(b, *a).await,
             Command::Status { devices, wait_ms } => ops::status(b, &devices, wait_ms).await,
             Command::Meta { op } => match op {
                 MetaOp::Set { device, pairs } => ops::meta(b, &device, &pairs, &[]).await,
