@@ -80,53 +80,105 @@ fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed
     )
 }
 
-/// Runs one deploy to `n` devices; `dir` holds everything.
-pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
-    let broker = Broker::start(dir, "max_queued_messages 10000\n");
-    let pool = dir.join("factory-objects");
-    let mut sims = Vec::with_capacity(n);
-    let mut bridges = Vec::with_capacity(n);
-    for i in 1..=n {
-        let id = format!("dev-{i}");
-        let ddir = dir.join(&id);
-        let mut cfg = SimConfig::fast(ddir.join("storage"), ddir.join("pv-ctrl"));
-        cfg.generation = Generation::Gen2;
-        cfg.log_rate = 0.0;
-        cfg.object_pool = Some(pool.clone());
-        let sim = Sim::start(cfg.clone()).await.expect("pv-sim");
-        bridges.push(bridge(
-            &ddir.join("bridge"),
-            &id,
-            &cfg.socket,
-            &cfg.storage.join("logs"),
-            broker.port,
-        ));
-        sims.push(sim);
-    }
-    let ids: Vec<String> = (1..=n).map(|i| format!("dev-{i}")).collect();
-    let start = Instant::now();
-    for id in &ids {
-        loop {
-            let online = retained(broker.port, &format!("pv/{id}/status"))
-                .is_some_and(|s| s["online"] == true);
-            if online {
-                break;
+/// N simulated devices, each with its pv-bridge, and one mosquitto.
+pub struct Setup {
+    pub broker: Broker,
+    pub sims: Vec<Sim>,
+    bridges: Vec<Option<Killed>>,
+    pub ids: Vec<String>,
+}
+
+impl Setup {
+    /// Starts `n` devices `dev-1` … `dev-n` and waits until each is online.
+    pub async fn start(dir: &Path, n: usize, deadline: Duration) -> Setup {
+        let broker = Broker::start(dir, "max_queued_messages 10000\n");
+        let pool = dir.join("factory-objects");
+        let mut sims = Vec::with_capacity(n);
+        let mut bridges = Vec::with_capacity(n);
+        for i in 1..=n {
+            let id = format!("dev-{i}");
+            let ddir = dir.join(&id);
+            let mut cfg = SimConfig::fast(ddir.join("storage"), ddir.join("pv-ctrl"));
+            cfg.generation = Generation::Gen2;
+            cfg.log_rate = 0.0;
+            cfg.object_pool = Some(pool.clone());
+            let sim = Sim::start(cfg.clone()).await.expect("pv-sim");
+            bridges.push(Some(bridge(
+                &ddir.join("bridge"),
+                &id,
+                &cfg.socket,
+                &cfg.storage.join("logs"),
+                broker.port,
+            )));
+            sims.push(sim);
+        }
+        let ids: Vec<String> = (1..=n).map(|i| format!("dev-{i}")).collect();
+        let start = Instant::now();
+        for id in &ids {
+            loop {
+                let online = retained(broker.port, &format!("pv/{id}/status"))
+                    .is_some_and(|s| s["online"] == true);
+                if online {
+                    break;
+                }
+                assert!(start.elapsed() < deadline, "{id} did not come online");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            assert!(start.elapsed() < deadline, "{id} did not come online");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Setup {
+            broker,
+            sims,
+            bridges,
+            ids,
         }
     }
-    // The export: the factory state with a new app image.
-    let export = dir.join("export");
-    std::fs::create_dir_all(export.join("objects")).unwrap();
-    let mut state: Value = serde_json::from_slice(
-        &std::fs::read(sims[0].storage().join("trails/0/.pvr/json")).unwrap(),
-    )
-    .unwrap();
-    let app = b"the fleet's new app".repeat(10_000);
-    state["app/root.squashfs"] = json!(sha256_hex(&app));
-    std::fs::write(export.join("json"), serde_json::to_vec(&state).unwrap()).unwrap();
-    std::fs::write(export.join("objects").join(sha256_hex(&app)), &app).unwrap();
+
+    /// An export at `dir`: the factory state with a new app image, and
+    /// `extra` keys merged into the state (e.g. a `_sim/behaviour.json`).
+    pub fn export(&self, dir: &Path, extra: Value) -> PathBuf {
+        std::fs::create_dir_all(dir.join("objects")).unwrap();
+        let mut state: Value = serde_json::from_slice(
+            &std::fs::read(self.sims[0].storage().join("trails/0/.pvr/json")).unwrap(),
+        )
+        .unwrap();
+        let app = b"the fleet's new app".repeat(10_000);
+        state["app/root.squashfs"] = json!(sha256_hex(&app));
+        if let (Some(s), Some(e)) = (state.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        std::fs::write(dir.join("json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        std::fs::write(dir.join("objects").join(sha256_hex(&app)), &app).unwrap();
+        dir.to_owned()
+    }
+
+    /// Kills one device's bridge (the device goes silent).
+    pub fn kill_bridge(&mut self, i: usize) {
+        self.bridges[i] = None;
+    }
+
+    /// The bridges' resident memory (kB).
+    pub fn rss(&self) -> Vec<u64> {
+        self.bridges
+            .iter()
+            .flatten()
+            .map(|b| rss_kb(b.0.id()))
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        self.bridges.clear();
+        for s in self.sims.drain(..) {
+            s.stop().await;
+        }
+    }
+}
+
+/// Runs one deploy to `n` devices; `dir` holds everything.
+pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
+    let setup = Setup::start(dir, n, deadline).await;
+    let broker = &setup.broker;
+    let ids = setup.ids.clone();
+    let export = setup.export(&dir.join("export"), json!({}));
     // What the broker gets from the devices during the deploy.
     let mut sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
@@ -163,7 +215,7 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
         .expect("pv-fleet");
     let deploy = t0.elapsed();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let rss: Vec<u64> = bridges.iter().map(|b| rss_kb(b.0.id())).collect();
+    let rss = setup.rss();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = sub.kill();
     let lens: Vec<u64> = {
@@ -183,10 +235,7 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
                 .is_some_and(|c| c["rev"] == "locals/fleet-v2")
         })
         .count();
-    drop(bridges);
-    for s in sims {
-        s.stop().await;
-    }
+    setup.stop().await;
     let _ = text;
     Report {
         devices: n,
