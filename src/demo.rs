@@ -286,7 +286,7 @@ pub async fn run() -> Result<()> {
     }
 
     say("As an operator: `pv-fleet status`");
-    ops::status(&broker, &[], 500)
+    crate::fleet::status::run(&broker, &crate::fleet::status::StatusArgs::all(500))
         .await
         .map_err(anyhow::Error::msg)?;
 

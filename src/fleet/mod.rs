@@ -13,6 +13,7 @@ pub mod render;
 pub mod rollout;
 pub mod select;
 pub mod serve;
+pub mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -33,15 +34,9 @@ struct Cli {
 enum Command {
     /// Offer a pvr export to devices and follow each to its final status.
     Deploy(Box<deploy::DeployArgs>),
-    /// A table of the fleet from the retained status and revision messages.
-    Status {
-        /// Only these devices (default: every device under the topic root).
-        #[arg(long = "device", short = 'd', value_delimiter = ',')]
-        devices: Vec<String>,
-        /// Milliseconds of quiet that end the collection of retained messages.
-        #[arg(long, default_value_t = 700)]
-        wait_ms: u64,
-    },
+    /// The fleet from its retained messages: counts per state, revision and
+    /// last update, the failed and offline devices, a row each for a few.
+    Status(status::StatusArgs),
     /// Desired user-meta of a device.
     Meta {
         #[command(subcommand)]
@@ -111,7 +106,7 @@ pub fn main() -> i32 {
     let result = rt.block_on(async move {
         match cli.cmd {
             Command::Deploy(a) => deploy::run(b, *a).await,
-            Command::Status { devices, wait_ms } => ops::status(b, &devices, wait_ms).await,
+            Command::Status(a) => status::run(b, &a).await,
             Command::Meta { op } => match op {
                 MetaOp::Set { device, pairs } => ops::meta(b, &device, &pairs, &[]).await,
                 MetaOp::Unset { device, keys } => ops::meta(b, &device, &[], &keys).await,

@@ -1,6 +1,5 @@
 //! `status`, `meta`, `cmd` and `logs`.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,78 +23,6 @@ async fn gather(f: &mut Fleet, quiet: Duration, max: Duration) -> Vec<(String, V
         }
     }
     out
-}
-
-/// `status`: one row per device seen, from the retained messages.
-pub async fn status(b: &BrokerArgs, devices: &[String], wait_ms: u64) -> Result<i32, String> {
-    let root = crate::fleet::conn::Root::new(&b.topic_root)?;
-    let rests = ["status", "revision/current", "revision/progress"];
-    let filters = rests
-        .iter()
-        .flat_map(|r| {
-            if devices.is_empty() {
-                vec![root.filter(r)]
-            } else {
-                devices.iter().map(|d| root.topic(d, r)).collect()
-            }
-        })
-        .collect();
-    let mut f = Fleet::connect(b, filters).await?;
-    let msgs = gather(
-        &mut f,
-        Duration::from_millis(wait_ms),
-        Duration::from_secs(10),
-    )
-    .await;
-    let mut rows: BTreeMap<String, BTreeMap<&str, Value>> = BTreeMap::new();
-    for (topic, v) in msgs {
-        for r in rests {
-            if let Some(d) = f.root.device_of(&topic, r) {
-                rows.entry(d).or_default().insert(r, v.clone());
-            }
-        }
-    }
-    f.close().await;
-    let s = |v: Option<&Value>, k: &str| {
-        v.and_then(|v| v.get(k))
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| x.to_string())
-            })
-            .unwrap_or_else(|| "-".into())
-    };
-    let w = rows.keys().map(String::len).max().unwrap_or(6).max(6);
-    println!(
-        "{:w$}  {:7}  {:8}  {:24}  {:28}  BRIDGE",
-        "DEVICE", "ONLINE", "STATE", "REVISION", "LAST UPDATE"
-    );
-    for (d, m) in &rows {
-        let st = m.get("status");
-        let rev = match s(st, "revision") {
-            r if r == "-" || r == "null" => s(m.get("revision/current"), "rev"),
-            r => r,
-        };
-        let upd = m
-            .get("revision/progress")
-            .map(|p| format!("{} {}", s(Some(p), "id"), s(Some(p), "status")))
-            .unwrap_or_else(|| "-".into());
-        let bridge = st
-            .and_then(|v| v.get("bridge"))
-            .and_then(|b| b.get("version"))
-            .and_then(Value::as_str)
-            .unwrap_or("-");
-        println!(
-            "{d:w$}  {:7}  {:8}  {rev:24}  {upd:28}  {bridge}",
-            s(st, "online"),
-            s(st, "state")
-        );
-    }
-    if rows.is_empty() {
-        eprintln!("no device answered under {}", root.filter("status"));
-        return Ok(1);
-    }
-    Ok(0)
 }
 
 /// A `key=value` argument: the value as JSON when it parses, else as a string.
