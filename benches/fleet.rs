@@ -39,7 +39,7 @@ fn main() {
         std::env::consts::ARCH
     );
     println!(
-        "devices  deploy(s)  vs N=1  succeeded  msgs/device  bytes/device  bridge RSS max/mean (kB)"
+        "devices  deploy(s)  vs N=1  succeeded  msgs/device  bytes/device  bridge RSS max/mean (kB)  pv-fleet deploy/status peak (kB)"
     );
     let mut first: Option<f64> = None;
     for n in sizes {
@@ -48,7 +48,7 @@ fn main() {
         let secs = r.deploy.as_secs_f64();
         let base = *first.get_or_insert(secs);
         println!(
-            "{:>7}  {:>9.2}  {:>5.2}x  {:>9}  {:>11.1}  {:>12.0}  {}/{}",
+            "{:>7}  {:>9.2}  {:>5.2}x  {:>9}  {:>11.1}  {:>12.0}  {:>12}/{:<12}  {}/{}",
             r.devices,
             secs,
             secs / base,
@@ -56,7 +56,9 @@ fn main() {
             r.messages_per_device,
             r.bytes_per_device,
             r.rss_max_kb,
-            r.rss_mean_kb
+            r.rss_mean_kb,
+            r.fleet_peak_kb,
+            r.status_peak_kb
         );
     }
 }

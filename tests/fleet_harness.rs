@@ -28,4 +28,6 @@ async fn ten_devices_take_one_deploy_to_the_end() {
         "{r:?}"
     );
     assert!(r.rss_max_kb > 0, "{r:?}");
+    assert_eq!(r.fleet_exit, Some(0), "{r:?}");
+    assert!(r.fleet_peak_kb > 0 && r.status_peak_kb > 0, "{r:?}");
 }

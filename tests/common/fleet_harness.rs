@@ -31,6 +31,12 @@ pub struct Report {
     /// Resident memory of the bridges (kB), largest and mean.
     pub rss_max_kb: u64,
     pub rss_mean_kb: u64,
+    /// pv-fleet deploy's exit code and peak memory (kB).
+    pub fleet_exit: Option<i32>,
+    pub fleet_peak_kb: u64,
+    /// Peak memory (kB) of `pv-fleet status --all` over every device's
+    /// retained state.
+    pub status_peak_kb: u64,
 }
 
 struct Killed(Child);
@@ -51,6 +57,29 @@ fn rss_kb(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// Runs a command to its end; returns its exit code and its peak resident
+/// memory (VmHWM, kB, read every few milliseconds until it exits).
+fn peak(cmd: &mut Command) -> (Option<i32>, u64) {
+    let mut child = cmd.spawn().expect("spawn");
+    let mut peak = 0;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st.code(), peak);
+        }
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+            if let Some(kb) = s
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed {
@@ -205,17 +234,26 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
         .expect("mosquitto_sub (Debian package mosquitto-clients)");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
-        .args(["--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
-        .arg("deploy")
-        .arg(&export)
-        .args(["-d", &ids.join(","), "--id", "fleet-v2", "--timeout"])
-        .arg(deadline.as_secs().to_string())
-        .output()
-        .expect("pv-fleet");
+    let (code, fleet_peak_kb) = peak(
+        Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
+            .args(["--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
+            .arg("deploy")
+            .arg(&export)
+            .args(["-d", &ids.join(","), "--id", "fleet-v2", "--timeout"])
+            .arg(deadline.as_secs().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let deploy = t0.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rss = setup.rss();
+    // The operator's view of the whole fleet from its retained state.
+    let (_, status_peak_kb) = peak(
+        Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
+            .args(["--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
+            .args(["status", "--all", "--json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = sub.kill();
     let lens: Vec<u64> = {
@@ -236,7 +274,6 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
         })
         .count();
     setup.stop().await;
-    let _ = text;
     Report {
         devices: n,
         deploy,
@@ -245,6 +282,9 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
         bytes_per_device: lens.iter().sum::<u64>() as f64 / n as f64,
         rss_max_kb: rss.iter().copied().max().unwrap_or(0),
         rss_mean_kb: rss.iter().sum::<u64>() / rss.len().max(1) as u64,
+        fleet_exit: code,
+        fleet_peak_kb,
+        status_peak_kb,
     }
 }
 
