@@ -10,6 +10,8 @@
 #   pvr/pv-bridge/          the same files by name, to copy into a `pvr` checkout
 # Environment: FEATURES (default local,mqtt,pantahub,azure,dbus; add hawkbit for the
 # hawkBit backend, about 250 KB more: docs/performance.md), SOURCE_DATE_EPOCH (default 0).
+# aarch64 and armv7 need cargo-zigbuild (.venv-cross, see the README's install step);
+# armv7 also the nightly toolchain with rust-src.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,19 +28,43 @@ case "$arch" in
 esac
 command -v mksquashfs >/dev/null || { echo "mksquashfs is needed: apt-get install -y squashfs-tools" >&2; exit 2; }
 
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
-    rustup target add "$target"
-fi
-build=(build --release --locked --quiet --target "$target" --no-default-features --features "$features" --bin pv-bridge)
-if [ "$arch" = x86_64 ]; then
-    # ring's C builds with the host gcc for x86_64 musl.
-    CC_x86_64_unknown_linux_musl="${CC_x86_64_unknown_linux_musl:-gcc}" cargo "${build[@]}"
-else
-    # Cross: cargo-zigbuild (pip install ziglang cargo-zigbuild) brings the C toolchain.
-    command -v cargo-zigbuild >/dev/null || { echo "cross builds need cargo-zigbuild: pip install ziglang cargo-zigbuild" >&2; exit 2; }
-    cargo zigbuild "${build[@]:1}"
-fi
-bin="target/$target/release/pv-bridge"
+# The device build (ADR 0019): the `device` profile (panic = "abort" under the
+# supervisor), non-PIE, no unwinder lookup table.
+flags="-C relocation-model=static -C link-arg=-Wl,--no-eh-frame-hdr"
+build=(build --profile device --locked --quiet --target "$target" --no-default-features --features "$features" --bin pv-bridge)
+cross() {
+    # Cross builds: cargo-zigbuild brings the C toolchain (ring) and the linker.
+    # The README's install step puts it in .venv-cross.
+    if ! command -v cargo-zigbuild >/dev/null && [ -x .venv-cross/bin/cargo-zigbuild ]; then
+        PATH="$PWD/.venv-cross/bin:$PATH"
+    fi
+    command -v cargo-zigbuild >/dev/null || { echo "cross builds need cargo-zigbuild: python3 -m venv .venv-cross && .venv-cross/bin/pip install -r container/cross-requirements.txt" >&2; exit 2; }
+}
+case "$arch" in
+    x86_64)
+        rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
+        # ring's C builds with the host gcc for x86_64 musl.
+        CC_x86_64_unknown_linux_musl="${CC_x86_64_unknown_linux_musl:-gcc}" \
+            CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$flags" cargo "${build[@]}"
+        ;;
+    aarch64)
+        cross
+        rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$flags" cargo zigbuild "${build[@]:1}"
+        ;;
+    armv7)
+        # No prebuilt armv7 musl std can be downloaded for the stable toolchain:
+        # nightly builds std from source (rust-src) for the target (ADR 0020).
+        cross
+        cargo +nightly --version >/dev/null 2>&1 || { echo "armv7 needs the nightly toolchain: rustup toolchain install nightly --profile minimal" >&2; exit 2; }
+        rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+            || rustup component add rust-src --toolchain nightly
+        # zig brings musl's start files (link-self-contained=no).
+        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_MUSLEABIHF_RUSTFLAGS="$flags -C link-self-contained=no -A linker-messages" \
+            cargo +nightly zigbuild -Zbuild-std=std,panic_abort "${build[@]:1}"
+        ;;
+esac
+bin="target/$target/device/pv-bridge"
 
 rm -rf "$out"
 mkdir -p "$out/rootfs/usr/bin" "$out/rootfs/etc/pv-bridge" "$out/rootfs/etc/ssl/certs" \

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod fleet;
 pub mod pvctrl;
 pub mod state;
+pub mod supervise;
 pub mod telemetry;
 
 /// The bridge's version, as reported to backends and by `--version`.

@@ -49,6 +49,10 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { config } => {
+            if pv_bridge::supervise::wanted() {
+                let code = pv_bridge::supervise::run();
+                return ExitCode::from(u8::try_from(code).unwrap_or(1));
+            }
             telemetry::init(cli.log_format);
             let path = config_path(config);
             let cfg = match Config::load(&path) {
