@@ -1,13 +1,25 @@
-//! Serving an export's objects to devices: a small HTTP/1.1 server (GET with
-//! `Range: bytes=N-` for resumed downloads), and answers to MQTT chunk pulls.
+//! Serving an export's objects to devices: HTTP/1.1 by hyper (keep-alive, any
+//! number of clients at once), with byte ranges for resumed downloads, `HEAD`,
+//! and the object's sha256 as its strong `ETag` (`If-Range` works); and answers
+//! to MQTT chunk pulls.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
+use tokio_util::io::ReaderStream;
 
 use crate::fleet::export::Export;
+
+type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Starts the HTTP server; returns its address. `/objects/<sha256>` serves the
 /// export's objects, `/state.json` its state.
@@ -17,84 +29,195 @@ pub async fn http(listen: SocketAddr, export: Arc<Export>) -> Result<SocketAddr,
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
+        loop {
+            let s = match l.accept().await {
+                Ok((s, _)) => s,
+                // Out of descriptors, say: let some connections end first.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let export = export.clone();
             tokio::spawn(async move {
-                let _ = answer(s, &export).await;
+                let service = hyper::service::service_fn(move |req| {
+                    let export = export.clone();
+                    async move { Ok::<_, Infallible>(answer(&req, &export).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(s), service)
+                    .await;
             });
         }
     });
     Ok(addr)
 }
 
-async fn status(s: &mut TcpStream, code: &str) -> std::io::Result<()> {
-    s.write_all(
-        format!("HTTP/1.1 {code}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
 }
 
-async fn answer(mut s: TcpStream, export: &Export) -> std::io::Result<()> {
-    let mut r = BufReader::new(&mut s);
-    let mut line = String::new();
-    r.read_line(&mut line).await?;
-    let mut range: Option<u64> = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).await? == 0 || h == "\r\n" || h == "\n" {
-            break;
-        }
-        if h.len() > 8192 {
-            return status(&mut s, "431 Request Header Fields Too Large").await;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("range") {
-                range = v
-                    .trim()
-                    .strip_prefix("bytes=")
-                    .and_then(|v| v.strip_suffix('-'))
-                    .and_then(|n| n.parse().ok());
+fn status(code: StatusCode) -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = code;
+    r
+}
+
+/// A `Range` header's single byte range over `size` bytes: `Ok(None)` for the
+/// whole object (no header, or a form we do not serve: the RFC lets a server
+/// ignore it), `Err(())` when unsatisfiable.
+fn range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None); // several ranges: the whole object instead
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parse = |s: &str| s.parse::<u64>().ok();
+    let (start, end) = match (a.is_empty(), b.is_empty()) {
+        // bytes=-N: the last N bytes
+        (true, false) => {
+            let Some(n) = parse(b) else { return Ok(None) };
+            if n == 0 {
+                return Err(());
             }
+            (size.saturating_sub(n), size.saturating_sub(1))
+        }
+        (false, _) => {
+            let Some(start) = parse(a) else {
+                return Ok(None);
+            };
+            let end = if b.is_empty() {
+                size.saturating_sub(1)
+            } else {
+                match parse(b) {
+                    Some(e) if e >= start => e.min(size.saturating_sub(1)),
+                    _ => return Ok(None),
+                }
+            };
+            (start, end)
+        }
+        (true, true) => return Ok(None),
+    };
+    if size == 0 || start >= size {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn answer(req: &Request<hyper::body::Incoming>, export: &Export) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    if req.method() != Method::GET && !head {
+        let mut r = status(StatusCode::METHOD_NOT_ALLOWED);
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let path = req.uri().path();
+    if path == "/state.json" {
+        let body = if head {
+            empty()
+        } else {
+            Full::new(Bytes::from(export.state.clone()))
+                .map_err(|never| match never {})
+                .boxed()
+        };
+        let mut r = Response::new(body);
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CONTENT_LENGTH, export.state.len().into());
+        return r;
+    }
+    let Some(sha) = path.strip_prefix("/objects/") else {
+        return status(StatusCode::NOT_FOUND);
+    };
+    let Some((file, size)) = export.objects.get(sha) else {
+        return status(StatusCode::NOT_FOUND);
+    };
+    let size = *size;
+    let etag = format!("\"{sha}\"");
+    let text = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
+    // If-Range: the range holds only for the same object (always, here: the
+    // name is the content's hash; a different validator means the whole).
+    let range_header = match text(header::IF_RANGE) {
+        Some(v) if v.trim() != etag => None,
+        _ => text(header::RANGE),
+    };
+    let (start, end, partial) = match range(range_header, size) {
+        Ok(Some((s, e))) => (s, e, true),
+        Ok(None) => (0, size.saturating_sub(1), false),
+        Err(()) => {
+            let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE);
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let body = if head || len == 0 {
+        empty()
+    } else {
+        let mut f = match tokio::fs::File::open(file).await {
+            Ok(f) => f,
+            Err(_) => return status(StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        if f.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+            return status(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        let stream = ReaderStream::with_capacity(f.take(len), 64 * 1024);
+        StreamBody::new(futures_frames(stream)).boxed()
+    };
+    let mut r = Response::new(body);
+    if partial {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
         }
     }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return status(&mut s, "405 Method Not Allowed").await;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, len.into());
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
     }
-    if path == "/state.json" {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            export.state.len()
-        );
-        s.write_all(head.as_bytes()).await?;
-        return s.write_all(&export.state).await;
+    r
+}
+
+/// The file's chunks as body frames.
+fn futures_frames(
+    s: ReaderStream<tokio::io::Take<tokio::fs::File>>,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, std::io::Error>> {
+    FrameStream(s)
+}
+
+struct FrameStream<S>(S);
+
+impl<S> futures_core::Stream for FrameStream<S>
+where
+    S: futures_core::Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    type Item = std::io::Result<Frame<Bytes>>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|o| o.map(|r| r.map(Frame::data)))
     }
-    let Some((file, size)) = path
-        .strip_prefix("/objects/")
-        .and_then(|sha| export.objects.get(sha))
-    else {
-        return status(&mut s, "404 Not Found").await;
-    };
-    let start = range.unwrap_or(0);
-    if start > *size {
-        return status(&mut s, "416 Range Not Satisfiable").await;
-    }
-    let mut f = tokio::fs::File::open(file).await?;
-    f.seek(std::io::SeekFrom::Start(start)).await?;
-    let head = match range {
-        Some(_) => format!(
-            "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{size}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            size.saturating_sub(1),
-            size - start
-        ),
-        None => format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\naccept-ranges: bytes\r\nconnection: close\r\n\r\n"
-        ),
-    };
-    s.write_all(head.as_bytes()).await?;
-    tokio::io::copy(&mut f.take(size - start), &mut s).await?;
-    s.shutdown().await
 }
 
 /// The bytes of one chunk pull (`blob/get`), or an empty answer when the export
@@ -119,3 +242,6 @@ pub async fn chunk(export: &Export, sha: &str, offset: u64, length: u64) -> Vec<
         Err(_) => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests;
