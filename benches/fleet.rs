@@ -7,6 +7,10 @@
 //! N = 100 within 1.5x of N = 1), what each device sent the broker during the
 //! deploy, and the bridges' resident memory.
 //!
+//! `PV_FLEET_BRIDGE=<path>` runs another pv-bridge binary on the devices, e.g.
+//! the static device build (`target/x86_64-unknown-linux-musl/device/pv-bridge`
+//! after `.ci/footprint`) to measure its memory.
+//!
 //! Needs mosquitto and mosquitto-clients (Debian packages).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -34,9 +38,10 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "machine: {} cores, {}",
+        "machine: {} cores, {}; devices run {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::env::consts::ARCH
+        std::env::consts::ARCH,
+        harness::bridge_bin().display()
     );
     println!(
         "devices  deploy(s)  vs N=1  succeeded  msgs/device  bytes/device  bridge RSS max/mean (kB)  pv-fleet deploy/status peak (kB)"

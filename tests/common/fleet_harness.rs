@@ -82,6 +82,14 @@ fn peak(cmd: &mut Command) -> (Option<i32>, u64) {
     }
 }
 
+/// The pv-bridge the devices run: this build's, or the one `PV_FLEET_BRIDGE`
+/// names (e.g. the static device build, to measure its memory).
+pub fn bridge_bin() -> PathBuf {
+    std::env::var_os("PV_FLEET_BRIDGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pv-bridge")))
+}
+
 fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("bridge.toml");
@@ -99,7 +107,7 @@ fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed
     .unwrap();
     let log = std::fs::File::create(dir.join("bridge.log")).unwrap();
     Killed(
-        Command::new(env!("CARGO_BIN_EXE_pv-bridge"))
+        Command::new(bridge_bin())
             .args(["run", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "warn")
