@@ -48,7 +48,8 @@ pub struct Cond {
     pub equal: bool,
 }
 
-fn cond(s: &str) -> Result<Cond, String> {
+/// Parses a `--where` condition.
+pub fn cond(s: &str) -> Result<Cond, String> {
     let (key, value, equal) = match s.split_once("!=") {
         Some((k, v)) => (k, v, false),
         None => match s.split_once('=') {

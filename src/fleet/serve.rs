@@ -64,9 +64,27 @@ fn status(code: StatusCode) -> Response<Body> {
     r
 }
 
-/// A `Range` header's single byte range over `size` bytes: `Ok(None)` for the
-/// whole object (no header, or a form we do not serve: the RFC lets a server
-/// ignore it), `Err(())` when unsatisfiable.
+/// What a `Range` header asks of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// The whole object: no header, or a form we do not serve (several ranges,
+    /// another unit, nonsense); the RFC lets a server ignore a Range.
+    Whole,
+    /// Bytes `start..=end`.
+    Part(u64, u64),
+    /// Nothing of the object: 416.
+    Unsatisfiable,
+}
+
+/// A `Range` header's single byte range over `size` bytes.
+pub fn byte_range(h: Option<&str>, size: u64) -> Wanted {
+    match range(h, size) {
+        Ok(None) => Wanted::Whole,
+        Ok(Some((a, b))) => Wanted::Part(a, b),
+        Err(()) => Wanted::Unsatisfiable,
+    }
+}
+
 fn range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return Ok(None);
@@ -151,10 +169,10 @@ async fn answer(req: &Request<hyper::body::Incoming>, export: &Export) -> Respon
         Some(v) if v.trim() != etag => None,
         _ => text(header::RANGE),
     };
-    let (start, end, partial) = match range(range_header, size) {
-        Ok(Some((s, e))) => (s, e, true),
-        Ok(None) => (0, size.saturating_sub(1), false),
-        Err(()) => {
+    let (start, end, partial) = match byte_range(range_header, size) {
+        Wanted::Part(s, e) => (s, e, true),
+        Wanted::Whole => (0, size.saturating_sub(1), false),
+        Wanted::Unsatisfiable => {
             let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE);
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 r.headers_mut().insert(header::CONTENT_RANGE, v);
