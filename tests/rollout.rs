@@ -268,21 +268,23 @@ async fn where_selects_a_silent_device_times_out_and_ctrl_c_stops_a_resumable_ro
 
     // A rollout in waves of one, stopped by Ctrl-C while it runs.
     let record = dir.join("stopped.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
-        .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
-        .args([
-            "deploy",
-            s(&export),
-            "-d",
-            "dev-1,dev-4,dev-6",
-            "--id",
-            "w1",
-        ])
-        .args(["--canary", "1", "--wave-size", "1", "--record", s(&record)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(Some(
+        Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
+            .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+            .args([
+                "deploy",
+                s(&export),
+                "-d",
+                "dev-1,dev-4,dev-6",
+                "--id",
+                "w1",
+            ])
+            .args(["--canary", "1", "--wave-size", "1", "--record", s(&record)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let t0 = Instant::now();
     loop {
         let rec: Option<Value> = std::fs::read(&record)
@@ -299,20 +301,11 @@ async fn where_selects_a_silent_device_times_out_and_ctrl_c_stops_a_resumable_ro
         if offered >= 1 {
             break;
         }
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("nothing offered");
-        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "nothing offered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let child = child.0.take().unwrap();
+    kill_int(child.id());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}");
@@ -336,5 +329,60 @@ async fn where_selects_a_silent_device_times_out_and_ctrl_c_stops_a_resumable_ro
     for d in ["dev-1", "dev-4", "dev-6"] {
         assert_eq!(current(port, d), "locals/w1", "{d}");
     }
+
+    // The status view: counts, the beta channel by --where, and --watch
+    // redrawing when a device appears.
+    let o = tokio::task::block_in_place(|| fleet(port, &["status", "--where", "app.channel=beta"]));
+    assert_eq!(o.status.code(), Some(0));
+    let view = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(view.starts_with("3 devices\n"), "{view}");
+    assert!(view.contains("beta1 UPDATED 2"), "{view}");
+    let mut watch = Guard(Some(
+        Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
+            .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+            .args(["status", "--all", "--watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish(
+        port,
+        "pv/dev-99/status",
+        r#"{"v":1,"online":true,"state":"ready","revision":"locals/x"}"#,
+        true,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let watch = watch.0.take().unwrap();
+    kill_int(watch.id());
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let first = text.find("6 devices\n").unwrap_or_else(|| panic!("{text}"));
+    let later = text.find("7 devices\n").unwrap_or_else(|| panic!("{text}"));
+    assert!(first < later, "{text}");
     setup.stop().await;
+}
+
+/// Kills the child if the test fails before it is done with it.
+struct Guard(Option<std::process::Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn kill_int(pid: u32) {
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
 }
