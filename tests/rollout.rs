@@ -163,6 +163,16 @@ async fn a_rollout_halts_on_failures_and_resumes_from_its_record() {
     let rec: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     assert_eq!(rec["state"], "halted");
 
+    // A new rollout never overwrites a record.
+    let o = tokio::task::block_in_place(|| {
+        fleet(
+            port,
+            &["deploy", s(&export), "-d", "dev-1", "--record", s(&record)],
+        )
+    });
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the file exists"));
+
     // Resuming with the same threshold changes nothing and says why.
     let o = tokio::task::block_in_place(|| fleet(port, &["deploy", "--resume", s(&record)]));
     assert_eq!(o.status.code(), Some(1));

@@ -183,7 +183,16 @@ pub async fn run(b: &BrokerArgs, a: DeployArgs) -> Result<i32, String> {
             }
             (r, Some(p.clone()))
         }
-        None => (plan(b, &a).await?, a.record.clone()),
+        None => {
+            if let Some(p) = a.record.as_deref().filter(|p| p.exists()) {
+                return Err(format!(
+                    "--record {}: the file exists (continue that rollout with --resume {}, or choose another file)",
+                    p.display(),
+                    p.display()
+                ));
+            }
+            (plan(b, &a).await?, a.record.clone())
+        }
     };
     let export = Arc::new(Export::open(&rec.export)?);
     if rec.id.is_empty() {
