@@ -7,6 +7,10 @@
 //! N = 100 within 1.5x of N = 1), what each device sent the broker during the
 //! deploy, and the bridges' resident memory.
 //!
+//! Then each N again, idle for an hour scaled down `PV_BENCH_SCALE` times
+//! (default 60; every device-meta timer divided alike): the messages and bytes
+//! per device and idle hour (the goal: ≤ 12). `PV_FLEET_IDLE=0` skips it.
+//!
 //! `PV_FLEET_BRIDGE=<path>` runs another pv-bridge binary on the devices, e.g.
 //! the static device build (`target/x86_64-unknown-linux-musl/device/pv-bridge`
 //! after `.ci/footprint`) to measure its memory.
@@ -65,5 +69,25 @@ fn main() {
             r.fleet_peak_kb,
             r.status_peak_kb
         );
+    }
+    // The idle hour (scaled down PV_BENCH_SCALE times, default 60), per N.
+    let scale: u64 = std::env::var("PV_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .unwrap_or(60);
+    if std::env::var("PV_FLEET_IDLE").is_ok_and(|v| v == "0") {
+        return;
+    }
+    println!("\nidle hour (scaled {scale}x): devices  msgs/device/hour  bytes/device/hour");
+    for n in std::env::var("PV_FLEET_SIZES")
+        .unwrap_or_else(|_| "1,10,100".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse::<usize>().ok())
+        .filter(|n| (1..=2000).contains(n))
+    {
+        let (_keep, dir) = harness::scratch();
+        let (m, b) = rt.block_on(harness::idle(&dir, n, scale));
+        println!("{:>35}  {:>16.1}  {:>17.0}", n, m, b);
     }
 }

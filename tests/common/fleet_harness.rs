@@ -90,7 +90,7 @@ pub fn bridge_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pv-bridge")))
 }
 
-fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed {
+fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16, extra: &str) -> Killed {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("bridge.toml");
     std::fs::write(
@@ -98,7 +98,7 @@ fn bridge(dir: &Path, id: &str, socket: &Path, logs: &Path, port: u16) -> Killed
         format!(
             "[pantavisor]\nsocket = \"{}\"\nlogs = \"{}\"\n[bridge]\nstate_dir = \"{}\"\n\
              [[backend]]\ntype = \"mqtt\"\nname = \"plant\"\ndevice_id = \"{id}\"\n\
-             broker = \"mqtt://127.0.0.1:{port}\"\n",
+             broker = \"mqtt://127.0.0.1:{port}\"\n{extra}",
             socket.display(),
             logs.display(),
             dir.join("state").display()
@@ -128,6 +128,12 @@ pub struct Setup {
 impl Setup {
     /// Starts `n` devices `dev-1` … `dev-n` and waits until each is online.
     pub async fn start(dir: &Path, n: usize, deadline: Duration) -> Setup {
+        Setup::start_with(dir, n, deadline, "").await
+    }
+
+    /// The same, with `extra` appended to every bridge's configuration (after
+    /// its `[[backend]]` table, so it starts with a table header).
+    pub async fn start_with(dir: &Path, n: usize, deadline: Duration, extra: &str) -> Setup {
         let broker = Broker::start(dir, "max_queued_messages 10000\n");
         let pool = dir.join("factory-objects");
         let mut sims = Vec::with_capacity(n);
@@ -146,6 +152,7 @@ impl Setup {
                 &cfg.socket,
                 &cfg.storage.join("logs"),
                 broker.port,
+                extra,
             )));
             sims.push(sim);
         }
@@ -301,4 +308,41 @@ pub fn scratch() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().to_path_buf();
     (d, p)
+}
+
+/// What an idle fleet sends: messages and payload bytes per device in one hour,
+/// scaled down `scale` times (every timer of the engine's device-meta policy
+/// divided alike, as `benches/idle_cost.rs` does for one device).
+pub async fn idle(dir: &Path, n: usize, scale: u64) -> (f64, f64) {
+    let extra = format!(
+        "[metadata]\ndevice_meta_interval_ms = {}\ndevice_meta_min_interval_secs = 0\ndevice_meta_volatile_interval_secs = {}\n",
+        (10_000 / scale).max(100),
+        (600 / scale).max(1)
+    );
+    let setup = Setup::start_with(dir, n, Duration::from_secs(600), &extra).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &setup.broker.port.to_string()])
+        .args(["-t", "pv/#", "-R", "-F", "%l"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    tokio::time::sleep(Duration::from_secs(3600 / scale)).await;
+    let _ = sub.kill();
+    let lens: Vec<u64> = {
+        use std::io::BufRead;
+        let stdout = sub.stdout.take().expect("piped");
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let _ = sub.wait();
+    setup.stop().await;
+    (
+        lens.len() as f64 / n as f64,
+        lens.iter().sum::<u64>() as f64 / n as f64,
+    )
 }
