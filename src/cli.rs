@@ -45,6 +45,9 @@ Options:
       --log-format F    text or json [env: PV_BRIDGE_LOG_FORMAT; default: text]; level from RUST_LOG
   -h, --help            Print help
   -V, --version         Print version
+
+As PID 1 (the container's init), or with PV_BRIDGE_SUPERVISE=1, `run` supervises the
+bridge: it restarts it when it dies by a signal and passes SIGTERM on.
 ";
 
 /// Parses the arguments after the program name. `env_format` is the value of
