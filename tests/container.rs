@@ -195,9 +195,22 @@ async fn the_container_builds_validates_runs_and_updates_the_bridge_itself() {
     }
     drop(bridge);
     bridge = start_bridge(&bin, &cfg, &log);
-    let status_file = usb.join("self-update.status.json");
-    let status = common::eventually(Duration::from_secs(60), "a final status", || async {
-        let s: Value = serde_json::from_slice(&std::fs::read(&status_file).ok()?).ok()?;
+    expect_updated(
+        &usb.join("self-update.status.json"),
+        &log,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(d.sim.as_ref().unwrap().running(), "locals/self-update");
+    let p = d.pv.progress("locals/self-update").await.unwrap();
+    assert_eq!(p.status.to_string(), "UPDATED");
+    drop(bridge);
+}
+
+/// Waits for the local backend's final status file and checks it is UPDATED.
+async fn expect_updated(status_file: &Path, log: &Path, within: Duration) {
+    let status = common::eventually(within, "a final status", || async {
+        let s: Value = serde_json::from_slice(&std::fs::read(status_file).ok()?).ok()?;
         ["UPDATED", "DONE", "WONTGO", "ERROR"]
             .contains(&s["status"].as_str()?)
             .then_some(s)
@@ -207,12 +220,8 @@ async fn the_container_builds_validates_runs_and_updates_the_bridge_itself() {
         status["status"],
         "UPDATED",
         "{status}; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(log).unwrap_or_default()
     );
-    assert_eq!(d.sim.as_ref().unwrap().running(), "locals/self-update");
-    let p = d.pv.progress("locals/self-update").await.unwrap();
-    assert_eq!(p.status.to_string(), "UPDATED");
-    drop(bridge);
 }
 
 /// `qemu-arm BIN args…`
@@ -307,20 +316,12 @@ async fn the_armv7_container_builds_and_its_binary_runs_under_qemu() {
     let bridge = start_bridge_with(qemu(&bin), &cfg, &log);
     std::fs::create_dir_all(&usb).unwrap();
     std::fs::rename(&export, usb.join("arm-v2")).unwrap();
-    let status_file = usb.join("arm-v2.status.json");
-    let status = common::eventually(Duration::from_secs(90), "a final status", || async {
-        let s: Value = serde_json::from_slice(&std::fs::read(&status_file).ok()?).ok()?;
-        ["UPDATED", "DONE", "WONTGO", "ERROR"]
-            .contains(&s["status"].as_str()?)
-            .then_some(s)
-    })
+    expect_updated(
+        &usb.join("arm-v2.status.json"),
+        &log,
+        Duration::from_secs(90),
+    )
     .await;
-    assert_eq!(
-        status["status"],
-        "UPDATED",
-        "{status}; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
     assert_eq!(d.sim.as_ref().unwrap().running(), "locals/arm-v2");
     drop(bridge);
 }

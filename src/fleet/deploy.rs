@@ -156,15 +156,7 @@ async fn plan(b: &BrokerArgs, a: &DeployArgs) -> Result<Record, String> {
         devices: devices
             .into_iter()
             .zip(waves)
-            .map(|(device, wave)| Entry {
-                device,
-                wave,
-                offered_at: None,
-                status: String::new(),
-                msg: String::new(),
-                timed_out: false,
-                withdrawn: false,
-            })
+            .map(|(device, wave)| Entry::new(device, wave))
             .collect(),
     })
 }

@@ -120,6 +120,19 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A planned device, not offered yet.
+    pub fn new(device: String, wave: usize) -> Entry {
+        Entry {
+            device,
+            wave,
+            offered_at: None,
+            status: String::new(),
+            msg: String::new(),
+            timed_out: false,
+            withdrawn: false,
+        }
+    }
+
     /// Nothing more is waited for from this device.
     pub fn settled(&self) -> bool {
         is_final(&self.status) || self.timed_out
@@ -346,15 +359,7 @@ mod tests {
             devices: waves
                 .into_iter()
                 .enumerate()
-                .map(|(i, wave)| Entry {
-                    device: format!("d{i}"),
-                    wave,
-                    offered_at: None,
-                    status: String::new(),
-                    msg: String::new(),
-                    timed_out: false,
-                    withdrawn: false,
-                })
+                .map(|(i, wave)| Entry::new(format!("d{i}"), wave))
                 .collect(),
         }
     }

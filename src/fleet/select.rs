@@ -166,6 +166,14 @@ pub async fn inventory(
     let root = Root::new(&b.topic_root)?;
     let filters = filters(&root, devices);
     let mut f = Fleet::connect(b, filters).await?;
+    let inv = collect(&mut f, quiet).await;
+    f.close().await;
+    Ok(inv)
+}
+
+/// Collects the retained burst after subscribing: until `quiet` passes without
+/// a message, 30 s at most.
+pub async fn collect(f: &mut Fleet, quiet: Duration) -> Inventory {
     let mut inv = Inventory::new();
     let end = std::time::Instant::now() + Duration::from_secs(30);
     while let Ok(Some(m)) = tokio::time::timeout(
@@ -176,8 +184,7 @@ pub async fn inventory(
     {
         absorb(&mut inv, &f.root, &m.topic, &m.payload);
     }
-    f.close().await;
-    Ok(inv)
+    inv
 }
 
 /// The subscriptions for the retained state of `devices` (or of all).

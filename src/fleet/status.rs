@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -224,17 +224,7 @@ pub async fn run(b: &BrokerArgs, a: &StatusArgs) -> Result<i32, String> {
     let plain: Option<Vec<String>> = (!a.select.devices.is_empty() && !a.select.needs_inventory())
         .then(|| a.select.devices.clone());
     let mut f = Fleet::connect(b, select::filters(&root, plain.as_deref())).await?;
-    let mut inv = Inventory::new();
-    let quiet = Duration::from_millis(a.wait_ms);
-    let end = Instant::now() + Duration::from_secs(30);
-    while let Ok(Some(m)) = tokio::time::timeout(
-        quiet.min(end.saturating_duration_since(Instant::now())),
-        f.rx.recv(),
-    )
-    .await
-    {
-        select::absorb(&mut inv, &f.root, &m.topic, &m.payload);
-    }
+    let mut inv = select::collect(&mut f, Duration::from_millis(a.wait_ms)).await;
     let view = selected(&inv, &a.select)?;
     if view.is_empty() {
         f.close().await;

@@ -59,6 +59,21 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stops a `mosquitto_sub -F %l` and returns the payload length of each
+/// message it printed.
+fn payload_lengths(mut sub: Child) -> Vec<u64> {
+    use std::io::BufRead;
+    let _ = sub.kill();
+    let stdout = sub.stdout.take().expect("piped");
+    let lens = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let _ = sub.wait();
+    lens
+}
+
 /// Runs a command to its end; returns its exit code and its peak resident
 /// memory (VmHWM, kB, read every few milliseconds until it exits).
 fn peak(cmd: &mut Command) -> (Option<i32>, u64) {
@@ -224,7 +239,7 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
     let ids = setup.ids.clone();
     let export = setup.export(&dir.join("export"), json!({}));
     // What the broker gets from the devices during the deploy.
-    let mut sub = Command::new("mosquitto_sub")
+    let sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
         .args([
             "-t",
@@ -270,17 +285,7 @@ pub async fn run(dir: &Path, n: usize, deadline: Duration) -> Report {
             .stderr(Stdio::null()),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = sub.kill();
-    let lens: Vec<u64> = {
-        use std::io::BufRead;
-        let stdout = sub.stdout.take().expect("piped");
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
-    let _ = sub.wait();
+    let lens = payload_lengths(sub);
     let succeeded = ids
         .iter()
         .filter(|id| {
@@ -321,7 +326,7 @@ pub async fn idle(dir: &Path, n: usize, scale: u64) -> (f64, f64) {
     );
     let setup = Setup::start_with(dir, n, Duration::from_secs(600), &extra).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let mut sub = Command::new("mosquitto_sub")
+    let sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &setup.broker.port.to_string()])
         .args(["-t", "pv/#", "-R", "-F", "%l"])
         .stdout(Stdio::piped())
@@ -329,17 +334,7 @@ pub async fn idle(dir: &Path, n: usize, scale: u64) -> (f64, f64) {
         .spawn()
         .expect("mosquitto_sub (Debian package mosquitto-clients)");
     tokio::time::sleep(Duration::from_secs(3600 / scale)).await;
-    let _ = sub.kill();
-    let lens: Vec<u64> = {
-        use std::io::BufRead;
-        let stdout = sub.stdout.take().expect("piped");
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
-    let _ = sub.wait();
+    let lens = payload_lengths(sub);
     setup.stop().await;
     (
         lens.len() as f64 / n as f64,
