@@ -14,25 +14,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::sha256_hex;
-use mosquitto::{Bridge, Broker, retained, wait_for};
+use mosquitto::{Bridge, Broker, fleet, retained, wait_for};
 use pv_bridge::pvctrl::Meta;
 use pv_testkit::sim::Generation;
 use serde_json::{Value, json};
-
-fn fleet(port: u16, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
-        .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!(
-        "pv-fleet {args:?} → {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)

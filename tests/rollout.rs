@@ -16,23 +16,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mosquitto::{publish, retained};
+use mosquitto::{fleet, publish, retained};
 use serde_json::{Value, json};
-
-fn fleet(port: u16, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
-        .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
-        .args(args)
-        .output()
-        .unwrap();
-    eprintln!(
-        "pv-fleet {args:?} → {:?}\n{}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// The `--json` summary of a run.
 fn summary(o: &Output) -> Value {

@@ -109,6 +109,23 @@ impl Broker {
 }
 
 /// The retained message on `topic`, if any (waits up to 2 s).
+/// Runs `pv-fleet --broker mqtt://127.0.0.1:<port> args…` to its end, its
+/// output echoed for the test log.
+pub fn fleet(port: u16, args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_pv-fleet"))
+        .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+        .args(args)
+        .output()
+        .expect("run pv-fleet");
+    eprintln!(
+        "pv-fleet {args:?} → {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn retained(port: u16, topic: &str) -> Option<Value> {
     let out = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
